@@ -1,0 +1,5 @@
+"""Flax models with per-task heads: a small MLP (toy problems), a BERT encoder, EfficientNet-Lite0.
+
+Import the submodules directly (``from mergejax.models import bert``); they load pretrained PyTorch weights through
+:mod:`mergejax.convert`, which needs the ``torch`` extra only for reading ``.bin``/``.pt`` files.
+"""

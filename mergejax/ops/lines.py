@@ -1,0 +1,77 @@
+"""LiNeS: layer-increasing network scaling (Wang et al., 2025, Eq. 3).
+
+lambda(l) = alpha + beta * l / (L - 1) for block l = 0 ... L-1 (shallow blocks keep little of the task vector, deep
+blocks more); leaves outside every block get alpha. The map from leaf path to block is the user's, or built with
+:func:`blocks_from_regex` from a pattern such as ``r"layers_(\\d+)/"``. Usable before the reduction (each task
+vector) or after it (the merged vector: "TIES then LiNeS").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from mergejax.ops.base import TaskVectors, Transform
+from mergejax.tree import PyTree, is_float, path_str, paths_and_leaves
+
+__all__ = ["blocks_from_regex", "lines_coefficient", "LiNeS", "lines"]
+
+
+def blocks_from_regex(tree: PyTree, pattern: str) -> dict[str, int]:
+    """{path: block} for every float leaf whose path matches ``pattern``; group 1 is the block number."""
+    rx = re.compile(pattern)
+    out = {}
+    for path, leaf in paths_and_leaves(tree):
+        m = rx.search(path)
+        if m and is_float(leaf):
+            out[path] = int(m.group(1))
+    if not out:
+        raise ValueError(f"pattern {pattern!r} matches no float leaf path")
+    return out
+
+
+def lines_coefficient(block: int | None, num_blocks: int, alpha: float, beta: float) -> float:
+    """alpha + beta * l / (L - 1) (alpha alone for leaves outside the blocks, or when L = 1)."""
+    if block is None or num_blocks <= 1:
+        return alpha
+    return alpha + beta * block / (num_blocks - 1)
+
+
+@dataclass(frozen=True)
+class LiNeS(Transform):
+    """Chain stage: scale every float leaf of each tree by its LiNeS coefficient. Build it with :func:`lines`."""
+
+    alpha: float
+    beta: float
+    blocks: tuple[tuple[str, int], ...]
+    num_blocks: int
+
+    def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
+        table = dict(self.blocks)
+        unknown = sorted(set(table) - {p for p, _ in paths_and_leaves(tvs[0])})
+        if unknown:
+            raise ValueError(f"LiNeS block map names leaves that are not in the tree: {unknown[:5]}")
+
+        def leaf(kp, x):
+            if not is_float(x):
+                return x
+            c = lines_coefficient(table.get(path_str(kp)), self.num_blocks, self.alpha, self.beta)
+            return x * jnp.asarray(c, x.dtype)
+
+        return tuple(jax.tree_util.tree_map_with_path(leaf, tv) for tv in tvs)
+
+
+def lines(alpha: float, beta: float, blocks: Mapping[str, int], num_blocks: int | None = None) -> LiNeS:
+    """Makes a :class:`LiNeS` stage from {leaf path: block}; L defaults to max(block) + 1."""
+    if not blocks:
+        raise ValueError("LiNeS needs at least one leaf path -> block entry")
+    if any(b < 0 for b in blocks.values()):
+        raise ValueError("LiNeS blocks must be >= 0")
+    L = max(blocks.values()) + 1 if num_blocks is None else int(num_blocks)
+    if max(blocks.values()) >= L:
+        raise ValueError(f"block {max(blocks.values())} is out of range for num_blocks={L}")
+    return LiNeS(float(alpha), float(beta), tuple(sorted(blocks.items())), L)

@@ -1,0 +1,92 @@
+"""PCB-Merging: Parameter Competition Balancing (Du et al., 2024), as its reference code computes it.
+
+Each task vector is one row over the whole model (all float leaves), n its length, T the number of tasks:
+  1. clamp |tau_i| to [q_lo, q_hi], the entries at sorted positions floor(n * r) and floor(n * (1 - r)) - 1 (r = 1e-4);
+  2. intra-balancing: exp(T * minmax(|tau_i|)^2) with the min-max over the row (Eq. 3);
+  3. inter-balancing: tanh(tau_i * sum_j tau_j) on the unclamped vectors (Eq. 4);
+  4. beta_i = intra * inter; keep the top ``ratio`` of beta_i: clamp it below at the sorted position
+     floor(n * (1 - ratio)) and min-max normalise the row, so dropped entries weigh 0 (Eq. 5-6);
+  5. tau_m = sum_i beta_i * clamp(tau_i) / max(sum_i beta_i, 1e-12) (Eq. 7); theta = theta_0 + lambda * tau_m.
+Quantiles are exact order statistics found by counting (no sort). A zero-width range (max == min) gives weight 0
+where the reference code would divide by zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from mergejax.ops.base import Reduction, TaskVectors, check_fraction, map_float_leaves, rank_from_fraction
+from mergejax.ops.select import key_to_float, kth_largest_groups
+from mergejax.tree import float_leaves
+
+__all__ = ["order_statistics", "PCB"]
+
+
+def order_statistics(groups: list[list[jax.Array]], js: list[int]) -> list[jax.Array]:
+    """Per group, the value at 0-based position j of the ascending sort of all its entries (no sort is done)."""
+    ns = [sum(int(x.size) for x in g) for g in groups]
+    keys = kth_largest_groups(groups, [n - j for n, j in zip(ns, js)])
+    return [key_to_float(keys[i]) for i in range(len(groups))]
+
+
+def _minmax(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    width = hi - lo
+    return jnp.where(width > 0, (x - lo) / jnp.where(width > 0, width, 1), 0)
+
+
+@dataclass(frozen=True)
+class PCB(Reduction):
+    """Reduction: PCB-Merging's balanced weighted mean (reference defaults: ratio 0.05, clamp r = 1e-4).
+
+    Memory: beyond the T task vectors, two float32 copies of one task vector per task (the clamped vector and its
+    weights) live at once.
+    """
+
+    ratio: float = 0.05
+    clamp_ratio: float = 1e-4
+
+    def __post_init__(self):
+        check_fraction("ratio", self.ratio)
+        if self.ratio <= 0:
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio!r}")
+        check_fraction("clamp_ratio", self.clamp_ratio)
+
+    def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
+        T = len(tvs)
+        n = sum(int(x.size) for x in float_leaves(tvs[0]))
+        if n == 0:
+            return (tvs[0],)
+        abs_trees = [jax.tree_util.tree_map(jnp.abs, float_leaves(tv)) for tv in tvs]
+        j_lo = rank_from_fraction(self.clamp_ratio, n)
+        j_hi = max(rank_from_fraction(1 - self.clamp_ratio, n) - 1, 0)
+        bounds = order_statistics(abs_trees + abs_trees, [j_lo] * T + [j_hi] * T)
+        lo, hi = bounds[:T], bounds[T:]
+        total = map_float_leaves(lambda xs, i: [sum(xs[1:], xs[0])], tvs, out_count=1)[0]
+
+        def balance(t):
+            def leaf(cols, i):
+                x, s = cols
+                a = jnp.clip(jnp.abs(x), lo[t], hi[t])
+                intra = jnp.exp(T * _minmax(a, lo[t], hi[t]) ** 2)
+                return [intra * jnp.tanh(x * s), jnp.sign(x) * a]
+
+            return map_float_leaves(leaf, (tvs[t], total), out_count=2)
+
+        betas, clamped = zip(*(balance(t) for t in range(T)))
+        beta_leaves = [float_leaves(b) for b in betas]
+        qs = order_statistics(beta_leaves, [rank_from_fraction(1 - self.ratio, n)] * T)
+        weights = []
+        for b, bl, q in zip(betas, beta_leaves, qs):
+            top = jnp.max(jnp.stack([jnp.max(x) for x in bl]))
+            weights.append(map_float_leaves(lambda xs, i: [_minmax(jnp.maximum(xs[0], q), q, top)], (b,))[0])
+
+        def merge(cols, i):
+            ws, cs = cols[:T], cols[T:]
+            num = sum(w * c for w, c in zip(ws, cs))
+            den = sum(ws)
+            return [num / jnp.maximum(den, 1e-12)]
+
+        return map_float_leaves(merge, (*weights, *clamped), out_count=1)

@@ -1,0 +1,86 @@
+"""Sign election (TIES step 2) and the sign-agreement filter feeding the disjoint reductions (TIES step 3).
+
+TIES-Merging (Yadav et al., 2023), Eq. 2 ("Elect"): gamma_m = sgn(sum_t tau_hat_t), the sign of the coordinate's total
+mass over the trimmed task vectors (``method="sum"``); ``method="count"`` takes the sign of sum_t sgn(tau_hat_t)
+(majority by count, mergekit's "count"). Coordinates whose sum is exactly 0 take the sign of sum_p gamma_p over the
+whole model, as ``resolve_zero_signs(..., "majority")`` in the TIES reference code (mergekit and PEFT send them to +);
+if that total is 0 too, the coordinate elects 0 and merges to 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mergejax.ops.base import TaskVectors, Transform, map_float_leaves
+from mergejax.tree import PyTree, float_leaves
+
+__all__ = ["SignMethod", "sign_mass", "elect_sign", "keep_agreeing", "ElectSign"]
+
+SignMethod = Literal["sum", "count"]
+
+
+def sign_mass(leaves: Sequence[jax.Array], method: SignMethod = "sum") -> jax.Array:
+    """sum_t tau_t (``"sum"``) or sum_t sgn(tau_t) (``"count"``) of one coordinate block, in the leaves' dtype."""
+    if method == "sum":
+        return sum(leaves[1:], leaves[0])
+    if method == "count":
+        return sum((jnp.sign(x) for x in leaves[1:]), jnp.sign(leaves[0]))
+    raise ValueError(f"sign method must be 'sum' or 'count', got {method!r}")
+
+
+def _majority_sign(raw_signs: Sequence[jax.Array]) -> jax.Array:
+    """sgn(sum of all elected signs) over every leaf, exact for any size (int32 16-bit halves, no overflow)."""
+    hi = {1: jnp.int32(0), -1: jnp.int32(0)}
+    lo = {1: jnp.int32(0), -1: jnp.int32(0)}
+    for s in raw_signs:
+        for v in (1, -1):
+            c = jnp.sum((s == v).astype(jnp.int32))
+            hi[v] = hi[v] + (c >> 16)
+            lo[v] = lo[v] + (c & 0xFFFF)
+    tot = {v: (hi[v] + (lo[v] >> 16), lo[v] & 0xFFFF) for v in (1, -1)}
+    (ph, pl), (nh, nl) = tot[1], tot[-1]
+    pos = (ph > nh) | ((ph == nh) & (pl > nl))
+    neg = (nh > ph) | ((ph == nh) & (nl > pl))
+    return pos.astype(jnp.int32) - neg.astype(jnp.int32)
+
+
+def elect_sign(tvs: Sequence[PyTree], method: SignMethod = "sum") -> PyTree:
+    """The elected sign tree gamma_m (TIES Eq. 2) with the reference code's majority rule for zero sums.
+
+    Returns a tree of float leaves in {-1, 0, +1} (non-float positions: the first tree's leaf).
+    """
+    raw = map_float_leaves(lambda xs, i: [jnp.sign(sign_mass(xs, method))], tvs, out_count=1)[0]
+    majority = _majority_sign(float_leaves(raw))
+    return map_float_leaves(
+        lambda s, i: [jnp.where(s[0] == 0, majority.astype(s[0].dtype), s[0])], (raw,), out_count=1
+    )[0]
+
+
+def keep_agreeing(tvs: Sequence[PyTree], sign: PyTree) -> TaskVectors:
+    """Each task vector with the entries whose sign differs from the elected sign set to 0 (TIES Eq. 3's set A^p)."""
+    def leaf(cols, i):
+        *xs, s = cols
+        return [jnp.where(jnp.sign(x) == s, x, jnp.zeros_like(x)) for x in xs]
+
+    return map_float_leaves(leaf, (*tvs, sign), out_count=len(tvs))
+
+
+@dataclass(frozen=True)
+class ElectSign(Transform):
+    """Chain stage: elect a sign per coordinate and zero every disagreeing entry (TIES Eqs. 2-3).
+
+    Follow it with :class:`~mergejax.ops.reduce.DisjointMean` (TIES), ``DisjointSum`` or ``DisjointMax``.
+    """
+
+    method: SignMethod = "sum"
+
+    def __post_init__(self):
+        if self.method not in ("sum", "count"):
+            raise ValueError(f"sign method must be 'sum' or 'count', got {self.method!r}")
+
+    def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
+        return keep_agreeing(tvs, elect_sign(tvs, self.method))

@@ -1,0 +1,123 @@
+"""Magnitude trim: keep the top-k entries of a task vector by |value| (TIES step 1, ComPEFT's mask).
+
+TIES-Merging (Yadav et al., 2023), Sec. 3 "Trim": keep the top-k% values of each task vector by magnitude, reset the
+rest to 0. Here k = floor(density * n) and every entry with |x| >= t is kept, t being the exact k-th largest magnitude
+(found by counting, :mod:`mergejax.ops.select`), so entries tied at t are all kept (at least k entries survive);
+k = 0 keeps nothing, density 1 keeps everything.
+
+Differences from the references: the TIES code computes ``kthvalue(n - int(n * K))`` which keeps int(n * K) + 1
+entries (one too many); mergekit and PEFT take an exact per-tensor ``topk`` that breaks ties by position. Scope
+``"global"`` (one threshold over all float leaves, the TIES code) and ``"tensor"`` (one per leaf, mergekit/PEFT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mergejax.ops.base import TaskVectors, Transform, check_fraction, rank_from_fraction
+from mergejax.ops.select import DEFAULT_RADIX_BITS, key_to_float, kth_largest_groups
+from mergejax.tree import PyTree, float_leaves, is_float
+
+__all__ = ["Scope", "magnitude_thresholds_many", "magnitude_thresholds", "magnitude_mask", "trim", "Trim"]
+
+Scope = Literal["global", "tensor"]
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in ("global", "tensor"):
+        raise ValueError(f"scope must be 'global' or 'tensor', got {scope!r}")
+
+
+def magnitude_thresholds_many(
+    tvs: Sequence[PyTree], density: float, *, scope: Scope = "global", radix_bits: int = DEFAULT_RADIX_BITS
+) -> list[list[jax.Array]]:
+    """Per task vector, the magnitude threshold t of each float leaf (one t for all leaves when ``scope="global"``).
+
+    t is the k-th largest |x| with k = floor(density * n); +inf when k = 0. All selections of all task vectors run
+    in one loop of counting passes.
+    """
+    check_fraction("density", density)
+    _check_scope(scope)
+    per_task = [float_leaves(tv) for tv in tvs]
+    if scope == "global":
+        groups = [[jnp.abs(x) for x in leaves] for leaves in per_task]
+    else:
+        groups = [[jnp.abs(x)] for leaves in per_task for x in leaves]
+    ks = [rank_from_fraction(density, sum(int(x.size) for x in g)) for g in groups]
+    live = [i for i, k in enumerate(ks) if k > 0]
+    values = [jnp.asarray(jnp.inf, jnp.float32)] * len(groups)
+    if live:
+        keys = kth_largest_groups([groups[i] for i in live], [ks[i] for i in live], radix_bits=radix_bits)
+        for j, i in enumerate(live):
+            values[i] = key_to_float(keys[j])
+    out, pos = [], 0
+    for leaves in per_task:
+        if scope == "global":
+            out.append([values[pos]] * len(leaves))
+            pos += 1
+        else:
+            out.append(values[pos : pos + len(leaves)])
+            pos += len(leaves)
+    return out
+
+
+def magnitude_thresholds(
+    tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int = DEFAULT_RADIX_BITS
+) -> list[jax.Array]:
+    """The magnitude threshold of each float leaf of one task vector (see :func:`magnitude_thresholds_many`)."""
+    return magnitude_thresholds_many([tv], density, scope=scope, radix_bits=radix_bits)[0]
+
+
+def _mask_with(tv: PyTree, thresholds: list[jax.Array]) -> PyTree:
+    it = iter(thresholds)
+
+    def leaf(x):
+        if not is_float(x):
+            return jnp.zeros(jnp.shape(x), bool)
+        return jnp.abs(x) >= next(it).astype(jnp.abs(x).dtype)
+
+    return jax.tree_util.tree_map(leaf, tv)
+
+
+def _apply_mask(tv: PyTree, mask: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda x, m: jnp.where(m, x, jnp.zeros_like(x)) if is_float(x) else x, tv, mask)
+
+
+def magnitude_mask(
+    tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int = DEFAULT_RADIX_BITS
+) -> PyTree:
+    """Boolean tree: True where |x| >= t (TIES trim mask). Non-float leaves get an all-False mask of their shape."""
+    return _mask_with(tv, magnitude_thresholds(tv, density, scope=scope, radix_bits=radix_bits))
+
+
+def trim(tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int = DEFAULT_RADIX_BITS) -> PyTree:
+    """The task vector with every entry below the magnitude threshold set to 0 (TIES Sec. 3, step 1)."""
+    return _apply_mask(tv, magnitude_mask(tv, density, scope=scope, radix_bits=radix_bits))
+
+
+@dataclass(frozen=True)
+class Trim(Transform):
+    """Chain stage: :func:`trim` each task vector on its own.
+
+    Args:
+      density: fraction of entries kept (TIES "k", default 0.2).
+      scope: ``"global"`` (one threshold per task vector over all its float leaves) or ``"tensor"``.
+      radix_bits: bits decided per counting pass (4 -> 8 passes for float32).
+    """
+
+    density: float = 0.2
+    scope: Scope = "global"
+    radix_bits: int = DEFAULT_RADIX_BITS
+
+    def __post_init__(self):
+        check_fraction("density", self.density)
+        _check_scope(self.scope)
+
+    def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
+        ts = magnitude_thresholds_many(tvs, self.density, scope=self.scope, radix_bits=self.radix_bits)
+        return tuple(_apply_mask(tv, _mask_with(tv, t)) for tv, t in zip(tvs, ts))
+

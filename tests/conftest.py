@@ -1,0 +1,18 @@
+"""Test configuration: 8 fake CPU devices before JAX starts, so sharded code paths run in every test run."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+    """A 1-D mesh over the 8 fake CPU devices, axis name "x"."""
+    assert jax.device_count() == 8, "conftest must set XLA_FLAGS before JAX is imported"
+    return jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
