@@ -58,9 +58,25 @@ def _run(stages: Sequence[Stage], tvs: TaskVectors, key: jax.Array | None, offse
     return tvs
 
 
+def _is_encoded(x: Any) -> bool:
+    """True for a task vector stored in another form (e.g. a compressed ``TernaryTaskVector``)."""
+    return hasattr(x, "to_task_vector") and hasattr(x, "abstract")
+
+
 def _as_task_vector(tv: Any) -> PyTree:
-    """Task vectors given in another form (e.g. a compressed ``TernaryTaskVector``) are decoded on device."""
-    return tv.to_task_vector() if hasattr(tv, "to_task_vector") else tv
+    """Encoded task vectors are decoded on device (inside the caller's ``jit``, so XLA fuses the decode)."""
+    return tv.to_task_vector() if _is_encoded(tv) else tv
+
+
+def _structure(x: Any) -> PyTree:
+    """What validation compares: shapes and accumulation dtypes (an encoded task vector: of its dense tree)."""
+    tree = x.abstract() if _is_encoded(x) else x
+
+    def leaf(v):
+        dt = acc_dtype(v.dtype) if is_float(v) else v.dtype
+        return jax.ShapeDtypeStruct(tuple(v.shape) if hasattr(v, "shape") else (), dt)
+
+    return jax.tree_util.tree_map(leaf, tree)
 
 
 @dataclass(frozen=True)
@@ -94,15 +110,17 @@ class Merger:
 
     def transform(self, tvs: Sequence[PyTree], key: jax.Array | None = None) -> TaskVectors:
         """The per-task vectors after the stages before the reduction (e.g. TIES-trimmed, sign-agreeing vectors)."""
+        tvs = tuple(tvs)
+        validate_like(_structure(tvs[0]), [_structure(t) for t in tvs[1:]], what="task_vectors")
         self._check_key(key)
-        return _transform_jit(self, tuple(_as_task_vector(t) for t in tvs), key)
+        return _transform_jit(self, tvs, key)
 
     def merge_task_vectors(self, tvs: Sequence[PyTree], key: jax.Array | None = None) -> PyTree:
         """The merged task vector tau_m of the given task vectors (plain trees or compressed task vectors)."""
-        tvs = tuple(_as_task_vector(t) for t in tvs)
+        tvs = tuple(tvs)
         if not tvs:
             raise ValueError("need at least one task vector")
-        validate_like(tvs[0], tvs[1:], what="task_vectors")
+        validate_like(_structure(tvs[0]), [_structure(t) for t in tvs[1:]], what="task_vectors")
         self._check_key(key)
         return _merge_tvs_jit(self, tvs, key)
 
@@ -119,7 +137,8 @@ class Merger:
 
         Args:
           base: pre-trained parameters theta_0.
-          finetuned: sequence of fine-tuned trees with the base's structure, shapes and dtypes.
+          finetuned: sequence of fine-tuned trees with the base's structure, shapes and dtypes; an entry may
+            instead be a compressed task vector (``mergejax.ternary.TernaryTaskVector``), decoded on device.
           scale: lambda, traced (changing it does not recompile).
           key: ``jax.random`` key, required when a stage draws random numbers.
           check_finite: report NaN/Inf leaves by path before merging (one extra read of every model).
@@ -133,11 +152,11 @@ class Merger:
 
 @partial(jax.jit, static_argnums=0)
 def _transform_jit(m: Merger, tvs: TaskVectors, key):
-    return _run(m.stages[: m.split], tvs, key)
+    return _run(m.stages[: m.split], tuple(_as_task_vector(t) for t in tvs), key)
 
 
 def _merge_from_tvs(m: Merger, tvs: TaskVectors, key) -> PyTree:
-    (merged,) = _run(m.stages, tvs, key)
+    (merged,) = _run(m.stages, tuple(_as_task_vector(t) for t in tvs), key)
     return merged
 
 
@@ -148,7 +167,7 @@ def _merge_tvs_jit(m: Merger, tvs: TaskVectors, key):
 
 @partial(jax.jit, static_argnums=0)
 def _merge_models_jit(m: Merger, base: PyTree, finetuned: tuple[PyTree, ...], scale, key):
-    tvs = tuple(jax.tree_util.tree_map(_leaf_task_vector, ft, base) for ft in finetuned)
+    tvs = tuple(ft if _is_encoded(ft) else jax.tree_util.tree_map(_leaf_task_vector, ft, base) for ft in finetuned)
     merged = _merge_from_tvs(m, tvs, key)
     return jax.tree_util.tree_map(lambda b, t: _leaf_apply(b, t, scale), base, merged)
 
@@ -168,10 +187,15 @@ def _check_models(base: PyTree, models: Sequence[PyTree], check_finite: bool, wh
     models = tuple(models)
     if not models:
         raise ValueError(f"{what} is empty: need at least one model")
-    validate_like(base, models, what=what)
+    for i, m in enumerate(models):
+        if _is_encoded(m):  # a compressed task vector: same structure and shapes, float leaves stay float
+            validate_like(_structure(base), [_structure(m)], what=what, first_index=i)
+        else:
+            validate_like(base, [m], what=what, first_index=i)
     if check_finite:
         for i, m in enumerate(models):
-            _check_finite(m, what=f"{what}[{i}]")
+            if not _is_encoded(m):
+                _check_finite(m, what=f"{what}[{i}]")
     return models
 
 

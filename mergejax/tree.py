@@ -73,18 +73,22 @@ def float_leaves(tree: PyTree) -> list[Any]:
 
 
 def _shape_of(x: Any) -> tuple[int, ...]:
-    return tuple(np.shape(x))
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
 
 
-def validate_like(base: PyTree, trees: Sequence[PyTree], *, what: str = "finetuned") -> None:
+def validate_like(
+    base: PyTree, trees: Sequence[PyTree], *, what: str = "finetuned", first_index: int = 0
+) -> None:
     """Checks that every tree in ``trees`` has ``base``'s structure, shapes and dtypes.
+
+    Models are named ``what[first_index + i]``.
 
     Raises:
       ValueError: naming the model (``what[i]``), the leaf path, both shapes and both dtypes.
     """
     base_paths = paths_and_leaves(base)
     base_def = jax.tree_util.tree_structure(base)
-    for i, tree in enumerate(trees):
+    for i, tree in enumerate(trees, start=first_index):
         if jax.tree_util.tree_structure(tree) != base_def:
             other = dict(paths_and_leaves(tree))
             mine = dict(base_paths)

@@ -325,3 +325,19 @@ def test_nan_inf_reported_by_path_and_check_can_be_disabled():
         mj.ties(base, [fts[0], fts[1], bad])
     out = mj.task_arithmetic(base, [bad], check_finite=False)
     assert np.isnan(np.asarray(out["head"]["w"])[0, 0])
+
+
+def test_methods_accept_compressed_task_vectors_mixed_with_models():
+    base, fts = make_models(seed=14)
+    ttvs = [mj.ternary.compress(mj.task_vector(f, base), density=0.3) for f in fts[:2]]
+    dense = [t.to_task_vector() for t in ttvs]
+    ties = mj.chain(mj.Trim(0.2), mj.ElectSign(), mj.DisjointMean())
+    want = mj.apply_task_vector(base, ties.merge_task_vectors(dense))
+    assert_models_close(mj.ties(base, ttvs), want, atol=1e-6)
+    assert_models_close(ties(base, ttvs), want, atol=1e-6)
+    tv2 = mj.task_vector(fts[2], base)
+    want = mj.apply_task_vector(base, jax.tree.map(lambda a, b: a + b, dense[0], tv2), scale=0.5)
+    assert_models_close(mj.task_arithmetic(base, [ttvs[0], fts[2]], scale=0.5), want, atol=1e-6)
+    other = mj.ternary.compress({"w": jnp.ones((3, 3))}, density=0.5)
+    with pytest.raises(ValueError, match=r"finetuned\[1\]"):
+        mj.task_arithmetic(base, [fts[0], other])
