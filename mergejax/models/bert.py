@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mergejax.models.heads import TaskHeads, check_task
+
 __all__ = ["BertConfig", "BertModel", "BertClassifier", "mean_pool", "load_bert", "init_heads", "classifier_variables"]
 
 
@@ -204,22 +206,8 @@ class BertClassifier(nn.Module):
         )
         features = mean_pool(states, attention_mask) if self.pooling == "mean" else pooled
         features = nn.Dropout(self.config.hidden_dropout_prob)(features, deterministic=deterministic)
-        names = [name for name, _ in self.heads]
-        if task is not None and task not in names:
-            raise ValueError(f"unknown task {task!r}; heads: {names}")
-        return _Heads(tuple((str(k), int(n)) for k, n in self.heads), self.dtype, name="heads")(features, task)
-
-
-class _Heads(nn.Module):
-    heads: tuple[tuple[str, int], ...]
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, features: jax.Array, task: str | None) -> jax.Array | dict[str, jax.Array]:
-        layers = {name: nn.Dense(n, dtype=self.dtype, name=name) for name, n in self.heads}
-        if task is not None:
-            return layers[task](features)
-        return {name: layer(features) for name, layer in layers.items()}
+        check_task(self.heads, task)
+        return TaskHeads(tuple((str(k), int(n)) for k, n in self.heads), self.dtype, name="heads")(features, task)
 
 
 def load_bert(

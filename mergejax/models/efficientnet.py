@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax.models.heads import TaskHeads, check_task
+
 __all__ = [
     "BlockSpec",
     "LITE_BLOCKS",
@@ -169,22 +171,8 @@ class EfficientNetLite(nn.Module):
         if features_only:
             return features
         features = nn.Dropout(self.dropout)(features, deterministic=not train)
-        names = [name for name, _ in self.heads]
-        if task is not None and task not in names:
-            raise ValueError(f"unknown task {task!r}; heads: {names}")
-        return _HeadScope(tuple((str(k), int(n)) for k, n in self.heads), self.dtype, name="heads")(features, task)
-
-
-class _HeadScope(nn.Module):
-    heads: tuple[tuple[str, int], ...]
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, features: jax.Array, task: str | None) -> jax.Array | dict[str, jax.Array]:
-        layers = {name: nn.Dense(n, dtype=self.dtype, name=name) for name, n in self.heads}
-        if task is not None:
-            return layers[task](features)
-        return {name: layer(features) for name, layer in layers.items()}
+        check_task(self.heads, task)
+        return TaskHeads(tuple((str(k), int(n)) for k, n in self.heads), self.dtype, name="heads")(features, task)
 
 
 def efficientnet_lite0(heads: Sequence[tuple[str, int]] = (("imagenet", 1000),)) -> EfficientNetLite:

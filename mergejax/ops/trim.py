@@ -33,7 +33,7 @@ def _check_scope(scope: str) -> None:
 
 
 def magnitude_thresholds_many(
-    tvs: Sequence[PyTree], density: float, *, scope: Scope = "global", radix_bits: int = DEFAULT_RADIX_BITS
+    tvs: Sequence[PyTree], density: float, *, scope: Scope = "global", radix_bits: int | None = DEFAULT_RADIX_BITS
 ) -> list[list[jax.Array]]:
     """Per task vector, the magnitude threshold t of each float leaf (one t for all leaves when ``scope="global"``).
 
@@ -66,7 +66,7 @@ def magnitude_thresholds_many(
 
 
 def magnitude_thresholds(
-    tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int = DEFAULT_RADIX_BITS
+    tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int | None = DEFAULT_RADIX_BITS
 ) -> list[jax.Array]:
     """The magnitude threshold of each float leaf of one task vector (see :func:`magnitude_thresholds_many`)."""
     return magnitude_thresholds_many([tv], density, scope=scope, radix_bits=radix_bits)[0]
@@ -88,13 +88,13 @@ def _apply_mask(tv: PyTree, mask: PyTree) -> PyTree:
 
 
 def magnitude_mask(
-    tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int = DEFAULT_RADIX_BITS
+    tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int | None = DEFAULT_RADIX_BITS
 ) -> PyTree:
     """Boolean tree: True where |x| >= t (TIES trim mask). Non-float leaves get an all-False mask of their shape."""
     return _mask_with(tv, magnitude_thresholds(tv, density, scope=scope, radix_bits=radix_bits))
 
 
-def trim(tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int = DEFAULT_RADIX_BITS) -> PyTree:
+def trim(tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int | None = DEFAULT_RADIX_BITS) -> PyTree:
     """The task vector with every entry below the magnitude threshold set to 0 (TIES Sec. 3, step 1)."""
     return _apply_mask(tv, magnitude_mask(tv, density, scope=scope, radix_bits=radix_bits))
 
@@ -106,12 +106,12 @@ class Trim(Transform):
     Args:
       density: fraction of entries kept (TIES "k", default 0.2).
       scope: ``"global"`` (one threshold per task vector over all its float leaves) or ``"tensor"``.
-      radix_bits: bits decided per counting pass (4 -> 8 passes for float32).
+      radix_bits: bits decided per counting pass (4 -> 8 passes for float32); None: the backend's default.
     """
 
     density: float = 0.2
     scope: Scope = "global"
-    radix_bits: int = DEFAULT_RADIX_BITS
+    radix_bits: int | None = DEFAULT_RADIX_BITS
 
     def __post_init__(self):
         check_fraction("density", self.density)
