@@ -21,7 +21,16 @@ from mergejax.ops import (
     lines,
 )
 from mergejax.tree import apply_task_vector, task_vector
-from mergejax import ops, ternary  # noqa: E402  (subpackages; convert and models import lazily: torch is optional)
+from mergejax import fisher, ops, sharding, ternary  # noqa: E402  (convert and models import lazily)
+from mergejax.fisher import fisher_merge, load_fisher, save_fisher
+from mergejax.regmean import gram_matrices, regmean
+from mergejax.adamerging import (
+    Coefficients,
+    adamerging,
+    apply_coefficients,
+    load_coefficients,
+    save_coefficients,
+)
 
 __version__ = "0.1.0"
 
@@ -51,5 +60,17 @@ __all__ = [
     "blocks_from_regex",
     "PCB",
     "ops",
+    "sharding",
     "ternary",
+    "fisher",
+    "fisher_merge",
+    "save_fisher",
+    "load_fisher",
+    "regmean",
+    "gram_matrices",
+    "adamerging",
+    "Coefficients",
+    "apply_coefficients",
+    "save_coefficients",
+    "load_coefficients",
 ]

@@ -40,7 +40,7 @@ def drop_and_rescale(x: jax.Array, key: jax.Array, drop_rate: float, rescale: Re
       drop_rate: p in [0, 1).
       rescale: "inverse" (divide by 1 - p), "l1" (keep ||x||_1), or a float q (DAREx-q: divide by q).
     """
-    keep = jax.random.bernoulli(key, 1.0 - drop_rate, jnp.shape(x))
+    keep = jax.random.bernoulli(key, 1.0 - drop_rate, jnp.shape(x), out_sharding=jax.typeof(x).sharding)
     kept = jnp.where(keep, x, jnp.zeros_like(x))
     if rescale == "inverse":
         return kept / jnp.asarray(1.0 - drop_rate, x.dtype)

@@ -71,10 +71,18 @@ def key_to_float(key: jax.Array, dtype=jnp.float32) -> jax.Array:
 
 
 def _sum_counts(flags: Sequence[jax.Array], axes: tuple[int, ...]) -> tuple[jax.Array, ...]:
-    """Sums several boolean arrays over ``axes`` in one variadic reduction (one read of the data)."""
+    """Counts the True entries of several boolean arrays over ``axes``, reading the data once.
+
+    On CPU one variadic reduction (XLA:CPU does not fuse sibling reductions; separate sums would read the data once
+    per candidate, ~10x slower). Elsewhere plain sums: XLA:GPU/TPU fuse them into one pass, and the SPMD partitioner
+    turns them into all-reduces that XLA combines into one per pass (a variadic reduce becomes an all-gather of
+    per-device partial counts per operand instead: still scalars, but one collective each).
+    """
     ops = tuple(f.astype(jnp.int32) for f in flags)
     if not axes:
         return ops
+    if jax.default_backend() != "cpu":
+        return tuple(jnp.sum(f, axis=axes, dtype=jnp.int32) for f in flags)
     zeros = tuple(jnp.int32(0) for _ in ops)
     return tuple(lax.reduce(ops, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), axes))
 
@@ -197,7 +205,7 @@ def kth_largest_per_row(
     if kx.ndim == 0:
         kx = kx[None]
     k = jnp.asarray(k, jnp.int32)
-    prefix0 = jnp.zeros(kx.shape[:-1] + (1,), key_t)
+    prefix0 = jnp.zeros_like(jnp.max(kx, axis=-1, keepdims=True))  # carries the rows' sharding (Explicit meshes)
 
     def enough(cands: list[jax.Array]) -> list[jax.Array]:
         counts = _sum_counts([kx >= c for c in cands], (kx.ndim - 1,))

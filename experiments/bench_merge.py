@@ -1,0 +1,355 @@
+"""Benchmark of the data-free merge methods: time and effective bandwidth against a memory-bandwidth baseline.
+
+For each model size (millions of float32 parameters: four large [rows, 1024] kernels, their biases and a norm scale,
+random normal) and each number of tasks T it builds a base model and T fine-tuned copies (base + 0.01 * noise) and
+times every method on them, with ``check_finite=False``:
+
+* ``compile_s``: ahead-of-time lowering and compilation of ``jax.jit(lambda b, f, k: method(b, f, k))`` (the public
+  call traced inside one jit: the same XLA program the call builds, its validation runs at trace time); the compiled
+  program's memory analysis (arguments + temporaries + output) decides whether the combination fits in ``--mem-gb``
+  and is skipped (and said so) when it does not;
+* ``first_s``: the first run of that compiled program (the warm-up);
+* ``best_s``: best of ``--repeats`` further runs (fewer when ``--max-seconds`` runs out);
+* effective bandwidth: ``(T + 1)`` models read plus one written, in bytes / ``best_s``, and its fraction of the
+  baseline measured in the same run: a jitted ``base + sum_t finetuned_t`` over the same leaves (reads the same T + 1
+  arrays, writes one).
+
+The NaN/Inf input check the methods run by default (``mergejax.tree.check_finite`` over the T + 1 models) is timed
+on its own, once per (size, T). Per size it also times the exact global top-k magnitude threshold of one task vector
+(``mergejax.ops.trim.magnitude_thresholds``, density 0.2) for each ``--radix-bits``: a float32 threshold takes
+32 / radix_bits counting passes; its time is reported in units of one jitted ``sum(|x|)`` pass over the same leaves
+("effective passes"), next to the cost of DARE's random mask (``jax.random.bernoulli`` + ``where``) in the same unit.
+
+Usage::
+
+    python experiments/bench_merge.py                                   # 10M and 50M parameters, T = 2, 4, 8
+    python experiments/bench_merge.py --params 100 --tasks 8 --methods task_arithmetic ties_global dare_ta
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import mergejax
+from mergejax.ops.trim import magnitude_thresholds
+from mergejax.tree import check_finite
+
+PyTree = Any
+GB = 1e9
+WIDTH = 1024  # last axis of the large kernels
+N_LARGE = 4  # large 2-D leaves per model
+
+# name -> fn(base, finetuned, key) -> merged model; all with the check off, so only the merge is timed
+METHODS: dict[str, Callable[[PyTree, tuple, jax.Array], PyTree]] = {
+    "average": lambda b, f, k: mergejax.average((b, *f), check_finite=False),
+    "task_arithmetic": lambda b, f, k: mergejax.task_arithmetic(b, f, scale=0.5, check_finite=False),
+    "ties_global": lambda b, f, k: mergejax.ties(b, f, density=0.2, scope="global", check_finite=False),
+    "ties_tensor": lambda b, f, k: mergejax.ties(b, f, density=0.2, scope="tensor", check_finite=False),
+    "dare_ta": lambda b, f, k: mergejax.dare(b, f, key=k, drop_rate=0.9, check_finite=False),
+    "dare_ties": lambda b, f, k: mergejax.dare(
+        b, f, key=k, drop_rate=0.9, combine="ties", density=0.2, check_finite=False
+    ),
+    "breadcrumbs": lambda b, f, k: mergejax.breadcrumbs(b, f, beta=0.15, gamma=0.006, check_finite=False),
+    "pcb": lambda b, f, k: mergejax.pcb(b, f, ratio=0.05, check_finite=False),
+}
+# Each method traced inside one jax.jit: the same XLA program as the public call (whose validation runs at trace
+# time), compiled once ahead of time so that its compile time and memory are known before anything runs.
+JITTED = {name: jax.jit(fn) for name, fn in METHODS.items()}
+
+
+def model_shapes(n_params: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Leaf shapes of a model of about ``n_params`` parameters: N_LARGE kernels [rows, 1024], biases, a norm scale."""
+    rows = max(1, round(n_params / (N_LARGE * WIDTH)))
+    layers = {f"layer_{i}": {"kernel": (rows, WIDTH), "bias": (WIDTH,)} for i in range(N_LARGE)}
+    return {**layers, "norm": {"scale": (WIDTH,)}}
+
+
+def num_params(shapes: PyTree) -> int:
+    return sum(int(np.prod(s)) for s in jax.tree_util.tree_leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
+
+
+@partial(jax.jit, static_argnums=1)
+def _normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.normal(key, shape, jnp.float32)
+
+
+@jax.jit
+def _perturb(x: jax.Array, key: jax.Array) -> jax.Array:
+    return x + 0.01 * jax.random.normal(key, x.shape, x.dtype)
+
+
+def make_models(shapes: PyTree, n_tasks: int, seed: int) -> tuple[PyTree, tuple[PyTree, ...]]:
+    """A random-normal base and ``n_tasks`` fine-tuned copies base + 0.01 * N(0, 1), leaf by leaf on device."""
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=is_shape)
+    root = jax.random.key(seed)
+    base_leaves = [_normal(jax.random.fold_in(root, i), s) for i, s in enumerate(leaves)]
+    base = jax.tree_util.tree_unflatten(treedef, base_leaves)
+    fts = []
+    for t in range(n_tasks):
+        kt = jax.random.fold_in(root, 1000 + t)
+        fts.append(jax.tree_util.tree_unflatten(
+            treedef, [_perturb(x, jax.random.fold_in(kt, i)) for i, x in enumerate(base_leaves)]))
+    jax.block_until_ready((base, fts))
+    return base, tuple(fts)
+
+
+def best_time(fn: Callable[[], Any], repeats: int, max_seconds: float) -> tuple[float, int]:
+    """Best wall time of ``fn()`` (blocked on its result, which is freed before the next run) and the runs done."""
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < repeats and (runs == 0 or spent < max_seconds):
+        t = time.perf_counter()
+        out = fn()
+        jax.block_until_ready(out)
+        dt = time.perf_counter() - t
+        del out
+        best, spent, runs = min(best, dt), spent + dt, runs + 1
+    return best, runs
+
+
+def abstract(tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def compile_stats(jitted: Any, *args) -> tuple[float, dict[str, int]]:
+    """Ahead-of-time compile time of ``jitted`` at the shapes of ``args`` and its memory analysis in bytes.
+
+    The compiled program lands in ``jitted``'s cache, so later calls with arrays of these shapes run it directly.
+    """
+    t = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    dt = time.perf_counter() - t
+    ma = compiled.memory_analysis()
+    mem = {
+        "argument_bytes": int(getattr(ma, "argument_size_in_bytes", 0) or 0),
+        "temp_bytes": int(getattr(ma, "temp_size_in_bytes", 0) or 0),
+        "output_bytes": int(getattr(ma, "output_size_in_bytes", 0) or 0),
+    }
+    mem["peak_bytes"] = mem["argument_bytes"] + mem["temp_bytes"] + mem["output_bytes"]
+    return dt, mem
+
+
+def bench_methods(
+    base: PyTree, fts: tuple, methods: list[str], repeats: int, max_seconds: float, mem_budget: float,
+    key: jax.Array, progress: Progress, task_id: Any,
+) -> list[dict]:
+    """The baseline, the finite check and every method on one (size, T)."""
+    n = sum(int(x.size) for x in jax.tree_util.tree_leaves(base))
+    T = len(fts)
+    bytes_rw = (T + 2) * 4 * n  # T + 1 read, 1 written
+    rows = []
+
+    @jax.jit
+    def baseline(b, f):
+        return jax.tree_util.tree_map(lambda x, *ys: x + sum(ys[1:], ys[0]), b, *f)
+
+    jax.block_until_ready(baseline(base, fts))
+    base_s, runs = best_time(lambda: baseline(base, fts), max(repeats, 3), max_seconds)
+    base_bw = bytes_rw / base_s
+    rows.append({"method": "baseline: base + sum_t ft_t", "best_s": base_s, "runs": runs, "GBps": base_bw / GB,
+                 "frac_baseline": 1.0, "bytes": bytes_rw})
+
+    models = (base, *fts)
+    check_finite(base)  # compile the check (same leaf shapes for every model)
+    chk_s, runs = best_time(lambda: [check_finite(m) for m in models], repeats, max_seconds)
+    chk_bytes = (T + 1) * 4 * n
+    rows.append({"method": "check_finite (T+1 models)", "best_s": chk_s, "runs": runs, "GBps": chk_bytes / chk_s / GB,
+                 "frac_baseline": (chk_bytes / chk_s) / base_bw, "frac_of_baseline_time": chk_s / base_s,
+                 "bytes": chk_bytes})
+
+    for name in methods:
+        fn = JITTED[name]
+        progress.update(task_id, description=f"{n / 1e6:.0f}M T={T} {name}")
+        row: dict[str, Any] = {"method": name, "bytes": bytes_rw}
+        compile_s, mem = compile_stats(fn, abstract(base), abstract(fts), key)
+        row.update(compile_s=compile_s, **mem)
+        if mem["peak_bytes"] > mem_budget:
+            row["skipped"] = f"needs {mem['peak_bytes'] / GB:.1f} GB > {mem_budget / GB:.0f} GB"
+        else:
+            t = time.perf_counter()
+            jax.block_until_ready(fn(base, fts, key))
+            row["first_s"] = time.perf_counter() - t
+            best, runs = best_time(lambda: fn(base, fts, key), repeats, max_seconds)
+            row.update(best_s=best, runs=runs, GBps=bytes_rw / best / GB, frac_baseline=(bytes_rw / best) / base_bw,
+                       time_over_baseline=best / base_s)
+        rows.append(row)
+        progress.advance(task_id)
+    return rows
+
+
+def bench_threshold(base: PyTree, ft: PyTree, radix_bits: list[int], repeats: int, max_seconds: float,
+                    key: jax.Array) -> list[dict]:
+    """Exact global top-20% magnitude threshold of one task vector, in units of one jitted sum(|x|) pass."""
+    tv = jax.jit(lambda f, b: jax.tree_util.tree_map(jnp.subtract, f, b))(ft, base)
+    leaves = jax.tree_util.tree_leaves(tv)
+    n = sum(int(x.size) for x in leaves)
+    k = int(0.2 * n)
+
+    abs_sum = jax.jit(lambda xs: sum(jnp.abs(x).sum() for x in xs))
+    jax.block_until_ready(abs_sum(leaves))
+    pass_s, _ = best_time(lambda: abs_sum(leaves), max(repeats, 3), max_seconds)
+    rows = [{"what": "sum(|x|) (one pass)", "best_s": pass_s, "eff_passes": 1.0, "GBps": 4 * n / pass_s / GB}]
+
+    @jax.jit
+    def counts(xs, t):
+        ge = sum(jnp.sum(jnp.abs(x) >= t) for x in xs)
+        gt = sum(jnp.sum(jnp.abs(x) > t) for x in xs)
+        return ge, gt
+
+    for rb in radix_bits:
+        fn = jax.jit(partial(magnitude_thresholds, density=0.2, scope="global", radix_bits=rb))
+        t = time.perf_counter()
+        thr = fn(tv)[0]
+        jax.block_until_ready(thr)
+        first = time.perf_counter() - t
+        best, runs = best_time(lambda: fn(tv), repeats, max_seconds)
+        ge, gt = (int(c) for c in counts(leaves, thr))
+        if not (ge >= k > gt):  # exactness: t is the k-th largest |x| with multiplicity
+            raise AssertionError(f"threshold {float(thr)} is not the {k}-th largest: {ge} >= t, {gt} > t")
+        rows.append({"what": f"global top-k threshold, radix_bits={rb}", "radix_bits": rb, "passes": 32 // rb,
+                     "candidates_per_pass": 2**rb - 1, "best_s": best, "first_s": first, "runs": runs,
+                     "eff_passes": best / pass_s, "GBps": 4 * n * (32 // rb) / best / GB, "exact": True})
+
+    drop = jax.jit(lambda xs, k: [jnp.where(jax.random.bernoulli(jax.random.fold_in(k, i), 0.1, x.shape), x, 0)
+                                  for i, x in enumerate(xs)])
+    for impl in ("threefry2x32", "rbg", "unsafe_rbg"):  # DARE takes any key; the default impl is threefry2x32
+        k = jax.random.key(int(jax.random.randint(key, (), 0, 2**30)), impl=impl)
+        jax.block_until_ready(drop(leaves, k))
+        best, runs = best_time(lambda: drop(leaves, k), repeats, max_seconds)
+        rows.append({"what": f"DARE mask where(bernoulli(p=0.1), x, 0), {impl} key", "best_s": best, "runs": runs,
+                     "eff_passes": best / pass_s, "GBps": 8 * n / best / GB})
+    for r in rows:
+        r["params"] = n
+    return rows
+
+
+def fmt(x: Any, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def print_tables(console: Console, merge_rows: list[dict], thr_rows: list[dict], title: str) -> None:
+    table = Table(title=f"merge methods, {title}")
+    for col in ["params", "T", "method", "compile s", "first s", "best s", "runs", "GB/s", "of baseline",
+                "x baseline time", "peak GB", "note"]:
+        table.add_column(col, justify="left" if col in ("method", "note") else "right")
+    prev = None
+    for r in merge_rows:
+        if prev is not None and (r["params"], r["T"]) != prev:
+            table.add_section()
+        prev = (r["params"], r["T"])
+        frac = r.get("frac_baseline")
+        style = None if frac is None or r["method"].startswith(("baseline", "check")) else (
+            "green" if frac >= 0.5 else "red")
+        note = r.get("skipped", "")
+        if r["method"].startswith("check"):
+            note = f"{r['frac_of_baseline_time']:.2f}x the baseline's time"
+        table.add_row(
+            f"{r['params'] / 1e6:.0f}M", str(r["T"]), r["method"], fmt(r.get("compile_s"), ".2f"),
+            fmt(r.get("first_s"), ".3f"), fmt(r.get("best_s"), ".4f"), fmt(r.get("runs"), "d"),
+            fmt(r.get("GBps"), ".2f"), "" if frac is None else f"{100 * frac:.0f}%",
+            fmt(r.get("time_over_baseline"), ".1f"),
+            fmt(r["peak_bytes"] / GB if "peak_bytes" in r else None, ".2f"), note, style=style,
+        )
+    console.print(table)
+    if not thr_rows:
+        return
+
+    table = Table(title=f"exact global top-k magnitude threshold (density 0.2, one task vector), {title}")
+    for col in ["params", "what", "passes", "best s", "effective passes (x sum|x| time)", "GB/s counted"]:
+        table.add_column(col, justify="left" if col == "what" else "right")
+    prev = None
+    for r in thr_rows:
+        if prev is not None and r["params"] != prev:
+            table.add_section()
+        prev = r["params"]
+        table.add_row(f"{r['params'] / 1e6:.0f}M", r["what"], fmt(r.get("passes"), "d"), f"{r['best_s']:.4f}",
+                      f"{r['eff_passes']:.1f}", f"{r['GBps']:.2f}")
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=float, nargs="+", default=[10, 50], help="model sizes, millions of params")
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8], help="numbers of fine-tuned models T")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up run")
+    parser.add_argument("--max-seconds", type=float, default=20.0,
+                        help="stop repeating a method once its timed runs took this long (at least one run)")
+    parser.add_argument("--radix-bits", type=int, nargs="+", default=[2, 4], help="for the threshold benchmark")
+    parser.add_argument("--no-threshold", action="store_true", help="skip the threshold benchmark")
+    parser.add_argument("--mem-gb", type=float, default=16.0,
+                        help="skip combinations whose compiled peak (inputs + temporaries + output) exceeds this")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/bench_merge.json")
+    args = parser.parse_args()
+
+    console = Console(width=200)
+    mem_budget = args.mem_gb * GB
+    key = jax.random.key(args.seed + 1)
+    merge_rows: list[dict] = []
+    thr_rows: list[dict] = []
+    load_before = os.getloadavg()
+    t_start = time.perf_counter()
+    total = len(args.params) * len(args.tasks) * len(args.methods)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task_id = progress.add_task("merging", total=total)
+        for size in args.params:
+            shapes = model_shapes(int(size * 1e6))
+            n = num_params(shapes)
+            for T in sorted(args.tasks):
+                inputs = (T + 2) * 4 * n  # the models plus the baseline's output
+                if inputs > mem_budget:
+                    merge_rows.append({"params": n, "T": T, "method": "(all)",
+                                       "skipped": f"inputs need {inputs / GB:.1f} GB > {args.mem_gb:.0f} GB"})
+                    progress.advance(task_id, len(args.methods))
+                    continue
+                progress.update(task_id, description=f"{n / 1e6:.0f}M T={T}: building models")
+                base, fts = make_models(shapes, T, args.seed)
+                if not args.no_threshold and T == min(args.tasks):
+                    progress.update(task_id, description=f"{n / 1e6:.0f}M: top-k threshold")
+                    thr_rows += bench_threshold(base, fts[0], args.radix_bits, args.repeats, args.max_seconds, key)
+                rows = bench_methods(base, fts, args.methods, args.repeats, args.max_seconds, mem_budget, key,
+                                     progress, task_id)
+                merge_rows += [{"params": n, "T": T, **r} for r in rows]
+                del base, fts
+
+    load = os.getloadavg()
+    title = (f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, load average {load_before[0]:.1f} -> "
+             f"{load[0]:.1f}, {time.perf_counter() - t_start:.0f} s")
+    print_tables(console, merge_rows, thr_rows, title)
+    env = {
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        "device": str(jax.devices()[0]),
+        "device_kind": jax.devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "load_average_before": load_before,
+        "load_average_after": load,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"env": env, "args": vars(args), "merge": merge_rows, "threshold": thr_rows},
+                              indent=1))
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
