@@ -228,6 +228,12 @@ def task_arithmetic(
     """Task arithmetic (Ilharco et al., 2023, Eq. 2): theta = theta_0 + lambda * sum_t tau_t.
 
     Memory: the inputs plus about one float32 model of intermediates and the output.
+
+    Example:
+      >>> import jax.numpy as jnp, mergejax as mj
+      >>> mj.task_arithmetic({"w": jnp.ones(2)}, [{"w": jnp.array([2.0, 1.0])}, {"w": jnp.array([1.0, 3.0])}],
+      ...                    scale=0.5)["w"].tolist()
+      [1.5, 2.0]
     """
     return chain(Sum())(base, finetuned, scale=scale, check_finite=check_finite)
 
@@ -258,6 +264,13 @@ def ties(
     code keeps one entry more, see :mod:`mergejax.ops.trim`); election is Eq. 2 with the code's majority rule for
     zero sums; ``reduce="mean"`` is the disjoint mean of Eq. 3 (``"sum"``: AdaMerging/FusionBench's variant).
     Defaults follow the paper (k = 20%, lambda = 1). Memory: inputs plus about 2T float32 task vectors.
+
+    Example:
+      >>> import jax.numpy as jnp, mergejax as mj
+      >>> base = {"w": jnp.zeros(4)}
+      >>> fts = [{"w": jnp.array([1.0, -2.0, 0.1, 3.0])}, {"w": jnp.array([1.0, 2.0, -0.1, -1.0])}]
+      >>> mj.ties(base, fts, density=0.5)["w"].tolist()  # k=2 per task; coordinate 1: +2 vs -2 -> majority sign
+      [1.0, 2.0, 0.0, 3.0]
     """
     stages = (Trim(density, scope), ElectSign(sign_method), _disjoint(reduce))
     return chain(*stages)(base, finetuned, scale=scale, check_finite=check_finite)

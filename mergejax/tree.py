@@ -157,6 +157,12 @@ def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
 
     Returns:
       A tree with the structure of ``base``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tv = task_vector({"w": jnp.array([1.5], jnp.bfloat16), "step": 7}, {"w": jnp.array([1.0], jnp.bfloat16), "step": 3})
+      >>> tv["w"].dtype.name, tv["w"].tolist(), int(tv["step"])
+      ('float32', [0.5], 0)
     """
     validate_like(base, [finetuned])
     return jax.tree_util.tree_map(_leaf_task_vector, finetuned, base)
