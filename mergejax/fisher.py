@@ -1,11 +1,8 @@
 """Diagonal Fisher information and Fisher-weighted merging (Matena and Raffel, 2022).
 
-Also holds the plumbing the data-informed methods share: which leaves stay per task (:func:`head_flags`), checking a
-user's batches against the model (:func:`check_batch`) and saving trees with orbax (:func:`save_tree`, :func:`load_tree`).
-
-The model contract is ``apply_fn(params, batch, task) -> logits`` with logits of shape ``[batch, classes]``; ``batch``
-is a dict (inputs and, for the empirical Fisher, labels under ``"y"``, ``"label"`` or ``"labels"``) or a tuple
-``(inputs, labels)``, every array leaf with the examples on the leading axis.
+The model contract the data-informed methods share (``apply_fn``, batches, head masks, tree I/O) lives in
+:mod:`mergejax.model`; its names (``ApplyFn``, :func:`head_flags`, :func:`check_batch`, :func:`labels_of`,
+:func:`save_tree`, :func:`load_tree`) stay importable from here.
 
 References:
     M. Matena and C. Raffel, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022 (arXiv:2111.09832).
@@ -15,14 +12,17 @@ from __future__ import annotations
 
 import functools
 import os
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, NamedTuple
 
+import flax.linen as nn
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax.model import ApplyFn, check_batch, head_flags, labels_of, load_tree, save_tree, shape_signature
 from mergejax.tree import PyTree, acc_dtype, check_finite, is_float, paths_and_leaves, validate_like
 
 __all__ = [
@@ -38,136 +38,9 @@ __all__ = [
     "load_tree",
 ]
 
-ApplyFn = Callable[[PyTree, Any, int], jax.Array]
 FisherMode = Literal["exact", "sampled", "empirical"]
-_LABEL_KEYS = ("y", "label", "labels")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Shared plumbing of the data-informed methods.
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def head_flags(tree: PyTree, heads: str | PyTree | None) -> list[bool]:
-    """Which leaves of ``tree`` stay per task (classification heads), in flattening order.
-
-    Args:
-        tree: a parameter tree.
-        heads: None (every leaf is merged), a regular expression searched in each leaf's ``path_str`` path, or a tree
-            of booleans with ``tree``'s structure (True = per task).
-
-    Returns:
-        One bool per leaf of ``tree``.
-
-    Raises:
-        ValueError: if the pattern or the mask names no leaf, or the mask's structure differs from ``tree``'s.
-    """
-    items = paths_and_leaves(tree)
-    if heads is None:
-        return [False] * len(items)
-    if isinstance(heads, str):
-        pattern = re.compile(heads)
-        flags = [bool(pattern.search(path)) for path, _ in items]
-        if not any(flags):
-            sample = [p for p, _ in items[:6]]
-            raise ValueError(f"heads pattern {heads!r} matches no leaf path; paths look like {sample}")
-        return flags
-    if jax.tree_util.tree_structure(heads) != jax.tree_util.tree_structure(tree):
-        raise ValueError(
-            "heads mask must have the parameter tree's structure: "
-            f"{jax.tree_util.tree_structure(heads)} vs {jax.tree_util.tree_structure(tree)}"
-        )
-    flags = [bool(np.asarray(m)) for m in jax.tree_util.tree_leaves(heads)]
-    if not any(flags):
-        raise ValueError("heads mask names no leaf (all False); pass heads=None when every leaf is merged")
-    return flags
-
-
-def labels_of(batch: Any) -> jax.Array:
-    """The labels of a batch: ``batch["y"]``/``["label"]``/``["labels"]`` of a dict, ``batch[1]`` of a tuple.
-
-    Raises:
-        ValueError: when the batch carries no labels.
-    """
-    if isinstance(batch, Mapping):
-        for name in _LABEL_KEYS:
-            if name in batch:
-                return batch[name]
-        raise ValueError(f"batch has no labels: expected one of the keys {_LABEL_KEYS}, got {sorted(batch)}")
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[1]
-    raise ValueError("batch has no labels: pass a dict with a 'y' key or a tuple (inputs, labels)")
-
-
-def _shapes(batch: Any) -> str:
-    return ", ".join(f"{p}: {tuple(np.shape(x))} {np.asarray(x).dtype if not hasattr(x, 'dtype') else x.dtype}"
-                     for p, x in paths_and_leaves(batch))
-
-
-def check_batch(apply_fn: ApplyFn, params: PyTree, batch: Any, task: int, *, what: str = "batch") -> int:
-    """Checks a batch against the model without running it, and returns its number of examples.
-
-    Every array leaf must hold the examples on one common leading axis, and ``apply_fn`` must map it to logits of
-    shape ``[examples, classes]`` (checked with ``jax.eval_shape``, so nothing is computed).
-
-    Raises:
-        ValueError: naming the batch, its leaf shapes and the model's complaint.
-    """
-    leaves = paths_and_leaves(batch)
-    if not leaves:
-        raise ValueError(f"{what} holds no arrays")
-    sizes = {p: (np.shape(x)[0] if np.ndim(x) else None) for p, x in leaves}
-    if None in sizes.values() or len(set(sizes.values())) != 1:
-        raise ValueError(f"{what} leaves must share a leading examples axis; got {_shapes(batch)}")
-    n = next(iter(sizes.values()))
-    try:
-        out = _output_shape(apply_fn, task, *_signature(params), *_signature(batch))
-    except Exception as err:  # noqa: BLE001 - re-raised with the shapes that caused it
-        raise ValueError(f"{what} ({_shapes(batch)}) does not fit the model for task {task}: {err}") from err
-    if out is None or len(out) != 2 or out[0] != n:
-        got = "not an array" if out is None else out
-        raise ValueError(f"apply_fn must return logits [examples={n}, classes] for {what} of task {task}; got {got}")
-    return n
-
-
-def _signature(tree: PyTree) -> tuple[Any, tuple[tuple[tuple[int, ...], Any], ...]]:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple((tuple(np.shape(x)), np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x))
-                          for x in leaves)
-
-
-@functools.lru_cache(maxsize=256)
-def _output_shape(apply_fn: ApplyFn, task: int, p_def: Any, p_specs: tuple, b_def: Any, b_specs: tuple
-                  ) -> tuple[int, ...] | None:
-    """Shape of ``apply_fn``'s output for abstract params and batch (``jax.eval_shape``; cached: tracing costs ms)."""
-    params = jax.tree_util.tree_unflatten(p_def, [jax.ShapeDtypeStruct(s, d) for s, d in p_specs])
-    batch = jax.tree_util.tree_unflatten(b_def, [jax.ShapeDtypeStruct(s, d) for s, d in b_specs])
-    out = jax.eval_shape(lambda p, b: apply_fn(p, b, task), params, batch)
-    return tuple(out.shape) if hasattr(out, "shape") else None
-
-
-def save_tree(path: str | os.PathLike, tree: PyTree) -> None:
-    """Saves a tree of arrays to the new directory ``path`` with orbax (``StandardCheckpointer``); waits for it."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.abspath(path), tree)
-        ckpt.wait_until_finished()
-
-
-def load_tree(path: str | os.PathLike, like: PyTree | None = None) -> PyTree:
-    """Restores a tree saved by :func:`save_tree`; ``like`` (arrays or ``ShapeDtypeStruct``s) fixes structure/sharding."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckpt:
-        if like is None:
-            return ckpt.restore(os.path.abspath(path))
-        abstract = jax.tree_util.tree_map(
-            lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(x), x.dtype,
-                                                                                          sharding=getattr(x, "sharding", None)),
-            like,
-        )
-        return ckpt.restore(os.path.abspath(path), abstract)
+FisherMethod = Literal["auto", "per_example", "dense_outer"]
+BatchSum = Callable[..., tuple[list[jax.Array], jax.Array]]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -175,24 +48,59 @@ def load_tree(path: str | os.PathLike, like: PyTree | None = None) -> PyTree:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _params_of(treedef: Any, float_idx: Sequence[int], float_leaves: Sequence[jax.Array], other: Sequence[Any]
+               ) -> PyTree:
+    """The parameter tree with ``float_leaves`` at positions ``float_idx`` and ``other`` elsewhere."""
+    full = list(other)
+    for i, x in zip(float_idx, float_leaves):
+        full[i] = x
+    return jax.tree_util.tree_unflatten(treedef, full)
+
+
+def _scan_examples(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, n: int, chunk: int
+                   ) -> tuple[Any, Any]:
+    """``lax.scan`` of ``body`` over chunks of ``chunk`` examples of ``xs`` (leading axis ``n``) plus a remainder.
+
+    ``body(carry, chunk_xs) -> (carry, ys)`` with every ``ys`` leaf on a leading per-example axis; returns the final
+    carry and the ``ys`` of all ``n`` examples concatenated in order.
+    """
+    n_chunks, rest = divmod(n, chunk)
+    parts = []
+    if n_chunks == 1 and not rest:
+        return body(carry, xs)
+    if n_chunks:
+        full = n_chunks * chunk
+        chunks = jax.tree_util.tree_map(lambda a: a[:full].reshape((n_chunks, chunk) + a.shape[1:]), xs)
+        carry, ys = jax.lax.scan(body, carry, chunks)
+        parts.append(jax.tree_util.tree_map(lambda a: a.reshape((full,) + a.shape[2:]), ys))
+    if rest:
+        carry, ys = body(carry, jax.tree_util.tree_map(lambda a: a[n - rest:], xs))
+        parts.append(ys)
+    if len(parts) == 1:
+        return carry, parts[0]
+    return carry, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
+
+
+def _sum_examples(q: jax.Array) -> jax.Array:
+    """Sum over the leading (examples) axis as a contraction with ones: a matrix-vector product, ~5x faster on CPU
+    than ``sum(axis=0)`` over a short leading axis."""
+    return jnp.tensordot(jnp.ones((q.shape[0],), q.dtype), q, axes=1)
+
+
 @functools.lru_cache(maxsize=64)
 def _per_example_sq_grads(
     apply_fn: ApplyFn, treedef: Any, float_idx: tuple[int, ...], task: int, mode: FisherMode, chunk_size: int
-) -> Callable[..., tuple[list[jax.Array], jax.Array]]:
+) -> BatchSum:
     """A jitted function summing, over one batch, the per-example squared score of every float leaf.
 
     The batch is processed in a ``scan`` over chunks of ``chunk_size`` examples; inside a chunk, per-example squared
     gradients come from ``vmap(grad)`` ("exact": ``vmap`` of one ``vjp`` and a loop over classes) and are summed over
-    the chunk as a contraction with a vector of ones, which XLA runs as a matrix-vector product: a plain
-    ``sum(axis=0)`` over the short leading axis is ~5x slower on CPU. Cached on its static configuration, so computing several Fishers
-    of one model does not recompile.
+    the chunk (:func:`_sum_examples`). Cached on its static configuration, so computing several Fishers of one model
+    does not recompile.
     """
 
     def log_probs(float_leaves: list[jax.Array], other: list[Any], example: Any) -> tuple[jax.Array, jax.Array]:
-        full = list(other)
-        for i, x in zip(float_idx, float_leaves):
-            full[i] = x
-        params = jax.tree_util.tree_unflatten(treedef, full)
+        params = _params_of(treedef, float_idx, float_leaves, other)
         batch1 = jax.tree_util.tree_map(lambda a: a[None], example)
         logits = apply_fn(params, batch1, task)[0].astype(jnp.float32)
         return jax.nn.log_softmax(logits), logits
@@ -224,36 +132,268 @@ def _per_example_sq_grads(
         grads, logits = jax.grad(score, has_aux=True)(float_leaves, y)
         return [jnp.square(g.astype(acc_dtype(g.dtype))) for g in grads], jnp.all(jnp.isfinite(logits))
 
-    def chunk_sum(float_leaves: list[jax.Array], other: list[Any], chunk: Any, keys: jax.Array
-                  ) -> tuple[list[jax.Array], jax.Array]:
-        sq, finite = jax.vmap(one, in_axes=(None, None, 0, 0))(float_leaves, other, chunk, keys)
-        ones = jnp.ones((keys.shape[0],), jnp.float32)
-        return [jnp.tensordot(ones.astype(q.dtype), q, axes=1) for q in sq], jnp.all(finite)
+    def batch_sum(float_leaves: list[jax.Array], other: list[Any], batch: Any, key: jax.Array, index: jax.Array,
+                  totals: list[jax.Array], finite: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+        """Adds batch ``index``'s squared scores to ``totals`` (the whole update is one dispatch)."""
+        n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        keys = jax.random.split(jax.random.fold_in(key, index), n)
+
+        def body(carry, xs):
+            acc, ok = carry
+            sq, fin = jax.vmap(one, in_axes=(None, None, 0, 0))(float_leaves, other, *xs)
+            return ([a + _sum_examples(s) for a, s in zip(acc, sq)], ok & jnp.all(fin)), ()
+
+        (totals, finite), _ = _scan_examples(body, (totals, finite), (batch, keys), n, chunk_size)
+        return totals, finite
+
+    return jax.jit(batch_sum, donate_argnums=(5,))
+
+
+# -- Dense fast path --------------------------------------------------------------------------------------------------
+
+
+class _DenseCall(NamedTuple):
+    """One ``nn.Dense`` call whose per-example kernel gradient is the outer product x_n delta_n^T.
+
+    Attributes:
+        module: ``"/".join(module.path)``, which identifies the call when the model is traced again.
+        kernel: position of its kernel among the float leaves.
+        bias: position of its bias among the float leaves, -1 when it has none.
+        out_shape: shape of the call's output for one example, ``(1, out)``.
+        out_dtype: dtype of that output.
+    """
+
+    module: str
+    kernel: int
+    bias: int
+    out_shape: tuple[int, ...]
+    out_dtype: Any
+
+
+class _Plan(NamedTuple):
+    """What the dense fast path does with each float leaf (positions among the float leaves).
+
+    Attributes:
+        dense: the covered Dense calls (their kernels and biases take the outer-product path).
+        unused: leaves the logits do not depend on (their Fisher is exactly zero, nothing is computed).
+        note: why no Dense call is covered (for the error of ``method="dense_outer"``), else "".
+    """
+
+    dense: tuple[_DenseCall, ...]
+    unused: tuple[int, ...]
+    note: str
+
+
+_DOT = (((1,), (0,)), ((), ()))  # x [1, in] @ kernel [in, out]
+_BIAS_USES = frozenset({"reshape", "broadcast_in_dim", "add"})
+
+
+def _is_dense_call(context: Any) -> bool:
+    """Whether an intercepted call is ``flax.linen.Dense.__call__`` itself (subclasses may compute something else)."""
+    return type(context.module) is nn.Dense and context.method_name == "__call__"
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_plan(apply_fn: ApplyFn, task: int, p_def: Any, p_specs: tuple, float_idx: tuple[int, ...], e_def: Any,
+                e_specs: tuple) -> _Plan:
+    """Finds the ``nn.Dense`` calls whose kernel (and bias) per-example gradients are x_n delta_n^T (and delta_n).
+
+    Traces ``apply_fn`` on one abstract example (``jax.make_jaxpr``, nothing is computed) with
+    ``flax.linen.intercept_methods`` recording every ``nn.Dense`` call. A call is covered when all of these hold:
+
+    - the module is exactly ``nn.Dense`` and is called once per forward pass;
+    - its kernel (and bias) are the very parameter leaves handed to ``apply_fn`` (the same traced objects, so no
+      transform, cast or slice sits in between), each read by no other call;
+    - its input is one row ``[1, in]`` per example and its output ``[1, out]`` (so the per-example kernel gradient
+      is a single outer product, not a sum over tokens);
+    - in the traced program the kernel's only use is that ``x @ kernel`` ``dot_general`` and the bias's only use is
+      one reshape/broadcast/add, so the parameters reach the logits through this call alone.
+
+    Float leaves the traced program never reads are reported as unused. Cached on the abstract shapes.
+    """
+    params = [jax.ShapeDtypeStruct(s, d) for s, d in p_specs]
+    example = jax.tree_util.tree_unflatten(e_def, [jax.ShapeDtypeStruct((1,) + s, d) for s, d in e_specs])
+    calls: list[tuple[str, int, bool, int, tuple[int, ...], tuple[int, ...], Any]] = []
+
+    def run(leaves: list[jax.Array], batch1: Any) -> jax.Array:
+        position = {id(leaves[i]): j for j, i in enumerate(float_idx)}
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if _is_dense_call(context):
+                x = args[0] if args else kwargs["inputs"]
+                own = context.module.variables.get("params", {})
+                calls.append(("/".join(context.module.path), position.get(id(own.get("kernel")), -1), "bias" in own,
+                              position.get(id(own.get("bias")), -1), tuple(np.shape(x)), tuple(np.shape(out)),
+                              np.dtype(out.dtype)))
+            return out
+
+        with nn.intercept_methods(interceptor):
+            return apply_fn(jax.tree_util.tree_unflatten(p_def, leaves), batch1, task)
+
+    try:
+        jaxpr = jax.make_jaxpr(run)(params, example).jaxpr
+    except Exception as err:  # noqa: BLE001 - the model runs (check_batch); only the capture failed
+        return _Plan((), (), f"tracing apply_fn with an nn.Dense interceptor failed: {err}")
+    leaf_vars = jaxpr.invars[: len(p_specs)]
+    uses: dict[Any, list[tuple[Any, int]]] = {v: [] for v in leaf_vars}
+    for eqn in jaxpr.eqns:
+        for k, v in enumerate(eqn.invars):
+            if isinstance(v, jex.Var) and v in uses:
+                uses[v].append((eqn, k))
+    for v in jaxpr.outvars:
+        if isinstance(v, jex.Var) and v in uses:
+            uses[v].append((None, -1))
+    unused = tuple(j for j, i in enumerate(float_idx) if not uses[leaf_vars[i]])
+
+    def only_use(j: int) -> tuple[Any, int]:
+        found = uses[leaf_vars[float_idx[j]]]
+        return found[0] if len(found) == 1 and found[0][0] is not None else (None, -1)
+
+    per_module = Counter(c[0] for c in calls)
+    per_leaf = Counter([c[1] for c in calls] + [c[3] for c in calls if c[2]])
+    dense = []
+    for module, k, has_bias, b, x_shape, y_shape, y_dtype in calls:
+        if per_module[module] != 1 or k < 0 or per_leaf[k] != 1:
+            continue
+        k_shape = p_specs[float_idx[k]][0]
+        if len(k_shape) != 2 or x_shape != (1, k_shape[0]) or y_shape != (1, k_shape[1]):
+            continue
+        eqn, pos = only_use(k)
+        if eqn is None or eqn.primitive.name != "dot_general" or pos != 1:
+            continue
+        if jax.tree_util.tree_map(int, tuple(eqn.params["dimension_numbers"])) != _DOT:
+            continue
+        if has_bias:
+            if b < 0 or per_leaf[b] != 1 or p_specs[float_idx[b]][0] != (k_shape[1],):
+                continue
+            eqn, _ = only_use(b)
+            if eqn is None or eqn.primitive.name not in _BIAS_USES:
+                continue
+        dense.append(_DenseCall(module, k, b if has_bias else -1, y_shape, y_dtype))
+    note = "" if dense else (
+        f"apply_fn calls no nn.Dense layer whose per-example kernel gradient is one outer product "
+        f"({len(calls)} nn.Dense calls seen; a layer is covered when it is called once, on one row per example, "
+        "with its own unmodified kernel and bias)")
+    return _Plan(tuple(dense), unused, note)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_outer_sq_grads(
+    apply_fn: ApplyFn, treedef: Any, float_idx: tuple[int, ...], task: int, mode: FisherMode, chunk_size: int,
+    plan: _Plan,
+) -> BatchSum:
+    """Like :func:`_per_example_sq_grads`, with the covered Dense leaves summed as (x^2)^T (delta^2) matmuls.
+
+    Per example, one ``vmap``-ed forward pass with a zero perturbation added to each covered Dense output gives the
+    Dense inputs x_n and, by differentiating with respect to the perturbations, delta_n = d log p / d (Dense output).
+    Only the leaves the plan leaves uncovered get per-example gradients (in chunks of ``chunk_size``); without any,
+    the whole batch is one ``vmap``. Then, per covered layer, kernel += (x^2)^T D and bias += sum_n D with
+    D_n = delta_n^2 (empirical/sampled) or sum_c p_c delta_{n,c}^2 (exact).
+    """
+    names = tuple(d.module for d in plan.dense)
+    covered = {d.kernel for d in plan.dense} | {d.bias for d in plan.dense if d.bias >= 0}
+    per_example = tuple(j for j in range(len(float_idx)) if j not in covered and j not in set(plan.unused))
+
+    def one(float_leaves: list[jax.Array], other: list[Any], example: Any, key: jax.Array):
+        """One example: squared scores of the uncovered leaves, x^2 and D of every covered layer, finite logits."""
+        batch1 = jax.tree_util.tree_map(lambda a: a[None], example)
+        accs = [acc_dtype(float_leaves[d.kernel].dtype) for d in plan.dense]
+
+        def log_probs(diff: list[jax.Array], eps: dict[str, jax.Array]):
+            fl = list(float_leaves)  # covered and unused leaves are constants here
+            for j, v in zip(per_example, diff):
+                fl[j] = v
+            inputs: dict[str, jax.Array] = {}
+
+            def interceptor(next_fun, args, kwargs, context):
+                out = next_fun(*args, **kwargs)
+                if _is_dense_call(context):
+                    name = "/".join(context.module.path)
+                    if name in eps:
+                        inputs[name] = args[0] if args else kwargs["inputs"]
+                        out = out + eps[name]  # zero: the value is unchanged, d/d eps is delta
+                return out
+
+            with nn.intercept_methods(interceptor):
+                logits = apply_fn(_params_of(treedef, float_idx, fl, other), batch1, task)[0].astype(jnp.float32)
+            missing = [n for n in names if n not in inputs]
+            if missing:
+                raise RuntimeError(f"nn.Dense layers {missing} found when planning the Fisher were not called again")
+            x_sq = [jnp.square(inputs[n].astype(a)).reshape(-1) for n, a in zip(names, accs)]
+            return jax.nn.log_softmax(logits), (logits, x_sq)
+
+        diff0 = [float_leaves[j] for j in per_example]
+        eps0 = {d.module: jnp.zeros(d.out_shape, d.out_dtype) for d in plan.dense}
+        if mode == "exact":
+            logp, vjp_fn, (logits, x_sq) = jax.vjp(log_probs, diff0, eps0, has_aux=True)
+            prob = jax.lax.stop_gradient(jnp.exp(logp))
+
+            def add_class(c: jax.Array, acc: tuple[list[jax.Array], list[jax.Array]]):
+                g_diff, g_eps = vjp_fn(jax.nn.one_hot(c, logp.shape[0], dtype=logp.dtype))
+                sq = [a + prob[c].astype(a.dtype) * jnp.square(g.astype(a.dtype)) for a, g in zip(acc[0], g_diff)]
+                d = [a + prob[c].astype(a.dtype) * jnp.square(g_eps[n].astype(a.dtype)).reshape(-1)
+                     for a, n in zip(acc[1], names)]
+                return sq, d
+
+            zeros = ([jnp.zeros(x.shape, acc_dtype(x.dtype)) for x in diff0],
+                     [jnp.zeros(d.out_shape[-1], a) for d, a in zip(plan.dense, accs)])
+            sq, d_sq = jax.lax.fori_loop(0, logp.shape[0], add_class, zeros)
+            return sq, x_sq, d_sq, jnp.all(jnp.isfinite(logits))
+
+        def score(diff: list[jax.Array], eps: dict[str, jax.Array]):
+            logp, (logits, x_sq) = log_probs(diff, eps)
+            if mode == "sampled":
+                y = jax.random.categorical(key, jax.lax.stop_gradient(logits))
+            else:
+                y = labels_of(example)
+            return logp[y], (logits, x_sq)
+
+        (g_diff, g_eps), (logits, x_sq) = jax.grad(score, argnums=(0, 1), has_aux=True)(diff0, eps0)
+        sq = [jnp.square(g.astype(acc_dtype(g.dtype))) for g in g_diff]
+        d_sq = [jnp.square(g_eps[n].astype(a)).reshape(-1) for n, a in zip(names, accs)]
+        return sq, x_sq, d_sq, jnp.all(jnp.isfinite(logits))
 
     def batch_sum(float_leaves: list[jax.Array], other: list[Any], batch: Any, key: jax.Array, index: jax.Array,
                   totals: list[jax.Array], finite: jax.Array) -> tuple[list[jax.Array], jax.Array]:
         """Adds batch ``index``'s squared scores to ``totals`` (the whole update is one dispatch)."""
         n = jax.tree_util.tree_leaves(batch)[0].shape[0]
         keys = jax.random.split(jax.random.fold_in(key, index), n)
-        n_chunks, rest = divmod(n, chunk_size)
-        if n_chunks:
-            full = n_chunks * chunk_size
-            chunks = jax.tree_util.tree_map(lambda a: a[:full].reshape((n_chunks, chunk_size) + a.shape[1:]),
-                                            (batch, keys))
 
-            def body(carry, xs):
-                acc, ok = carry
-                sq, fin = chunk_sum(float_leaves, other, *xs)
-                return ([a + s for a, s in zip(acc, sq)], ok & fin), None
+        def body(carry, xs):
+            acc, ok = carry
+            sq, x_sq, d_sq, fin = jax.vmap(one, in_axes=(None, None, 0, 0))(float_leaves, other, *xs)
+            return ([a + _sum_examples(s) for a, s in zip(acc, sq)], ok & jnp.all(fin)), (x_sq, d_sq)
 
-            (totals, finite), _ = jax.lax.scan(body, (totals, finite), chunks)
-        if rest:
-            tail = jax.tree_util.tree_map(lambda a: a[n - rest:], (batch, keys))
-            sq, fin = chunk_sum(float_leaves, other, *tail)
-            totals, finite = [a + s for a, s in zip(totals, sq)], finite & fin
-        return totals, finite
+        chunk = chunk_size if per_example else n  # no per-example gradient is materialised: one vmap
+        acc = [totals[j] for j in per_example]
+        (acc, finite), (x_sq, d_sq) = _scan_examples(body, (acc, finite), (batch, keys), n, chunk)
+        out = list(totals)
+        for j, a in zip(per_example, acc):
+            out[j] = a
+        for d, xs, ds in zip(plan.dense, x_sq, d_sq):
+            # sum_n (x_n delta_n^T)^2 = (x^2)^T (delta^2): one [in, N] @ [N, out] matmul (full f32 precision)
+            out[d.kernel] = totals[d.kernel] + jnp.matmul(xs.T, ds, precision=jax.lax.Precision.HIGHEST).astype(
+                totals[d.kernel].dtype)
+            if d.bias >= 0:
+                out[d.bias] = totals[d.bias] + _sum_examples(ds).astype(totals[d.bias].dtype)
+        return out, finite
 
     return jax.jit(batch_sum, donate_argnums=(5,))
+
+
+def _batch_function(apply_fn: ApplyFn, params: PyTree, batch: Any, treedef: Any, float_idx: tuple[int, ...],
+                    task: int, mode: FisherMode, chunk_size: int, method: FisherMethod) -> BatchSum:
+    """The compiled per-batch update for ``method`` and this batch's per-example shapes."""
+    if method != "per_example":
+        e_def, e_specs = shape_signature(batch)
+        e_specs = tuple((s[1:], d) for s, d in e_specs)
+        plan = _dense_plan(apply_fn, task, *shape_signature(params), float_idx, e_def, e_specs)
+        if plan.dense:
+            return _dense_outer_sq_grads(apply_fn, treedef, float_idx, task, mode, chunk_size, plan)
+        if method == "dense_outer":
+            raise ValueError(f"method='dense_outer' needs nn.Dense layers: {plan.note}; use method='per_example'")
+    return _per_example_sq_grads(apply_fn, treedef, float_idx, task, mode, chunk_size)
 
 
 def diagonal(
@@ -265,18 +405,36 @@ def diagonal(
     mode: FisherMode = "exact",
     key: jax.Array | None = None,
     chunk_size: int = 8,
+    method: FisherMethod = "auto",
 ) -> PyTree:
     """Diagonal Fisher information of ``params`` on ``batches`` (Matena and Raffel, 2022, Eq. 4).
 
-    F = (1/N) sum_n E_y[(d log p(y|x_n) / d theta)^2], with per-example gradients from ``vmap(grad)`` (for "exact",
-    ``vmap`` of one ``vjp`` per example and a backward pass per class) under one ``jit`` per batch shape, accumulated
-    in float32 (float64 for float64 leaves).
+    F = (1/N) sum_n E_y[(d log p(y|x_n) / d theta)^2], from per-example gradients under one ``jit`` per batch shape,
+    accumulated in float32 (float64 for float64 leaves).
 
     - ``"exact"``: the expectation over the model's own predictive distribution, sum_y p(y|x) (d log p(y|x))^2.
     - ``"sampled"``: one y ~ p(.|x) per example, drawn with ``key``.
     - ``"empirical"``: the batch's own labels (see :func:`labels_of`).
 
-    Memory peak: params + ``chunk_size`` per-example gradients (+ the forward residuals of ``chunk_size`` examples).
+    Methods (the same numbers up to float32 rounding; every example is run as a batch of one under ``vmap``):
+
+    - ``"per_example"``: ``vmap(grad)`` of log p(y|x_n) to every float leaf ("exact": ``vmap`` of one ``vjp`` and a
+      backward pass per class), squared and summed over chunks of ``chunk_size`` examples. Materialising the
+      per-example gradients makes it memory-bound: the cost grows with (parameters x examples).
+    - ``"dense_outer"``: for an ``nn.Dense`` layer z_n = x_n W + b applied once to one row x_n per example, the
+      per-example gradients are d log p / dW = x_n delta_n^T and d log p / db = delta_n, with
+      delta_n = d log p / d z_n. So sum_n (d log p / dW)^2 = (x^2)^T (delta^2), one [in, N] @ [N, out] matmul, and
+      sum_n (d log p / db)^2 = sum_n delta_n^2. x_n is captured with ``flax.linen.intercept_methods`` and delta_n as
+      the gradient with respect to a zero perturbation added to z_n (one backward pass gives every layer's delta).
+      For "exact", per example D_n = sum_c p_c delta_{n,c}^2 (a backward pass per class c), and the kernel gets
+      (x^2)^T D since x_n does not depend on c. Leaves the logits never read get exactly 0; every other leaf
+      (embeddings, norms, Dense layers called twice or on token sequences, non-linen models) keeps the
+      per-example path. Raises when no Dense layer qualifies (see :func:`_dense_plan` for the conditions).
+    - ``"auto"`` (default): ``"dense_outer"`` when some Dense layer qualifies, else ``"per_example"``.
+
+    Memory peak: params + ``chunk_size`` per-example gradients of the per-example leaves + the forward residuals of
+    ``chunk_size`` examples; with ``"dense_outer"`` and every leaf covered, the residuals and Dense inputs and
+    deltas of a whole batch (about one forward-backward of the batch).
 
     Args:
         apply_fn: ``apply_fn(params, batch, task) -> logits [batch, classes]``.
@@ -287,46 +445,49 @@ def diagonal(
         key: PRNG key, required for "sampled" (batch b uses ``fold_in(key, b)`` split into one key per example).
         chunk_size: examples whose per-example gradients are materialised at once (a sweep of 4-128 on CPU: 8 was
             fastest for a 300k-parameter MLP, all alike for a 10k one).
+        method: "auto", "per_example" or "dense_outer" (above).
 
     Returns:
         A tree like ``params``: the mean squared score of every float leaf (acc dtype), zeros for non-float leaves.
 
     Raises:
-        ValueError: unknown mode, missing key, no batches, a batch that does not fit the model or has no labels
-            (empirical), or non-finite logits (naming the batch).
+        ValueError: unknown mode or method, missing key, no batches, a batch that does not fit the model or has no
+            labels (empirical), non-finite logits (naming the batch), or ``"dense_outer"`` without a usable Dense.
 
     Example:
         >>> F = diagonal(apply_fn, params, [{"x": x, "y": y}], mode="empirical")  # doctest: +SKIP
     """
     if mode not in ("exact", "sampled", "empirical"):
         raise ValueError(f"mode must be 'exact', 'sampled' or 'empirical', got {mode!r}")
+    if method not in ("auto", "per_example", "dense_outer"):
+        raise ValueError(f"method must be 'auto', 'per_example' or 'dense_outer', got {method!r}")
     if mode == "sampled" and key is None:
         raise ValueError("mode='sampled' draws labels from the model and needs an explicit key=jax.random.key(...)")
     key = jax.random.key(0) if key is None else key  # unused by exact/empirical
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    float_idx = [i for i, x in enumerate(leaves) if is_float(x)]
+    float_idx = tuple(i for i, x in enumerate(leaves) if is_float(x))
     float_leaves = [leaves[i] for i in float_idx]
     float_set = set(float_idx)
     other = [None if i in float_set else x for i, x in enumerate(leaves)]
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    batch_sum = _per_example_sq_grads(apply_fn, treedef, tuple(float_idx), int(task), mode, int(chunk_size))
 
     totals = [jnp.zeros(x.shape, acc_dtype(x.dtype)) for x in float_leaves]
     flags: list[jax.Array] = []
     count = 0
-    checked: set[Any] = set()
+    compiled: dict[Any, BatchSum] = {}
     for b, batch in enumerate(batches):
         signature = tuple((p, np.shape(x)) for p, x in paths_and_leaves(batch))
-        if signature not in checked:
+        if signature not in compiled:
             check_batch(apply_fn, params, batch, task, what=f"batch {b}")
             if mode == "empirical":
                 labels = labels_of(batch)
                 if np.ndim(labels) != 1:
                     raise ValueError(f"batch {b} labels must have shape [examples], got {np.shape(labels)}")
-            checked.add(signature)
+            compiled[signature] = _batch_function(apply_fn, params, batch, treedef, float_idx, int(task), mode,
+                                                  int(chunk_size), method)
         count += jax.tree_util.tree_leaves(batch)[0].shape[0]
-        totals, finite = batch_sum(float_leaves, other, batch, key, np.int32(b), totals, np.bool_(True))
+        totals, finite = compiled[signature](float_leaves, other, batch, key, np.int32(b), totals, np.bool_(True))
         flags.append(finite)
     if not flags:
         raise ValueError("batches is empty: the Fisher needs at least one batch")

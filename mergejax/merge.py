@@ -35,7 +35,7 @@ from mergejax.tree import (
     _leaf_apply,
     _leaf_task_vector,
     acc_dtype,
-    check_finite as _check_finite,
+    check_finite_many,
     is_float,
     validate_like,
 )
@@ -143,9 +143,7 @@ class Merger:
           key: ``jax.random`` key, required when a stage draws random numbers.
           check_finite: report NaN/Inf leaves by path before merging (one extra read of every model).
         """
-        finetuned = _check_models(base, finetuned, check_finite)
-        if check_finite:
-            _check_finite(base, what="base")
+        finetuned = _check_models(base, finetuned, check_finite, with_base=True)
         self._check_key(key)
         return _merge_models_jit(self, base, finetuned, jnp.asarray(scale, jnp.float32), key)
 
@@ -183,7 +181,10 @@ def chain(*stages: Stage) -> Merger:
     return Merger(tuple(stages))
 
 
-def _check_models(base: PyTree, models: Sequence[PyTree], check_finite: bool, what: str = "finetuned") -> tuple:
+def _check_models(
+    base: PyTree, models: Sequence[PyTree], check_finite: bool, what: str = "finetuned", *, with_base: bool = False
+) -> tuple:
+    """Validates ``models`` against ``base`` and (optionally) checks base and models for NaN/Inf in one program."""
     models = tuple(models)
     if not models:
         raise ValueError(f"{what} is empty: need at least one model")
@@ -193,9 +194,9 @@ def _check_models(base: PyTree, models: Sequence[PyTree], check_finite: bool, wh
         else:
             validate_like(base, [m], what=what, first_index=i)
     if check_finite:
-        for i, m in enumerate(models):
-            if not _is_encoded(m):
-                _check_finite(m, what=f"{what}[{i}]")
+        dense = [(f"{what}[{i}]", m) for i, m in enumerate(models) if not _is_encoded(m)]
+        dense = ([("base", base)] if with_base else []) + dense
+        check_finite_many([m for _, m in dense], what=[name for name, _ in dense])
     return models
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.fisher import ApplyFn, check_batch, head_flags
+from mergejax.model import ApplyFn, check_batch, head_flags
 from mergejax.tree import PyTree, acc_dtype, check_finite, is_float, paths_and_leaves, validate_like
 
 __all__ = ["gram_matrices", "regmean", "regmean_kernel"]

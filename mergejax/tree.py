@@ -25,6 +25,7 @@ __all__ = [
     "float_leaves",
     "validate_like",
     "check_finite",
+    "check_finite_many",
     "task_vector",
     "apply_task_vector",
 ]
@@ -118,15 +119,22 @@ def check_finite(tree: PyTree, *, what: str = "model") -> None:
 
     One fused pass over the float leaves; only one boolean per leaf leaves the devices.
     """
-    items = [(p, x) for p, x in paths_and_leaves(tree) if is_float(x)]
+    check_finite_many([tree], what=[what])
+
+
+def check_finite_many(trees: Sequence[PyTree], *, what: Sequence[str]) -> None:
+    """:func:`check_finite` for several trees in one compiled program and one device-to-host fetch."""
+    items = [(name, p, x) for tree, name in zip(trees, what) for p, x in paths_and_leaves(tree) if is_float(x)]
     if not items:
         return
-    flags = jax.device_get(_finite_flags([x for _, x in items]))
-    bad = [p for (p, _), ok in zip(items, flags) if not ok]
+    flags = jax.device_get(_finite_flags([x for _, _, x in items]))
+    bad = [(name, p) for (name, p, _), ok in zip(items, flags) if not ok]
     if bad:
+        name, path = bad[0]
+        more = [f"{n}:{p}" for n, p in bad[1:4]]
         raise ValueError(
-            f"{what} has NaN or Inf in leaf {bad[0]!r}"
-            + (f" (and {len(bad) - 1} more: {bad[1:4]})" if len(bad) > 1 else "")
+            f"{name} has NaN or Inf in leaf {path!r}"
+            + (f" (and {len(bad) - 1} more: {more})" if len(bad) > 1 else "")
             + "; pass check_finite=False to skip this check"
         )
 

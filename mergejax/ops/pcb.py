@@ -25,10 +25,11 @@ from mergejax.tree import float_leaves
 __all__ = ["order_statistics", "PCB"]
 
 
-def order_statistics(groups: list[list[jax.Array]], js: list[int]) -> list[jax.Array]:
-    """Per group, the value at 0-based position j of the ascending sort of all its entries (no sort is done)."""
+def order_statistics(groups: list[list[jax.Array]], js: list[int], *, magnitude: bool = False) -> list[jax.Array]:
+    """Per group, the value at 0-based position j of the ascending sort of all its entries (of |x| if
+    ``magnitude``); no sort is done."""
     ns = [sum(int(x.size) for x in g) for g in groups]
-    keys = kth_largest_groups(groups, [n - j for n, j in zip(ns, js)])
+    keys = kth_largest_groups(groups, [n - j for n, j in zip(ns, js)], magnitude=magnitude)
     return [key_to_float(keys[i]) for i in range(len(groups))]
 
 
@@ -59,10 +60,10 @@ class PCB(Reduction):
         n = sum(int(x.size) for x in float_leaves(tvs[0]))
         if n == 0:
             return (tvs[0],)
-        abs_trees = [jax.tree_util.tree_map(jnp.abs, float_leaves(tv)) for tv in tvs]
+        leaves = [float_leaves(tv) for tv in tvs]
         j_lo = rank_from_fraction(self.clamp_ratio, n)
         j_hi = max(rank_from_fraction(1 - self.clamp_ratio, n) - 1, 0)
-        bounds = order_statistics(abs_trees + abs_trees, [j_lo] * T + [j_hi] * T)
+        bounds = order_statistics(leaves + leaves, [j_lo] * T + [j_hi] * T, magnitude=True)
         lo, hi = bounds[:T], bounds[T:]
         total = map_float_leaves(lambda xs, i: [sum(xs[1:], xs[0])], tvs, out_count=1)[0]
 

@@ -133,19 +133,29 @@ def _total_ge(parts: list[tuple[jax.Array, jax.Array]], k: int) -> jax.Array:
     return (hi > k_hi) | ((hi == k_hi) & (lo >= k_lo))
 
 
-def count_ge(leaves: Sequence[jax.Array], key_thresholds: Sequence[jax.Array]) -> list[list[jax.Array]]:
-    """Per leaf, the int32 counts of entries whose ordered key is >= each threshold (one read per leaf)."""
+def count_ge(
+    leaves: Sequence[jax.Array], key_thresholds: Sequence[jax.Array], *, magnitude: bool = False
+) -> list[list[jax.Array]]:
+    """Per leaf, the int32 counts of entries whose ordered key (of |x| if ``magnitude``) is >= each threshold.
+
+    One read per leaf for all thresholds. With ``magnitude`` the absolute value is taken inside the pass, so no
+    |x| copy of the leaf is ever materialised.
+    """
     out = []
     for x in leaves:
         if x.size >= 2**31:
             raise ValueError(f"a single leaf of {x.size} elements is too large for int32 counts")
-        kx = ordered_key(x)
+        kx = ordered_key(jnp.abs(x) if magnitude else x)
         out.append(list(_sum_counts([kx >= t for t in key_thresholds], tuple(range(kx.ndim)))))
     return out
 
 
 def kth_largest_groups(
-    groups: Sequence[Sequence[jax.Array]], ks: Sequence[int], *, radix_bits: int | None = DEFAULT_RADIX_BITS
+    groups: Sequence[Sequence[jax.Array]],
+    ks: Sequence[int],
+    *,
+    radix_bits: int | None = DEFAULT_RADIX_BITS,
+    magnitude: bool = False,
 ) -> jax.Array:
     """Ordered keys of the k_g-th largest value of each group of leaves, all groups in one loop of passes.
 
@@ -153,6 +163,7 @@ def kth_largest_groups(
       groups: G lists of float arrays; a group's entries are all its leaves' entries taken together.
       ks: static ranks, 1 <= k_g <= n_g (1 = the maximum).
       radix_bits: bits decided per pass; a float32 threshold takes 32 / radix_bits passes.
+      magnitude: select on |x| (computed inside each pass; no copy of |x| is kept).
 
     Returns:
       uint keys of shape [G]; ``ordered_key(x) >= t[g]`` selects group g's top k (and every tie at the threshold).
@@ -167,7 +178,7 @@ def kth_largest_groups(
     def enough(cands: list[jax.Array]) -> list[jax.Array]:
         flags = []  # [G][D]: group g has at least k_g keys >= candidate d
         for gi, (g, k) in enumerate(zip(groups, ks)):
-            per_leaf = count_ge(g, [c[gi] for c in cands])  # one read of each leaf for all D candidates
+            per_leaf = count_ge(g, [c[gi] for c in cands], magnitude=magnitude)  # one read per leaf
             flags.append([_total_ge([_split_count(pl[d]) for pl in per_leaf], k) for d in range(len(cands))])
         return [jnp.stack([f[d] for f in flags]) for d in range(len(cands))]
 
@@ -183,11 +194,12 @@ def kth_largest_magnitude(
     leaves: Sequence[jax.Array], k: int, *, radix_bits: int | None = DEFAULT_RADIX_BITS
 ) -> jax.Array:
     """The k-th largest |x| over all entries of ``leaves`` (float32, or float64 for float64 input); k=0 gives +inf."""
-    leaves = [jnp.abs(jnp.asarray(x)) for x in leaves]
+    leaves = [jnp.asarray(x) for x in leaves]
     float_t = _key_spec(jnp.result_type(*leaves))[1]
     if k == 0:
         return jnp.asarray(jnp.inf, float_t)
-    return key_to_float(kth_largest(leaves, k, radix_bits=radix_bits), float_t)
+    key = kth_largest_groups([leaves], [k], radix_bits=radix_bits, magnitude=True)[0]
+    return key_to_float(key, float_t)
 
 
 def kth_largest_per_row(

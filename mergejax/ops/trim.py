@@ -44,14 +44,16 @@ def magnitude_thresholds_many(
     _check_scope(scope)
     per_task = [float_leaves(tv) for tv in tvs]
     if scope == "global":
-        groups = [[jnp.abs(x) for x in leaves] for leaves in per_task]
+        groups = [list(leaves) for leaves in per_task]
     else:
-        groups = [[jnp.abs(x)] for leaves in per_task for x in leaves]
+        groups = [[x] for leaves in per_task for x in leaves]
     ks = [rank_from_fraction(density, sum(int(x.size) for x in g)) for g in groups]
     live = [i for i, k in enumerate(ks) if k > 0]
     values = [jnp.asarray(jnp.inf, jnp.float32)] * len(groups)
     if live:
-        keys = kth_largest_groups([groups[i] for i in live], [ks[i] for i in live], radix_bits=radix_bits)
+        keys = kth_largest_groups(
+            [groups[i] for i in live], [ks[i] for i in live], radix_bits=radix_bits, magnitude=True
+        )
         for j, i in enumerate(live):
             values[i] = key_to_float(keys[j])
     out, pos = [], 0
