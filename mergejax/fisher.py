@@ -429,7 +429,9 @@ def diagonal(
       For "exact", per example D_n = sum_c p_c delta_{n,c}^2 (a backward pass per class c), and the kernel gets
       (x^2)^T D since x_n does not depend on c. Leaves the logits never read get exactly 0; every other leaf
       (embeddings, norms, Dense layers called twice or on token sequences, non-linen models) keeps the
-      per-example path. Raises when no Dense layer qualifies (see :func:`_dense_plan` for the conditions).
+      per-example path. Raises when no Dense layer qualifies (see :func:`_dense_plan` for the conditions). The
+      squares x^2 and delta^2 are taken in float32: for bfloat16/float16 models the per-example product is not
+      rounded to the parameter dtype first, so the two methods differ there by that dtype's rounding (~1e-3).
     - ``"auto"`` (default): ``"dense_outer"`` when some Dense layer qualifies, else ``"per_example"``.
 
     Memory peak: params + ``chunk_size`` per-example gradients of the per-example leaves + the forward residuals of

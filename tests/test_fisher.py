@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax import fisher
+from mergejax import fisher, model
 from mergejax.models.mlp import HEAD_PATTERN, MultiHeadMLP, init_params, make_apply_fn
 
 
@@ -45,16 +45,64 @@ def _mlp_problem(n=12, d=6, seed=1):
 
 def _reference_loop(apply_fn, params, x, labels, task):
     """Per-example Python loop: mean over examples of the squared gradient of log p(label_n | x_n)."""
+    return _reference_loop_batch(apply_fn, params, {"x": x}, labels, task)
+
+
+def _reference_loop_batch(apply_fn, params, batch, labels, task):
+    """The same for any dict batch: example n is ``{k: v[n:n + 1]}``."""
     total = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, np.float64), params)
 
-    def logp(p, xi, yi):
-        return jax.nn.log_softmax(apply_fn(p, {"x": xi[None]}, task)[0])[yi]
+    def logp(p, example, yi):
+        one = jax.tree_util.tree_map(lambda a: a[None], example)
+        return jax.nn.log_softmax(apply_fn(p, one, task)[0])[yi]
 
     grad_fn = jax.jit(jax.grad(logp))  # compiled once, still one call per example
-    for xi, yi in zip(x, labels):
-        g = grad_fn(params, jnp.asarray(xi), jnp.int32(yi))
+    for i, yi in enumerate(labels):
+        g = grad_fn(params, jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), batch), jnp.int32(yi))
         total = jax.tree_util.tree_map(lambda t, gi: t + np.asarray(gi, np.float64) ** 2, total, g)
-    return jax.tree_util.tree_map(lambda t: t / len(x), total)
+    return jax.tree_util.tree_map(lambda t: t / len(labels), total)
+
+
+def _reference_loop_exact(apply_fn, params, batch, task):
+    """Per-example Python loop of the exact Fisher: mean over examples of sum_c p_c (d log p_c / d theta)^2."""
+    total = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, np.float64), params)
+
+    def logp(p, example):
+        one = jax.tree_util.tree_map(lambda a: a[None], example)
+        return jax.nn.log_softmax(apply_fn(p, one, task)[0])
+
+    jac_fn = jax.jit(lambda p, e: (logp(p, e), jax.jacrev(logp)(p, e)))  # [classes, ...] per leaf
+    n = len(jax.tree_util.tree_leaves(batch)[0])
+    for i in range(n):
+        lp, jac = jac_fn(params, jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), batch))
+        prob = np.exp(np.asarray(lp, np.float64))
+        total = jax.tree_util.tree_map(
+            lambda t, g: t + np.tensordot(prob, np.asarray(g, np.float64) ** 2, axes=1), total, jac)
+    return jax.tree_util.tree_map(lambda t: t / n, total)
+
+
+class Mixed(nn.Module):
+    """Dense layers the fast path covers (hidden, head) next to leaves it must leave to the per-example path."""
+
+    @nn.compact
+    def __call__(self, batch, task=0):
+        h = nn.Dense(8, name="tokens")(batch["x"]).mean(1)  # [1, tokens, in] per example: a sum of outer products
+        h = h + nn.Embed(10, 8, name="embed")(batch["tok"])
+        shared = nn.Dense(8, name="shared")
+        h = shared(nn.relu(shared(h)))  # one layer called twice
+        h = nn.LayerNorm(name="norm")(h)
+        h = nn.relu(nn.Dense(6, name="hidden")(h))
+        return nn.Dense(4, use_bias=False, name="head")(h)
+
+
+def _mixed_problem(n=9, seed=2):
+    rng = np.random.default_rng(seed)
+    batch = {"x": rng.normal(size=(n, 3, 5)).astype(np.float32), "tok": rng.integers(0, 10, n).astype(np.int32),
+             "y": rng.integers(0, 4, n).astype(np.int32)}
+    mixed = Mixed()
+    params = mixed.init(jax.random.key(seed), {k: v[:1] for k, v in batch.items()})
+    params = jax.tree_util.tree_map(lambda a: a + 0.3 * rng.normal(size=a.shape).astype(np.float32), params)
+    return (lambda p, b, t: mixed.apply(p, b)), params, batch
 
 
 def _assert_close(a, b, rtol=1e-5, atol=1e-7):
@@ -62,10 +110,11 @@ def _assert_close(a, b, rtol=1e-5, atol=1e-7):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(p))
 
 
-def test_exact_fisher_of_softmax_linear_classifier_matches_closed_form():
+@pytest.mark.parametrize("method", ["per_example", "dense_outer"])
+def test_exact_fisher_of_softmax_linear_classifier_matches_closed_form(method):
     apply_fn, params, x, _ = _linear_problem()
     batches = [{"x": x[:10]}, {"x": x[10:]}]  # two batches of different sizes
-    F = fisher.diagonal(apply_fn, params, batches, mode="exact", chunk_size=4)
+    F = fisher.diagonal(apply_fn, params, batches, mode="exact", chunk_size=4, method=method)
     W = np.asarray(params["params"]["Dense_0"]["kernel"], np.float64)
     b = np.asarray(params["params"]["Dense_0"]["bias"], np.float64)
     p = _softmax(x.astype(np.float64) @ W + b)
@@ -77,11 +126,12 @@ def test_exact_fisher_of_softmax_linear_classifier_matches_closed_form():
     assert F["params"]["Dense_0"]["kernel"].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("chunk_size", [3, 16])  # 3: scan over chunks plus a remainder; 16: remainder only
-def test_empirical_fisher_matches_per_example_loop(chunk_size):
+# per_example with chunk 3: scan over chunks plus a remainder; 16: remainder only. auto: the Dense fast path.
+@pytest.mark.parametrize("method,chunk_size", [("per_example", 3), ("per_example", 16), ("auto", 3)])
+def test_empirical_fisher_matches_per_example_loop(method, chunk_size):
     apply_fn, params, x, y = _mlp_problem()
     batches = [{"x": x[:5], "y": y[:5]}, (x[5:], y[5:])]  # dict and tuple batches
-    F = fisher.diagonal(apply_fn, params, batches, task=1, mode="empirical", chunk_size=chunk_size)
+    F = fisher.diagonal(apply_fn, params, batches, task=1, mode="empirical", chunk_size=chunk_size, method=method)
     _assert_close(F, _reference_loop(apply_fn, params, x, y, task=1))
     # the other head gets no gradient from task 1
     assert float(jnp.abs(F["params"]["head_0"]["kernel"]).max()) == 0.0
@@ -91,7 +141,6 @@ def test_sampled_fisher_matches_per_example_loop_with_same_draws():
     apply_fn, params, x, _ = _mlp_problem()
     key = jax.random.key(7)
     batches = [{"x": x[:4]}, {"x": x[4:]}]
-    F = fisher.diagonal(apply_fn, params, batches, task=0, mode="sampled", key=key, chunk_size=3)
     # Draws as documented: batch b uses fold_in(key, b), split into one key per example, y ~ softmax(logits).
     labels = []
     draw = jax.jit(lambda k, xi: jax.random.categorical(k, apply_fn(params, {"x": xi[None]}, 0)[0]))
@@ -99,7 +148,56 @@ def test_sampled_fisher_matches_per_example_loop_with_same_draws():
         keys = jax.random.split(jax.random.fold_in(key, b), len(batch["x"]))
         for k, xi in zip(keys, batch["x"]):
             labels.append(int(draw(k, jnp.asarray(xi))))
-    _assert_close(F, _reference_loop(apply_fn, params, x, np.asarray(labels), task=0))
+    want = _reference_loop(apply_fn, params, x, np.asarray(labels), task=0)
+    for method in ("per_example", "dense_outer"):  # the same draws on both paths
+        F = fisher.diagonal(apply_fn, params, batches, task=0, mode="sampled", key=key, chunk_size=3, method=method)
+        _assert_close(F, want)
+
+
+def test_exact_fisher_of_mlp_matches_per_example_loop():
+    apply_fn, params, x, _ = _mlp_problem()
+    batches = [{"x": x[:7]}, {"x": x[7:]}]
+    want = _reference_loop_exact(apply_fn, params, {"x": x}, task=1)
+    for method in ("per_example", "dense_outer"):
+        _assert_close(fisher.diagonal(apply_fn, params, batches, task=1, mode="exact", chunk_size=3, method=method),
+                      want)
+
+
+def test_dense_outer_plan_covers_only_single_row_single_use_dense_layers():
+    apply_fn, params, batch = _mixed_problem()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    paths = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in leaves]
+    e_def, e_specs = model.shape_signature(batch)
+    plan = fisher._dense_plan(apply_fn, 0, *model.shape_signature(params), tuple(range(len(paths))), e_def,
+                              tuple((s[1:], d) for s, d in e_specs))
+    covered = {paths[d.kernel] for d in plan.dense} | {paths[d.bias] for d in plan.dense if d.bias >= 0}
+    assert covered == {"params/hidden/kernel", "params/hidden/bias", "params/head/kernel"}
+    assert plan.unused == ()
+    # an MLP head that task 1 never calls is unused (its Fisher is exactly zero without computing anything)
+    apply_mlp, mlp_params, x, _ = _mlp_problem()
+    e_def, e_specs = model.shape_signature({"x": x})
+    plan = fisher._dense_plan(apply_mlp, 1, *model.shape_signature(mlp_params), tuple(range(8)), e_def,
+                              tuple((s[1:], d) for s, d in e_specs))
+    mlp_paths = [jax.tree_util.keystr(p, simple=True, separator="/")
+                 for p, _ in jax.tree_util.tree_flatten_with_path(mlp_params)[0]]
+    assert {mlp_paths[j] for j in plan.unused} == {"params/head_0/kernel", "params/head_0/bias"}
+    assert len(plan.dense) == 3
+
+
+@pytest.mark.parametrize("mode", ["empirical", "sampled", "exact"])
+def test_dense_outer_matches_per_example_with_embed_norm_and_shared_layers(mode):
+    """Covered Dense leaves, and Embed / LayerNorm / shared / token-sequence Dense leaves on the per-example path."""
+    apply_fn, params, batch = _mixed_problem()
+    key = jax.random.key(5)
+    batches = [{k: v[:5] for k, v in batch.items()}, {k: v[5:] for k, v in batch.items()}]
+    slow = fisher.diagonal(apply_fn, params, batches, mode=mode, key=key, chunk_size=2, method="per_example")
+    fast = fisher.diagonal(apply_fn, params, batches, mode=mode, key=key, chunk_size=2, method="dense_outer")
+    _assert_close(fast, slow, rtol=2e-5, atol=1e-7)
+    if mode == "exact":
+        _assert_close(fast, _reference_loop_exact(apply_fn, params, batch, task=0), rtol=2e-5, atol=1e-7)
+    elif mode == "empirical":
+        _assert_close(fast, _reference_loop_batch(apply_fn, params, batch, batch["y"], task=0), rtol=2e-5, atol=1e-7)
+    assert all(float(jnp.max(leaf)) > 0 for leaf in jax.tree_util.tree_leaves(fast))
 
 
 def test_sampled_fisher_converges_to_exact():
@@ -124,6 +222,11 @@ def test_diagonal_bad_inputs():
         fisher.diagonal(apply_fn, params, [{"x": x}], mode="sampled")
     with pytest.raises(ValueError, match="mode must be"):
         fisher.diagonal(apply_fn, params, [{"x": x}], mode="full")
+    with pytest.raises(ValueError, match="method must be"):
+        fisher.diagonal(apply_fn, params, [{"x": x}], method="fast")
+    plain = {"w": jnp.ones((6, 3))}  # no flax module: nothing for the Dense fast path to capture
+    with pytest.raises(ValueError, match="method='dense_outer' needs nn.Dense layers"):
+        fisher.diagonal(lambda p, b, t: b["x"] @ p["w"], plain, [{"x": x}], method="dense_outer")
     with pytest.raises(ValueError, match="empty"):
         fisher.diagonal(apply_fn, params, [])
     nan_params = jax.tree_util.tree_map(lambda a: a, params)
@@ -247,6 +350,11 @@ def test_fisher_merge_bad_inputs():
     wrong["a"] = jnp.zeros((3, 4))
     with pytest.raises(ValueError, match="leaf 'a' has shape"):
         fisher.fisher_merge(models, [wrong, fishers[1], fishers[2]])
+
+
+def test_model_contract_names_stay_importable_from_fisher():
+    for name in ("ApplyFn", "head_flags", "check_batch", "labels_of", "save_tree", "load_tree"):
+        assert getattr(fisher, name) is getattr(model, name)
 
 
 def test_fisher_save_load_roundtrip(tmp_path):
