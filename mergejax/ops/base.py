@@ -78,7 +78,7 @@ def check_fraction(name: str, value: float, *, upper_open: bool = False) -> None
 
 def rank_from_fraction(fraction: float, n: int) -> int:
     """k = floor(fraction * n), computed exactly on the decimal the user wrote (0.29 * 100 -> 29, not 28)."""
-    return int(Fraction(fraction).limit_denominator(10**9) * n)
+    return int(Fraction(float(fraction)).limit_denominator(10**9) * n)
 
 
 def leaf_keys(key: jax.Array, task: int, leaf: int) -> jax.Array:
