@@ -110,19 +110,19 @@ class Merger:
 
     def transform(self, tvs: Sequence[PyTree], key: jax.Array | None = None) -> TaskVectors:
         """The per-task vectors after the stages before the reduction (e.g. TIES-trimmed, sign-agreeing vectors)."""
-        tvs = tuple(tvs)
-        validate_like(_structure(tvs[0]), [_structure(t) for t in tvs[1:]], what="task_vectors")
-        self._check_key(key)
-        return _transform_jit(self, tvs, key)
+        return _transform_jit(self, self._check_task_vectors(tvs, key), key)
 
     def merge_task_vectors(self, tvs: Sequence[PyTree], key: jax.Array | None = None) -> PyTree:
         """The merged task vector tau_m of the given task vectors (plain trees or compressed task vectors)."""
+        return _merge_tvs_jit(self, self._check_task_vectors(tvs, key), key)
+
+    def _check_task_vectors(self, tvs: Sequence[PyTree], key: jax.Array | None) -> TaskVectors:
         tvs = tuple(tvs)
         if not tvs:
             raise ValueError("need at least one task vector")
         validate_like(_structure(tvs[0]), [_structure(t) for t in tvs[1:]], what="task_vectors")
         self._check_key(key)
-        return _merge_tvs_jit(self, tvs, key)
+        return tvs
 
     def __call__(
         self,
