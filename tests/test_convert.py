@@ -17,7 +17,16 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mergejax import convert as C
-from mergejax.convert.rules import BERT, EFFICIENTNET_LITE0, GENERIC, DropRule, Layout, Rule, RuleSet
+from mergejax.convert.rules import (
+    BERT,
+    EFFICIENTNET_LITE0,
+    GENERIC,
+    DropRule,
+    Layout,
+    Rule,
+    RuleSet,
+    bert_rules,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -436,6 +445,112 @@ def test_minilm_sharded_onto_mesh_matches(mesh8):
     assert words.shape == (30522, 384) and len(words.sharding.device_set) == 1
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain)):
         assert _same(np.asarray(a), b)
+
+
+# ------------------------------------------------------------------------------- BertFor* checkpoints (bert. prefix)
+
+
+def test_bert_rules_take_both_layouts_and_the_classifier_head():
+    for bare, ndim, flax, layout in [
+        ("embeddings.word_embeddings.weight", 2, "embeddings/word_embeddings/embedding", Layout.IDENTITY),
+        ("encoder.layer.3.attention.self.key.weight", 2, "encoder/layer_3/attention/key/kernel", Layout.LINEAR),
+        ("encoder.layer.0.output.LayerNorm.bias", 1, "encoder/layer_0/output_norm/bias", Layout.IDENTITY),
+        ("pooler.dense.weight", 2, "pooler/kernel", Layout.LINEAR),
+    ]:
+        for key, path in [(bare, "params/" + flax), ("bert." + bare, "params/bert/" + flax)]:
+            assert BERT.to_flax(key, ndim) == (path, layout), key
+            assert BERT.to_torch(path, ndim) == (key, layout), path
+    assert BERT.to_flax("classifier.weight", 2) == ("params/heads/classifier/kernel", Layout.LINEAR)
+    assert BERT.to_torch("params/heads/classifier/bias", 1) == ("classifier.bias", Layout.IDENTITY)
+    assert BERT.is_dropped("bert.embeddings.position_ids")
+    assert BERT.to_flax("cls.predictions.bias", 1) is None and BERT.to_flax("bert.classifier.weight", 2) is None
+    sst2 = bert_rules(head="sst2")
+    assert sst2.to_flax("classifier.weight", 2) == ("params/heads/sst2/kernel", Layout.LINEAR)
+    assert sst2.to_torch("params/heads/classifier/kernel", 2) is None
+    with pytest.raises(ValueError, match="plain task name"):
+        bert_rules(head="a/b")
+
+
+@pytest.fixture(scope="module")
+def bert_for_classification():
+    """A tiny random ``transformers.BertForSequenceClassification`` (no download) and its Flax config."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set before transformers is imported: nothing may be downloaded
+    torch = _torch()
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (mergejax[torch])")
+    from mergejax.models import bert as B
+
+    hf_config = transformers.BertConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=40, type_vocab_size=2, num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(hf_config).eval()
+    return model, hf_config, B.BertConfig.from_hf(hf_config.to_dict())
+
+
+def test_bert_for_classification_round_trip_is_bit_exact(bert_for_classification):
+    torch = _torch()
+    model, _, _ = bert_for_classification
+    state = dict(model.state_dict())
+    assert next(iter(state)).startswith("bert.") and "classifier.weight" in state
+    # older checkpoints also hold the position_ids buffer (here third, to check that order comes back too)
+    keys = list(state)
+    state["bert.embeddings.position_ids"] = torch.arange(40)[None]
+    state = {k: state[k] for k in keys[:2] + ["bert.embeddings.position_ids"] + keys[2:]}
+    state["classifier.bias"] = state["classifier.bias"].to(torch.bfloat16)  # mixed dtypes survive as they are
+    variables, record = C.torch_to_flax(state, "bert")
+    assert set(variables["params"]) == {"bert", "heads"} and set(variables["params"]["heads"]) == {"classifier"}
+    assert variables["params"]["heads"]["classifier"]["kernel"].shape == (32, 3)
+    assert _same(np.asarray(variables["params"]["heads"]["classifier"]["kernel"]), state["classifier.weight"].numpy().T)
+    assert record.dropped.keys() == {"bert.embeddings.position_ids"}
+    back = C.flax_to_state_dict(variables, "bert", record=record, as_torch=True)
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+    # without a record the tree alone says where the prefix and the head go
+    fresh = C.flax_to_state_dict(variables, "bert")
+    assert set(fresh) == set(state)
+    assert _same(fresh["bert.embeddings.position_ids"], np.arange(40, dtype=np.int64)[None])
+    # a head with no rule (masked-LM) is reported, not skipped
+    with pytest.raises(C.ConversionError, match=r"cls\.predictions\.bias"):
+        C.torch_to_flax({**state, "cls.predictions.bias": torch.zeros(97)}, "bert")
+
+
+def test_bert_for_classification_logits_match_bert_classifier(bert_for_classification):
+    torch = _torch()
+    from mergejax.models import bert as B
+
+    model, _, config = bert_for_classification
+    flax_model = B.BertClassifier(config, (("classifier", 3),), pooling="cls")
+    target = jax.eval_shape(flax_model.init, jax.random.key(0), jax.numpy.zeros((1, 4), jax.numpy.int32))
+    variables, _ = C.torch_to_flax(model.state_dict(), "bert", target=target)  # every leaf there, every shape right
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 97, size=(3, 9)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    types = (np.arange(9)[None] >= 5).astype(np.int32).repeat(3, 0)
+    logits = flax_model.apply(variables, ids, mask, types, task="classifier")
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                    token_type_ids=torch.from_numpy(types).long()).logits.numpy()
+    assert np.asarray(logits).shape == ref.shape == (3, 3)
+    np.testing.assert_allclose(np.asarray(logits), ref, rtol=0, atol=1e-4)
+
+
+def test_cli_round_trip_bert_for_classification(tmp_path, bert_for_classification):
+    pytest.importorskip("orbax.checkpoint")
+    from mergejax.convert.cli import main
+
+    model, _, _ = bert_for_classification
+    model.save_pretrained(tmp_path / "hf")  # model.safetensors + config.json
+    assert main(["convert", "--from", "torch", "--arch", "bert", str(tmp_path / "hf"), str(tmp_path / "orbax")]) == 0
+    assert main(["convert", "--from", "jax", "--arch", "bert", str(tmp_path / "orbax"), str(tmp_path / "st")]) == 0
+    ref, back = C.open_checkpoint(tmp_path / "hf"), C.open_checkpoint(tmp_path / "st")
+    assert list(back.keys()) == list(ref.keys()) and "classifier.weight" in ref.keys()
+    for k in ref.keys():
+        assert _same(ref.read(k), back.read(k)), k
+    config = json.loads((tmp_path / "st" / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI

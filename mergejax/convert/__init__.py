@@ -44,6 +44,7 @@ from mergejax.convert.rules import (
     Rule,
     RuleSet,
     available_rules,
+    bert_rules,
     get_rules,
     register_rules,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "TensorSource",
     "TorchFile",
     "available_rules",
+    "bert_rules",
     "flax_to_state_dict",
     "flax_to_torch",
     "get_rules",

@@ -4,6 +4,10 @@
     python -m mergejax convert --from jax --arch bert SRC DST     # SRC: orbax dir; DST: safetensors dir (sharded
                                                                   # with an index above --max-shard-size)
 
+``--arch bert`` takes bare ``BertModel`` checkpoints (-> ``BertModel`` variables) and ``BertFor*`` checkpoints whose keys
+start with ``bert.`` (-> ``BertClassifier`` variables, the ``classifier`` head under ``params/heads/classifier``); the way
+back writes whichever layout the variables have.
+
 The orbax directory also holds ``mergejax_conversion.json`` (the source's key order and dropped buffers, so the way
 back is bit-exact) and, when the source directory had one, ``hf_config.json`` (copied back as ``config.json``).
 """

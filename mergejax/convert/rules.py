@@ -31,6 +31,7 @@ __all__ = [
     "RuleSet",
     "GENERIC",
     "BERT",
+    "bert_rules",
     "EFFICIENTNET_LITE0",
     "get_rules",
     "register_rules",
@@ -223,15 +224,36 @@ weight is a LayerNorm/BatchNorm scale; BatchNorm running stats go to the ``batch
 """
 
 
-def _bert_rules() -> RuleSet:
+def bert_rules(head: str = "classifier") -> RuleSet:
+    """The ``"bert"`` rule table, taking both Hugging Face BERT layouts.
+
+    * Bare ``BertModel`` keys (``embeddings.word_embeddings.weight``, as all-MiniLM-L6-v2 ships) <-> the
+      :class:`mergejax.models.bert.BertModel` tree (``params/embeddings/...``).
+    * ``BertFor*`` keys, every encoder key prefixed with ``bert.`` (``bert.embeddings.word_embeddings.weight``) <-> the
+      :class:`mergejax.models.bert.BertClassifier` tree (``params/bert/...``); the sequence/token classification head
+      ``classifier.{weight,bias}`` <-> ``params/heads/<head>/{kernel,bias}`` (``LINEAR`` layout), so a
+      ``BertForSequenceClassification`` checkpoint loads into ``BertClassifier(config, ((head, num_labels),),
+      pooling="cls")``.
+
+    Which layout a conversion uses is decided by the keys (or, going back, by the Flax tree) alone, so the reverse puts
+    the prefix and the classifier back without any option. Other ``BertFor*`` heads (``cls.predictions.*`` of the
+    masked-LM, ``qa_outputs.*`` of question answering) have no rule: strict conversion lists them as unexpected keys,
+    ``strict=False`` converts the encoder and leaves them out.
+
+    Args:
+      head: the task name of the ``classifier`` head in the Flax tree. Going back to torch, only ``heads/<head>`` is
+        written (as ``classifier``); a tree with other heads needs the wanted one renamed to ``head`` first.
+    """
+    if not head or "/" in head or "{" in head:
+        raise ValueError(f"head must be a plain task name (no '/', no braces), got {head!r}")
     layer = "encoder.layer.{i}."
-    flayer = "params/encoder/layer_{i}/"
-    rules: list[Rule] = [
-        Rule("embeddings.word_embeddings.weight", "params/embeddings/word_embeddings/embedding"),
-        Rule("embeddings.position_embeddings.weight", "params/embeddings/position_embeddings/embedding"),
-        Rule("embeddings.token_type_embeddings.weight", "params/embeddings/token_type_embeddings/embedding"),
-        Rule("embeddings.LayerNorm.weight", "params/embeddings/LayerNorm/scale"),
-        Rule("embeddings.LayerNorm.bias", "params/embeddings/LayerNorm/bias"),
+    flayer = "encoder/layer_{i}/"
+    pairs: list[tuple[str, str, Layout]] = [
+        ("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding", Layout.IDENTITY),
+        ("embeddings.position_embeddings.weight", "embeddings/position_embeddings/embedding", Layout.IDENTITY),
+        ("embeddings.token_type_embeddings.weight", "embeddings/token_type_embeddings/embedding", Layout.IDENTITY),
+        ("embeddings.LayerNorm.weight", "embeddings/LayerNorm/scale", Layout.IDENTITY),
+        ("embeddings.LayerNorm.bias", "embeddings/LayerNorm/bias", Layout.IDENTITY),
     ]
     dense = {
         "attention.self.query": "attention/query",
@@ -242,21 +264,28 @@ def _bert_rules() -> RuleSet:
         "output.dense": "output",
     }
     for t, f in dense.items():
-        rules.append(Rule(layer + t + ".weight", flayer + f + "/kernel", Layout.LINEAR))
-        rules.append(Rule(layer + t + ".bias", flayer + f + "/bias"))
+        pairs.append((layer + t + ".weight", flayer + f + "/kernel", Layout.LINEAR))
+        pairs.append((layer + t + ".bias", flayer + f + "/bias", Layout.IDENTITY))
     for t, f in {"attention.output.LayerNorm": "attention_norm", "output.LayerNorm": "output_norm"}.items():
-        rules.append(Rule(layer + t + ".weight", flayer + f + "/scale"))
-        rules.append(Rule(layer + t + ".bias", flayer + f + "/bias"))
-    rules.append(Rule("pooler.dense.weight", "params/pooler/kernel", Layout.LINEAR))
-    rules.append(Rule("pooler.dense.bias", "params/pooler/bias"))
+        pairs.append((layer + t + ".weight", flayer + f + "/scale", Layout.IDENTITY))
+        pairs.append((layer + t + ".bias", flayer + f + "/bias", Layout.IDENTITY))
+    pairs.append(("pooler.dense.weight", "pooler/kernel", Layout.LINEAR))
+    pairs.append(("pooler.dense.bias", "pooler/bias", Layout.IDENTITY))
+    rules = [Rule(t, "params/" + f, layout) for t, f, layout in pairs]  # BertModel
+    rules += [Rule("bert." + t, "params/bert/" + f, layout) for t, f, layout in pairs]  # BertFor* encoder
+    rules.append(Rule("classifier.weight", f"params/heads/{head}/kernel", Layout.LINEAR))
+    rules.append(Rule("classifier.bias", f"params/heads/{head}/bias"))
+    anchor = "embeddings/position_embeddings/embedding"
     dropped = (
-        DropRule("embeddings.position_ids", "params/embeddings/position_embeddings/embedding", _position_ids),
+        DropRule("embeddings.position_ids", "params/" + anchor, _position_ids),
+        DropRule("bert.embeddings.position_ids", "params/bert/" + anchor, _position_ids),
     )
     return RuleSet("bert", tuple(rules), dropped)
 
 
-BERT = _bert_rules()
-"""Hugging Face ``BertModel`` state dicts <-> :class:`mergejax.models.bert.BertModel` variables."""
+BERT = bert_rules()
+"""Hugging Face ``BertModel`` state dicts <-> :class:`mergejax.models.bert.BertModel` variables, and ``BertFor*``
+(``bert.``-prefixed, ``classifier`` head) state dicts <-> :class:`mergejax.models.bert.BertClassifier` variables."""
 
 
 def _efficientnet_rules() -> RuleSet:
