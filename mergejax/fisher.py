@@ -87,6 +87,12 @@ def _sum_examples(q: jax.Array) -> jax.Array:
     return jnp.tensordot(jnp.ones((q.shape[0],), q.dtype), q, axes=1)
 
 
+def _example_keys(batch: Any, key: jax.Array, index: jax.Array) -> tuple[int, jax.Array]:
+    """(number of examples, one PRNG key per example) of batch ``index``; "sampled" mode draws y with them."""
+    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    return n, jax.random.split(jax.random.fold_in(key, index), n)
+
+
 @functools.lru_cache(maxsize=64)
 def _per_example_sq_grads(
     apply_fn: ApplyFn, treedef: Any, float_idx: tuple[int, ...], task: int, mode: FisherMode, chunk_size: int
@@ -135,8 +141,7 @@ def _per_example_sq_grads(
     def batch_sum(float_leaves: list[jax.Array], other: list[Any], batch: Any, key: jax.Array, index: jax.Array,
                   totals: list[jax.Array], finite: jax.Array) -> tuple[list[jax.Array], jax.Array]:
         """Adds batch ``index``'s squared scores to ``totals`` (the whole update is one dispatch)."""
-        n = jax.tree_util.tree_leaves(batch)[0].shape[0]
-        keys = jax.random.split(jax.random.fold_in(key, index), n)
+        n, keys = _example_keys(batch, key, index)
 
         def body(carry, xs):
             acc, ok = carry
@@ -357,8 +362,7 @@ def _dense_outer_sq_grads(
     def batch_sum(float_leaves: list[jax.Array], other: list[Any], batch: Any, key: jax.Array, index: jax.Array,
                   totals: list[jax.Array], finite: jax.Array) -> tuple[list[jax.Array], jax.Array]:
         """Adds batch ``index``'s squared scores to ``totals`` (the whole update is one dispatch)."""
-        n = jax.tree_util.tree_leaves(batch)[0].shape[0]
-        keys = jax.random.split(jax.random.fold_in(key, index), n)
+        n, keys = _example_keys(batch, key, index)
 
         def body(carry, xs):
             acc, ok = carry
