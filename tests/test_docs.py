@@ -15,7 +15,7 @@ def test_docstring_examples(module):
 
 
 def test_readme_composition_example_runs():
-    """The README's "Composing a merge in a script" block runs as written on small Flax-like trees."""
+    """The README's "Composing a merge in a script" blocks run as written on small Flax-like trees."""
     import pathlib
     import re
 
@@ -23,8 +23,10 @@ def test_readme_composition_example_runs():
     import jax.numpy as jnp
 
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    section = text[text.index("## Composing a merge in a script") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    start = text.index("## Composing a merge in a script")
+    section = text[start : text.index("\n## ", start + 3)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
 
     def model(seed):
         k = jax.random.split(jax.random.key(seed), 3)
@@ -34,7 +36,8 @@ def test_readme_composition_example_runs():
             "head": {"kernel": jax.random.normal(k[2], (8, 2)), "bias": jnp.zeros(2)},
         }
 
-    env = {"base": model(0), "ft_a": model(1), "ft_b": model(2)}
-    exec(compile(code, "README.md", "exec"), env)
-    assert jax.tree.structure(env["merged"]) == jax.tree.structure(env["base"])
+    env = {"base": model(0), "ft_a": model(1), "ft_b": model(2), "ft_c": model(3)}
+    exec(compile(blocks[0], "README.md", "exec"), env)
     assert jax.tree.structure(env["tau_m"]) == jax.tree.structure(env["base"])
+    exec(compile(blocks[1], "README.md", "exec"), env)  # the custom Reduction example
+    assert jax.tree.structure(env["merged"]) == jax.tree.structure(env["base"])
