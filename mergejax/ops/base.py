@@ -13,14 +13,12 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 
-from mergejax.tree import PyTree, is_float, paths_and_leaves
+from mergejax.tree import PyTree, is_float
 
 __all__ = [
     "Stage",
     "TaskVectors",
     "map_float_leaves",
-    "float_leaf_paths",
-    "num_float_params",
     "rank_from_fraction",
     "check_fraction",
     "leaf_keys",
@@ -57,16 +55,6 @@ def map_float_leaves(
         for j in range(n_out):
             outs[j].append(res[j])
     return tuple(jax.tree_util.tree_unflatten(treedef, o) for o in outs)
-
-
-def float_leaf_paths(tree: PyTree) -> list[str]:
-    """Paths of the float leaves, in flattening order."""
-    return [p for p, x in paths_and_leaves(tree) if is_float(x)]
-
-
-def num_float_params(tree: PyTree) -> int:
-    """Number of float parameters in ``tree``."""
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree) if is_float(x))
 
 
 def check_fraction(name: str, value: float, *, upper_open: bool = False) -> None:
