@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mergejax.models.heads import TaskHeads, check_task
+from mergejax.models.heads import TaskHeads
 
 __all__ = ["BertConfig", "BertModel", "BertClassifier", "mean_pool", "load_bert", "init_heads", "classifier_variables"]
 
@@ -206,7 +206,6 @@ class BertClassifier(nn.Module):
         )
         features = mean_pool(states, attention_mask) if self.pooling == "mean" else pooled
         features = nn.Dropout(self.config.hidden_dropout_prob)(features, deterministic=deterministic)
-        check_task(self.heads, task)
         return TaskHeads(tuple((str(k), int(n)) for k, n in self.heads), self.dtype, name="heads")(features, task)
 
 
