@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from mergejax.model import ApplyFn, check_batch, head_flags
-from mergejax.tree import PyTree, acc_dtype, check_finite, is_float, paths_and_leaves, validate_like
+from mergejax.tree import PyTree, acc_dtype, as_tree, check_finite, is_float, paths_and_leaves, validate_like
 
 __all__ = [
     "Coefficients",
@@ -73,7 +73,7 @@ class _Problem(NamedTuple):
 
 
 def _as_task_vector(tv: Any) -> PyTree:
-    return tv.to_task_vector() if hasattr(tv, "to_task_vector") else tv
+    return tv.to_task_vector() if hasattr(tv, "to_task_vector") else as_tree(tv)
 
 
 def _prepare(

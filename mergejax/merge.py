@@ -1,42 +1,65 @@
 """The merge combinator and the named data-free methods built from it.
 
 A merge is ``theta = theta_0 + scale * R(S_k(... S_1(tau_1, ..., tau_T)))``: per-task stages S (trim, DARE drop,
-Breadcrumbs band, LiNeS, sign election) followed by one reduction R (sum, mean, disjoint mean, PCB, ...), exactly
-like ``optax.chain`` composes gradient transformations::
+Breadcrumbs band, LiNeS, sign election) followed by one reduction R (sum, mean, disjoint mean, Fisher-weighted mean,
+RegMean, PCB, ...), exactly like ``optax.chain`` composes gradient transformations::
 
     ties = mergejax.chain(mergejax.Trim(0.2), mergejax.ElectSign(), mergejax.DisjointMean())
-    merged = ties(base, [ft_a, ft_b], scale=1.0)
+    merged = ties(base, [ft_a, ft_b], scale=1.0, weights=[0.7, 0.3], heads=r"classifier/")
 
-Stages after the reduction act on the merged vector ("TIES then LiNeS"). A :class:`Merger` is a frozen dataclass of
-frozen dataclasses, so its hyperparameters are static under ``jax.jit`` and equal chains share one compiled program;
-``scale`` is traced, so sweeping lambda never recompiles. Task vectors are a tuple of trees traced in a static loop
-(never stacked into [T, ...] arrays), and every operation is elementwise or a scalar count, so arrays placed with a
-``NamedSharding`` stay sharded and only scalars cross devices.
+Stages after the reduction act on the merged vector ("TIES then LiNeS"). The combinator handles, once for every
+method:
+
+- **inputs**: fine-tuned models, :class:`~mergejax.tree.TaskVector` s and compressed task vectors (ternary), mixed;
+- **heads**: leaves named by ``heads`` (a path regex or a boolean mask tree) are not merged; each takes
+  base + sum_t tau_t (every task keeps its own head), and no stage ever sees them;
+- **weights**: per-task weights (``[T]``, or ``{path: [T]}`` per leaf), given to each stage's ``with_weights``;
+- **dtypes**: float32 accumulation (float64 stays float64), the base's dtypes out; integer leaves from the base;
+- **NaN/Inf**: the inputs' finiteness is computed inside the merge program (no extra pass over the data) and reported
+  by model and leaf path afterwards.
+
+A :class:`Merger` and its stages are pytrees: their static metadata (ranks, scopes, methods) keys the compiled
+program, their data (weights, Fisher diagonals, coefficients, ``scale``) is traced, so new weights or a lambda sweep
+never recompile. Every method works under the caller's ``jax.jit``, ``jax.vmap`` and ``jax.grad`` (values are not
+known there, so the NaN/Inf report is skipped; use ``jax.experimental.checkify`` if you need it). Task vectors are a
+tuple of trees traced in a static loop (never stacked into [T, ...] arrays); same-shaped leaves are batched with
+``vmap``, so compile time depends on the number of distinct leaf shapes, not of leaves. Every operation is
+elementwise or a scalar count, so arrays placed with a ``NamedSharding`` stay sharded and only scalars cross devices.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import math
+from collections.abc import Mapping
 from functools import partial
 from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mergejax.ops.base import Stage, TaskVectors
+from mergejax.ops.base import Stage, TaskVectors, per_leaf_weights
 from mergejax.ops.breadcrumbs import BreadcrumbsMask
 from mergejax.ops.dare import DareDrop, Rescale
 from mergejax.ops.pcb import PCB
-from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Sum
+from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Mean, Sum
 from mergejax.ops.sign import ElectSign, SignMethod
 from mergejax.ops.trim import Scope, Trim
 from mergejax.tree import (
     PyTree,
+    TaskVector,
     _leaf_apply,
     _leaf_task_vector,
     acc_dtype,
+    as_tree,
     check_finite_many,
+    finite_flags,
+    head_flags,
     is_float,
+    is_traced,
+    paths_and_leaves,
+    raise_nonfinite,
     validate_like,
 )
 
@@ -49,13 +72,16 @@ __all__ = [
     "dare",
     "breadcrumbs",
     "pcb",
+    "task_vectors_of",
 ]
 
+Heads = Any  # a path regex, a boolean mask tree with the base's structure, or None
+Weights = Any  # None, T floats, or {leaf path: [T]} / a tree of [T] arrays (per-leaf weights)
 
-def _run(stages: Sequence[Stage], tvs: TaskVectors, key: jax.Array | None, offset: int = 0) -> TaskVectors:
-    for i, stage in enumerate(stages):
-        tvs = stage(tvs, None if key is None else jax.random.fold_in(key, offset + i))
-    return tvs
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs: models, typed task vectors, compressed task vectors.
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _is_encoded(x: Any) -> bool:
@@ -63,14 +89,9 @@ def _is_encoded(x: Any) -> bool:
     return hasattr(x, "to_task_vector") and hasattr(x, "abstract")
 
 
-def _as_task_vector(tv: Any) -> PyTree:
-    """Encoded task vectors are decoded on device (inside the caller's ``jit``, so XLA fuses the decode)."""
-    return tv.to_task_vector() if _is_encoded(tv) else tv
-
-
 def _structure(x: Any) -> PyTree:
-    """What validation compares: shapes and accumulation dtypes (an encoded task vector: of its dense tree)."""
-    tree = x.abstract() if _is_encoded(x) else x
+    """What validation compares for a task vector: shapes and accumulation dtypes of its dense tree."""
+    tree = x.abstract() if _is_encoded(x) else as_tree(x)
 
     def leaf(v):
         dt = acc_dtype(v.dtype) if is_float(v) else v.dtype
@@ -79,19 +100,178 @@ def _structure(x: Any) -> PyTree:
     return jax.tree_util.tree_map(leaf, tree)
 
 
-@dataclass(frozen=True)
+def _entry_task_vector(entry: Any, base: PyTree) -> PyTree:
+    """The dense task vector (acc dtype float leaves) of a model, a TaskVector or a compressed task vector.
+
+    Called inside the merge's ``jit``, so XLA fuses a decode or a ``ft - base`` into its consumers.
+    """
+    if _is_encoded(entry):
+        return entry.to_task_vector()
+    if isinstance(entry, TaskVector):
+        return jax.tree_util.tree_map(
+            lambda t, b: jnp.asarray(t, acc_dtype(b.dtype)) if is_float(b) else jnp.zeros_like(b), entry.tree, base
+        )
+    return jax.tree_util.tree_map(_leaf_task_vector, entry, base)
+
+
+def _check_sequence(models: Any, what: str) -> tuple:
+    if isinstance(models, (Mapping, TaskVector)) or _is_encoded(models) or not isinstance(models, Sequence):
+        kind = type(models).__name__
+        raise TypeError(f"{what} must be a list of models or task vectors, got a {kind}; wrap a single one in a list")
+    models = tuple(models)
+    if not models:
+        raise ValueError(f"{what} is empty: need at least one model")
+    return models
+
+
+def _validate_entries(base: PyTree, entries: Sequence[Any], what: str = "finetuned") -> tuple:
+    """Checks each entry against ``base``: models must match its structure, shapes and dtypes; task vectors (typed or
+    compressed) its structure and shapes."""
+    entries = _check_sequence(entries, what)
+    if isinstance(base, TaskVector) or _is_encoded(base):
+        raise TypeError("base must be the pre-trained model, got a task vector")
+    for i, m in enumerate(entries):
+        if _is_encoded(m) or isinstance(m, TaskVector):
+            validate_like(_structure(base), [_structure(m)], what=what, first_index=i)
+        else:
+            validate_like(base, [m], what=what, first_index=i)
+    return entries
+
+
+def task_vectors_of(base: PyTree, entries: Sequence[Any]) -> TaskVectors:
+    """The dense task vectors of ``entries`` (models, TaskVectors or compressed ones) as plain trees, validated."""
+    entries = _validate_entries(base, entries)
+    return _task_vectors_jit(base, entries)
+
+
+@jax.jit
+def _task_vectors_jit(base: PyTree, entries: tuple) -> TaskVectors:
+    return tuple(_entry_task_vector(e, base) for e in entries)
+
+
+def _finite_names(base: PyTree, entries: Sequence[Any], what: str, with_base: bool) -> list[str]:
+    """The ``"model:path"`` names of the leaves :func:`_input_flags` checks, in the same order."""
+    trees = ([("base", base)] if with_base else []) + [
+        (f"{what}[{i}]", as_tree(e)) for i, e in enumerate(entries) if not _is_encoded(e)
+    ]
+    return [f"{name}:{p}" for name, t in trees for p, x in paths_and_leaves(t) if is_float(x)]
+
+
+def _input_flags(base: PyTree, entries: Sequence[Any], with_base: bool) -> list[jax.Array]:
+    trees = ([base] if with_base else []) + [as_tree(e) for e in entries if not _is_encoded(e)]
+    return finite_flags([x for t in trees for x in jax.tree_util.tree_leaves(t) if is_float(x)])
+
+
+def _check_scalar(name: str, value: Any) -> None:
+    if value is None or is_traced(value):
+        return
+    arr = np.asarray(value)
+    if arr.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {arr.shape}")
+    if not np.isfinite(arr):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def _check_weights(weights: Weights, n_tasks: int) -> None:
+    """Per-task weights: T finite numbers, or per leaf ``[T]`` arrays of finite numbers (traced values unchecked)."""
+    if weights is None or is_traced(weights):
+        return
+    items = weights.items() if isinstance(weights, Mapping) and not any(isinstance(v, Mapping) for v in
+                                                                        weights.values()) else None
+    if items is None and np.ndim(weights) == 1:
+        items = [("", weights)]
+    elif items is None:
+        items = paths_and_leaves(weights)
+    for path, w in items:
+        arr = np.asarray(w, np.float64)
+        where = f" at {path!r}" if path else ""
+        if arr.shape != (n_tasks,):
+            raise ValueError(f"weights{where} must have one entry per task ({n_tasks}), got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"weights{where} must be finite, got {arr.tolist()}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Heads: leaves kept per task.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _without_heads(tv: PyTree, flags: tuple[bool, ...]) -> PyTree:
+    """``tv`` with head leaves replaced by None (stages never see them; paths of the other leaves are unchanged)."""
+    if not any(flags):
+        return tv
+    leaves, treedef = jax.tree_util.tree_flatten(tv)
+    return jax.tree_util.tree_unflatten(treedef, [None if f else x for x, f in zip(leaves, flags)])
+
+
+def assemble(base: PyTree, merged: PyTree, tvs: TaskVectors, flags: tuple[bool, ...], scale: Any) -> PyTree:
+    """theta_0 + scale * tau_m in the base's dtypes; head leaves get base + sum_t tau_t, non-float leaves the base's.
+
+    ``merged`` has None at head positions (it was computed on :func:`_without_heads` trees).
+    """
+    b_leaves, treedef = jax.tree_util.tree_flatten(base)
+    m_leaves = jax.tree_util.tree_flatten(merged, is_leaf=lambda x: x is None)[0]
+    t_leaves = [jax.tree_util.tree_leaves(tv) for tv in tvs]
+    out = []
+    for i, (b, m) in enumerate(zip(b_leaves, m_leaves)):
+        if not is_float(b):
+            out.append(b)
+        elif flags[i]:
+            dt = acc_dtype(b.dtype)
+            out.append((jnp.asarray(b, dt) + sum(jnp.asarray(t[i], dt) for t in t_leaves)).astype(b.dtype))
+        else:
+            out.append(_leaf_apply(b, m, scale))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The combinator.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _run(stages: Sequence[Stage], tvs: TaskVectors, key: jax.Array | None, offset: int = 0) -> TaskVectors:
+    for i, stage in enumerate(stages):
+        tvs = stage(tvs, None if key is None else jax.random.fold_in(key, offset + i))
+    return tvs
+
+
+@jax.tree_util.register_pytree_with_keys_class
 class Merger:
-    """A chain of stages with exactly one reduction. Build it with :func:`chain`."""
+    """A chain of stages with exactly one reduction. Build it with :func:`chain`.
 
-    stages: tuple[Stage, ...]
+    A pytree: the stages' data (weights, Fishers, coefficients, LiNeS alpha/beta) are its leaves, their static
+    metadata its treedef.
+    """
 
-    def __post_init__(self):
-        for s in self.stages:
+    __slots__ = ("stages",)
+
+    def __init__(self, stages: Sequence[Stage]):
+        stages = tuple(stages)
+        for s in stages:
             if not callable(s) or not hasattr(s, "reduces"):
                 raise TypeError(f"{s!r} is not a merge stage (a Transform or a Reduction)")
-        n_red = sum(bool(s.reduces) for s in self.stages)
+        n_red = sum(bool(s.reduces) for s in stages)
         if n_red != 1:
             raise ValueError(f"a merge chain needs exactly one reduction stage, got {n_red}")
+        self.stages = stages
+
+    def tree_flatten_with_keys(self):
+        return tuple((jax.tree_util.SequenceKey(i), s) for i, s in enumerate(self.stages)), len(self.stages)
+
+    @classmethod
+    def tree_unflatten(cls, aux: Any, children: Sequence[Any]) -> "Merger":
+        obj = object.__new__(cls)
+        obj.stages = tuple(children)
+        return obj
+
+    def __repr__(self) -> str:
+        return f"chain({', '.join(map(repr, self.stages))})"
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Merger) and self.stages == other.stages
+
+    def __hash__(self) -> int:
+        return hash(jax.tree_util.tree_structure(self))
 
     @property
     def split(self) -> int:
@@ -103,33 +283,45 @@ class Merger:
         """True when a stage draws random numbers (DARE)."""
         return any(s.needs_key for s in self.stages)
 
+    def with_weights(self, weights: Weights) -> "Merger":
+        """The chain with per-task ``weights`` given to every stage (``Stage.with_weights``)."""
+        if weights is None:
+            return self
+        return Merger(tuple(s.with_weights(weights) for s in self.stages))
+
     def _check_key(self, key: jax.Array | None) -> None:
         if self.needs_key and key is None:
             names = [type(s).__name__ for s in self.stages if s.needs_key]
             raise ValueError(f"this merge chain draws random numbers ({', '.join(names)}): pass key=jax.random.key(...)")
 
-    def transform(self, tvs: Sequence[PyTree], key: jax.Array | None = None) -> TaskVectors:
-        """The per-task vectors after the stages before the reduction (e.g. TIES-trimmed, sign-agreeing vectors)."""
-        return _transform_jit(self, self._check_task_vectors(tvs, key), key)
-
-    def merge_task_vectors(self, tvs: Sequence[PyTree], key: jax.Array | None = None) -> PyTree:
-        """The merged task vector tau_m of the given task vectors (plain trees or compressed task vectors)."""
-        return _merge_tvs_jit(self, self._check_task_vectors(tvs, key), key)
-
-    def _check_task_vectors(self, tvs: Sequence[PyTree], key: jax.Array | None) -> TaskVectors:
-        tvs = tuple(tvs)
-        if not tvs:
-            raise ValueError("need at least one task vector")
+    def _task_vector_inputs(self, tvs: Sequence[Any], key: jax.Array | None) -> tuple:
+        tvs = _check_sequence(tvs, "task_vectors")
         validate_like(_structure(tvs[0]), [_structure(t) for t in tvs[1:]], what="task_vectors")
         self._check_key(key)
-        return tvs
+        return tuple(tvs)
+
+    def transform(self, tvs: Sequence[Any], key: jax.Array | None = None) -> TaskVectors:
+        """The per-task vectors after the stages before the reduction (e.g. TIES-trimmed, sign-agreeing vectors).
+
+        ``tvs`` are task vectors (plain trees, :class:`TaskVector` s or compressed ones); returns plain trees.
+        """
+        return _transform_jit(self, self._task_vector_inputs(tvs, key), key)
+
+    def merge_task_vectors(self, tvs: Sequence[Any], key: jax.Array | None = None, *, weights: Weights = None
+                           ) -> PyTree:
+        """The merged task vector tau_m (a plain tree) of the given task vectors."""
+        tvs = self._task_vector_inputs(tvs, key)
+        _check_weights(weights, len(tvs))
+        return _merge_tvs_jit(self, tvs, weights, key)
 
     def __call__(
         self,
         base: PyTree,
-        finetuned: Sequence[PyTree],
+        finetuned: Sequence[Any],
         *,
         scale: float | jax.Array = 1.0,
+        weights: Weights = None,
+        heads: Heads = None,
         key: jax.Array | None = None,
         check_finite: bool = True,
     ) -> PyTree:
@@ -137,37 +329,66 @@ class Merger:
 
         Args:
           base: pre-trained parameters theta_0.
-          finetuned: sequence of fine-tuned trees with the base's structure, shapes and dtypes; an entry may
-            instead be a compressed task vector (``mergejax.ternary.TernaryTaskVector``), decoded on device.
+          finetuned: T fine-tuned trees with the base's structure, shapes and dtypes; an entry may instead be a
+            :class:`~mergejax.tree.TaskVector` or a compressed task vector (``mergejax.ternary.TernaryTaskVector``).
           scale: lambda, traced (changing it does not recompile).
+          weights: per-task weights: T numbers, or ``{leaf path: [T]}`` (per-leaf, e.g. AdaMerging's layer-wise
+            coefficients); traced. How a stage uses them is its ``with_weights`` (sum: sum_t w_t tau_t; TIES: sign
+            elected on w_t tau_t and a weighted disjoint mean).
+          heads: leaves kept per task (classification heads): a regex searched in leaf paths or a boolean mask
+            tree. A head leaf is base + sum_t tau_t; no stage sees it.
           key: ``jax.random`` key, required when a stage draws random numbers.
-          check_finite: report NaN/Inf leaves by path before merging (one extra read of every model).
+          check_finite: report NaN/Inf inputs by model and leaf path (computed inside the merge program; skipped under
+            the caller's tracing).
+
+        Returns:
+          The merged tree, with the base's structure and dtypes.
         """
-        finetuned = _check_models(base, finetuned, check_finite, with_base=True)
+        entries = _validate_entries(base, finetuned)
+        _check_scalar("scale", scale)
+        _check_weights(weights, len(entries))
         self._check_key(key)
-        return _merge_models_jit(self, base, finetuned, jnp.asarray(scale, jnp.float32), key)
+        flags = tuple(head_flags(base, heads))
+        models_traced = is_traced(base, entries)
+        fused = check_finite and not models_traced and not is_traced(scale, weights, key)
+        if check_finite and not models_traced and not fused:  # traced scale/weights: a separate check
+            check_finite_many([base, *[e for e in entries if not _is_encoded(e)]],
+                              what=["base", *[f"finetuned[{i}]" for i, e in enumerate(entries) if not _is_encoded(e)]])
+        out, finite = _merge_models_jit(self, base, entries, jnp.asarray(scale, jnp.float32), weights, key,
+                                        flags=flags, check=fused)
+        if fused:
+            raise_nonfinite(_finite_names(base, entries, "finetuned", True), jax.device_get(finite))
+        return out
 
 
-@partial(jax.jit, static_argnums=0)
-def _transform_jit(m: Merger, tvs: TaskVectors, key):
-    return _run(m.stages[: m.split], tuple(_as_task_vector(t) for t in tvs), key)
+@jax.jit
+def _transform_jit(m: Merger, tvs: tuple, key):
+    return _run(m.stages[: m.split], tuple(_dense(t) for t in tvs), key)
 
 
-def _merge_from_tvs(m: Merger, tvs: TaskVectors, key) -> PyTree:
-    (merged,) = _run(m.stages, tuple(_as_task_vector(t) for t in tvs), key)
+def _dense(tv: Any) -> PyTree:
+    return tv.to_task_vector() if _is_encoded(tv) else as_tree(tv)
+
+
+@jax.jit
+def _merge_tvs_jit(m: Merger, tvs: tuple, weights, key):
+    (merged,) = _run(m.with_weights(weights).stages, tuple(_dense(t) for t in tvs), key)
     return merged
 
 
-@partial(jax.jit, static_argnums=0)
-def _merge_tvs_jit(m: Merger, tvs: TaskVectors, key):
-    return _merge_from_tvs(m, tvs, key)
+def merge_body(m: Merger, base: PyTree, tvs: TaskVectors, scale: Any, weights: Weights, key: Any,
+               flags: tuple[bool, ...]) -> PyTree:
+    """The traced merge: stages on the head-free task vectors, then :func:`assemble` (for use inside a ``jit``)."""
+    body = tuple(_without_heads(tv, flags) for tv in tvs)
+    (merged,) = _run(m.with_weights(weights).stages, body, key)
+    return assemble(base, merged, tvs, flags, scale)
 
 
-@partial(jax.jit, static_argnums=0)
-def _merge_models_jit(m: Merger, base: PyTree, finetuned: tuple[PyTree, ...], scale, key):
-    tvs = tuple(ft if _is_encoded(ft) else jax.tree_util.tree_map(_leaf_task_vector, ft, base) for ft in finetuned)
-    merged = _merge_from_tvs(m, tvs, key)
-    return jax.tree_util.tree_map(lambda b, t: _leaf_apply(b, t, scale), base, merged)
+@partial(jax.jit, static_argnames=("flags", "check"))
+def _merge_models_jit(m: Merger, base: PyTree, entries: tuple, scale, weights, key, *, flags, check):
+    tvs = tuple(_entry_task_vector(e, base) for e in entries)
+    finite = _input_flags(base, entries, True) if check else None
+    return merge_body(m, base, tvs, scale, weights, key, flags), finite
 
 
 def chain(*stages: Stage) -> Merger:
@@ -181,54 +402,74 @@ def chain(*stages: Stage) -> Merger:
     return Merger(tuple(stages))
 
 
-def _check_models(
-    base: PyTree, models: Sequence[PyTree], check_finite: bool, what: str = "finetuned", *, with_base: bool = False
-) -> tuple:
-    """Validates ``models`` against ``base`` and (optionally) checks base and models for NaN/Inf in one program."""
-    models = tuple(models)
-    if not models:
-        raise ValueError(f"{what} is empty: need at least one model")
-    for i, m in enumerate(models):
-        if _is_encoded(m):  # a compressed task vector: same structure and shapes, float leaves stay float
-            validate_like(_structure(base), [_structure(m)], what=what, first_index=i)
-        else:
-            validate_like(base, [m], what=what, first_index=i)
-    if check_finite:
-        dense = [(f"{what}[{i}]", m) for i, m in enumerate(models) if not _is_encoded(m)]
-        dense = ([("base", base)] if with_base else []) + dense
-        check_finite_many([m for _, m in dense], what=[name for name, _ in dense])
-    return models
+# ----------------------------------------------------------------------------------------------------------------------
+# Named methods.
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 @jax.jit
-def _average_jit(models: tuple[PyTree, ...]) -> PyTree:
+def _average_jit(models: tuple[PyTree, ...], weights=None) -> PyTree:
     def leaf(*xs):
         if not is_float(xs[0]):
             return xs[0]
         dt = acc_dtype(xs[0].dtype)
-        return (sum(jnp.asarray(x, dt) for x in xs) / len(xs)).astype(xs[0].dtype)
+        if weights is None:
+            return (sum(jnp.asarray(x, dt) for x in xs) / len(xs)).astype(xs[0].dtype)
+        w = jnp.asarray(weights, dt)
+        return (sum(w[i] * jnp.asarray(x, dt) for i, x in enumerate(xs)) / jnp.sum(w)).astype(xs[0].dtype)
 
     return jax.tree_util.tree_map(leaf, *models)
 
 
-def average(models: Sequence[PyTree], *, check_finite: bool = True) -> PyTree:
-    """Weight averaging (Wortsman et al., 2022, "model soups"): theta = (1/M) sum_m theta_m.
+def average(models: Sequence[PyTree], *, weights: Sequence[float] | jax.Array | None = None,
+            check_finite: bool = True) -> PyTree:
+    """Weight averaging (Wortsman et al., 2022, "model soups"): theta = sum_m w_m theta_m / sum_m w_m (w = 1).
 
     Accumulates in float32 and returns the first model's dtypes; non-float leaves come from the first model.
     Memory: the M inputs plus one output.
+
+    Args:
+      models: M models with one structure, shapes and dtypes (not task vectors: those need a base, see
+        :func:`task_arithmetic`).
+      weights: M non-negative weights (mergekit's ``linear`` with ``normalize``), traced.
+      check_finite: report NaN/Inf leaves by model and path.
     """
-    models = tuple(models)
-    if not models:
-        raise ValueError("models is empty: need at least one model")
-    return _average_jit(_check_models(models[0], models, check_finite, what="models"))
+    models = _check_sequence(models, "models")
+    for i, m in enumerate(models):
+        if isinstance(m, TaskVector) or _is_encoded(m):
+            raise TypeError(
+                f"models[{i}] is a {type(m).__name__}: average merges models; for task vectors use "
+                "task_arithmetic(base, task_vectors, scale=1/T)"
+            )
+    validate_like(models[0], models[1:], what="models", first_index=1)
+    _check_weights(weights, len(models))
+    if weights is not None and not is_traced(weights) and not np.sum(np.asarray(weights, np.float64)) > 0:
+        raise ValueError(f"weights must have a positive sum, got {np.asarray(weights).tolist()}")
+    if check_finite:
+        check_finite_many(models, what=[f"models[{i}]" for i in range(len(models))])
+    return _average_jit(models, None if weights is None else jnp.asarray(weights, jnp.float32))
 
 
 def task_arithmetic(
-    base: PyTree, finetuned: Sequence[PyTree], *, scale: float = 1.0, check_finite: bool = True
+    base: PyTree,
+    finetuned: Sequence[Any],
+    *,
+    scale: float = 1.0,
+    weights: Weights = None,
+    heads: Heads = None,
+    check_finite: bool = True,
 ) -> PyTree:
-    """Task arithmetic (Ilharco et al., 2023, Eq. 2): theta = theta_0 + lambda * sum_t tau_t.
+    """Task arithmetic (Ilharco et al., 2023, Eq. 2): theta = theta_0 + lambda * sum_t w_t tau_t.
 
     Memory: the inputs plus about one float32 model of intermediates and the output.
+
+    Args:
+      base: pre-trained model theta_0.
+      finetuned: T fine-tuned models or task vectors.
+      scale: lambda (paper: chosen on validation, 0.3-0.4 typical for 8 tasks).
+      weights: per-task weights w_t (default 1).
+      heads: leaves kept per task (see :meth:`Merger.__call__`).
+      check_finite: report NaN/Inf inputs by path.
 
     Example:
       >>> import jax.numpy as jnp, mergejax as mj
@@ -236,7 +477,7 @@ def task_arithmetic(
       ...                    scale=0.5)["w"].tolist()
       [1.5, 2.0]
     """
-    return chain(Sum())(base, finetuned, scale=scale, check_finite=check_finite)
+    return chain(Sum())(base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)
 
 
 _DISJOINT = {"mean": DisjointMean, "sum": DisjointSum, "max": DisjointMax}
@@ -250,13 +491,15 @@ def _disjoint(reduce: str):
 
 def ties(
     base: PyTree,
-    finetuned: Sequence[PyTree],
+    finetuned: Sequence[Any],
     *,
-    density: float = 0.2,
+    density: float | Sequence[float] = 0.2,
     scale: float = 1.0,
     scope: Scope = "global",
     sign_method: SignMethod = "sum",
     reduce: Literal["mean", "sum", "max"] = "mean",
+    weights: Weights = None,
+    heads: Heads = None,
     check_finite: bool = True,
 ) -> PyTree:
     """TIES-Merging (Yadav et al., 2023, Alg. 1): trim, elect sign, disjoint merge; theta = theta_0 + lambda tau_m.
@@ -264,7 +507,24 @@ def ties(
     Trim keeps every |tau| >= the exact k-th largest magnitude, k = floor(density * n) (Sec. 3 step 1; the reference
     code keeps one entry more, see :mod:`mergejax.ops.trim`); election is Eq. 2 with the code's majority rule for
     zero sums; ``reduce="mean"`` is the disjoint mean of Eq. 3 (``"sum"``: AdaMerging/FusionBench's variant).
-    Defaults follow the paper (k = 20%, lambda = 1). Memory: inputs plus about 2T float32 task vectors.
+    Defaults follow the paper (k = 20%, lambda = 1, one threshold over the whole model). Memory: inputs plus about 2T
+    float32 task vectors.
+
+    With ``weights`` (the paper has none) this follows mergekit: the sign is elected on the weighted trimmed vectors
+    w_t tau_t and the disjoint mean is sum_t w_t tau_t [agree] / sum_t w_t [agree] (1 where nothing agrees). mergekit
+    also trims per tensor (``scope="tensor"``) and sends zero sums to +1 where mergejax follows the TIES code.
+
+    Args:
+      base: pre-trained model.
+      finetuned: T fine-tuned models or task vectors.
+      density: kept fraction k (or one per task).
+      scale: lambda.
+      scope: "global" (TIES code: one threshold per task vector) or "tensor" (mergekit/PEFT).
+      sign_method: "sum" (Eq. 2) or "count".
+      reduce: "mean" (Eq. 3), "sum" or "max".
+      weights: per-task weights (mergekit semantics, above).
+      heads: leaves kept per task.
+      check_finite: report NaN/Inf inputs by path.
 
     Example:
       >>> import jax.numpy as jnp, mergejax as mj
@@ -274,25 +534,39 @@ def ties(
       [1.0, 2.0, 0.0, 3.0]
     """
     stages = (Trim(density, scope), ElectSign(sign_method), _disjoint(reduce))
-    return chain(*stages)(base, finetuned, scale=scale, check_finite=check_finite)
+    return chain(*stages)(base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)
 
 
 def dare(
     base: PyTree,
-    finetuned: Sequence[PyTree],
+    finetuned: Sequence[Any],
     *,
     key: jax.Array,
     drop_rate: float = 0.9,
     rescale: Rescale = "inverse",
     combine: Literal["task_arithmetic", "ties"] = "task_arithmetic",
-    density: float = 0.2,
+    density: float | Sequence[float] = 0.2,
     scope: Scope = "global",
     scale: float = 1.0,
+    weights: Weights = None,
+    heads: Heads = None,
     check_finite: bool = True,
 ) -> PyTree:
     """DARE (Yu et al., 2024, Eq. 2) followed by task arithmetic or TIES (DARE-TIES, which still trims after dropping).
 
-    ``rescale``: "inverse" (1/(1-p), the paper), "l1" (per-tensor L1 norm kept, mergekit), or a float q (DAREx-q).
+    Args:
+      base: pre-trained model.
+      finetuned: T fine-tuned models or task vectors.
+      key: ``jax.random`` key of the drop masks.
+      drop_rate: p, the dropped fraction (traced: a sweep over p does not recompile).
+      rescale: "inverse" (1/(1-p), the paper), "l1" (per-tensor L1 norm kept, mergekit), or a float q (DAREx-q).
+      combine: "task_arithmetic" or "ties".
+      density: TIES trim density (``combine="ties"`` only).
+      scope: TIES trim scope (``combine="ties"`` only).
+      scale: lambda.
+      weights: per-task weights, as in :func:`task_arithmetic` / :func:`ties`.
+      heads: leaves kept per task.
+      check_finite: report NaN/Inf inputs by path.
     """
     drop = DareDrop(drop_rate, rescale)
     if combine == "task_arithmetic":
@@ -301,34 +575,59 @@ def dare(
         stages = (drop, Trim(density, scope), ElectSign(), DisjointMean())
     else:
         raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
-    return chain(*stages)(base, finetuned, scale=scale, key=key, check_finite=check_finite)
+    return chain(*stages)(base, finetuned, scale=scale, weights=weights, heads=heads, key=key,
+                          check_finite=check_finite)
 
 
 def breadcrumbs(
     base: PyTree,
-    finetuned: Sequence[PyTree],
+    finetuned: Sequence[Any],
     *,
     beta: float = 0.15,
     gamma: float = 0.006,
     scale: float = 1.0,
+    weights: Weights = None,
+    heads: Heads = None,
     check_finite: bool = True,
 ) -> PyTree:
-    """Model Breadcrumbs (Davari and Belilovsky, 2024): theta = theta_0 + lambda sum_t mask_t * tau_t.
+    """Model Breadcrumbs (Davari and Belilovsky, 2024): theta = theta_0 + lambda sum_t w_t mask_t * tau_t.
 
     The mask keeps, per row of each tensor's last axis, the band below the top ``gamma`` fraction and of width
     ``beta`` (see :mod:`mergejax.ops.breadcrumbs`). The paper's experiments use lambda = 0.2 as a seed.
+
+    Args:
+      base: pre-trained model.
+      finetuned: T fine-tuned models or task vectors.
+      beta: kept fraction per row.
+      gamma: dropped top fraction per row.
+      scale: lambda.
+      weights: per-task weights w_t.
+      heads: leaves kept per task.
+      check_finite: report NaN/Inf inputs by path.
     """
-    return chain(BreadcrumbsMask(beta, gamma), Sum())(base, finetuned, scale=scale, check_finite=check_finite)
+    return chain(BreadcrumbsMask(beta, gamma), Sum())(base, finetuned, scale=scale, weights=weights, heads=heads,
+                                                      check_finite=check_finite)
 
 
 def pcb(
     base: PyTree,
-    finetuned: Sequence[PyTree],
+    finetuned: Sequence[Any],
     *,
     ratio: float = 0.05,
     scale: float = 1.2,
+    weights: Weights = None,
+    heads: Heads = None,
     check_finite: bool = True,
 ) -> PyTree:
-    """PCB-Merging (Du et al., 2024, Eqs. 3-7): balanced per-parameter weights; theta = theta_0 + lambda tau_m."""
-    return chain(PCB(ratio))(base, finetuned, scale=scale, check_finite=check_finite)
+    """PCB-Merging (Du et al., 2024, Eqs. 3-7): balanced per-parameter weights; theta = theta_0 + lambda tau_m.
 
+    Args:
+      base: pre-trained model.
+      finetuned: T fine-tuned models or task vectors.
+      ratio: kept fraction of the balancing weights (reference: 0.05).
+      scale: lambda (reference: 1.2).
+      weights: per-task weights, applied to the task vectors before balancing (PCB has none of its own).
+      heads: leaves kept per task.
+      check_finite: report NaN/Inf inputs by path.
+    """
+    return chain(PCB(ratio))(base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mergejax.tree import PyTree, paths_and_leaves
+from mergejax.tree import PyTree, head_flags, paths_and_leaves
 
 __all__ = [
     "ApplyFn",
@@ -36,41 +36,6 @@ ApplyFn = Callable[[PyTree, Any, int], jax.Array]
 """``apply_fn(params, batch, task) -> logits [examples, classes]``."""
 
 _LABEL_KEYS = ("y", "label", "labels")
-
-
-def head_flags(tree: PyTree, heads: str | PyTree | None) -> list[bool]:
-    """Which leaves of ``tree`` stay per task (classification heads), in flattening order.
-
-    Args:
-        tree: a parameter tree.
-        heads: None (every leaf is merged), a regular expression searched in each leaf's ``path_str`` path, or a tree
-            of booleans with ``tree``'s structure (True = per task).
-
-    Returns:
-        One bool per leaf of ``tree``.
-
-    Raises:
-        ValueError: if the pattern or the mask names no leaf, or the mask's structure differs from ``tree``'s.
-    """
-    items = paths_and_leaves(tree)
-    if heads is None:
-        return [False] * len(items)
-    if isinstance(heads, str):
-        pattern = re.compile(heads)
-        flags = [bool(pattern.search(path)) for path, _ in items]
-        if not any(flags):
-            sample = [p for p, _ in items[:6]]
-            raise ValueError(f"heads pattern {heads!r} matches no leaf path; paths look like {sample}")
-        return flags
-    if jax.tree_util.tree_structure(heads) != jax.tree_util.tree_structure(tree):
-        raise ValueError(
-            "heads mask must have the parameter tree's structure: "
-            f"{jax.tree_util.tree_structure(heads)} vs {jax.tree_util.tree_structure(tree)}"
-        )
-    flags = [bool(np.asarray(m)) for m in jax.tree_util.tree_leaves(heads)]
-    if not any(flags):
-        raise ValueError("heads mask names no leaf (all False); pass heads=None when every leaf is merged")
-    return flags
 
 
 def labels_of(batch: Any) -> jax.Array:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,13 @@ __all__ = [
     "validate_like",
     "check_finite",
     "check_finite_many",
+    "is_traced",
+    "head_flags",
+    "leaf_spec",
+    "stack_by_shape",
+    "finite_flags",
+    "TaskVector",
+    "as_tree",
     "task_vector",
     "apply_task_vector",
 ]
@@ -109,34 +118,138 @@ def validate_like(
                 )
 
 
-@jax.jit
-def _finite_flags(leaves: list[jax.Array]) -> list[jax.Array]:
-    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+def _sharding_key(x: Any) -> Any:
+    """The partition spec of ``x`` when JAX knows it at trace time (Explicit meshes, committed arrays), else None."""
+    try:
+        spec = getattr(jax.typeof(x).sharding, "spec", None)
+    except Exception:  # noqa: BLE001 - Python scalars
+        return None
+    return None if spec is None else str(spec)
+
+
+def leaf_spec(x: Any) -> tuple:
+    """What leaves batched together must share: shape, dtype and (when known) the partition spec."""
+    return _shape_of(x), str(_dtype_of(x)), _sharding_key(x)
+
+
+def stack_by_shape(leaves: Sequence[Any]) -> list[tuple[list[int], jax.Array]]:
+    """Groups arrays by :func:`leaf_spec` and stacks each group on a new leading axis: ``[(indices, stacked)]``.
+
+    For reductions over many leaves (counts, norms, finiteness flags), traced once per leaf shape instead of once per
+    leaf, so programs stay small for models with hundreds of leaves.
+    """
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(leaf_spec(x), []).append(i)
+    out = []
+    for idx in groups.values():
+        xs = [jnp.asarray(leaves[i]) for i in idx]
+        out.append((idx, xs[0][None] if len(xs) == 1 else jnp.stack(xs)))
+    return out
+
+
+def finite_flags(leaves: Sequence[Any]) -> list[jax.Array]:
+    """One traced boolean per leaf: all of its entries are finite (one batched reduction per leaf shape)."""
+    out: list[Any] = [None] * len(leaves)
+    for idx, stacked in stack_by_shape(leaves):
+        ok = jnp.all(jnp.isfinite(stacked), axis=tuple(range(1, stacked.ndim)))  # no reshape: keeps shardings
+        for m, i in enumerate(idx):
+            out[i] = ok[m]
+    return out
+
+
+_finite_flags = jax.jit(finite_flags)
+
+
+def raise_nonfinite(names: Sequence[str], flags: Sequence[Any]) -> None:
+    """Raises ``ValueError`` naming the first (and a few more) ``names`` whose flag is False."""
+    bad = [n for n, ok in zip(names, flags) if not bool(ok)]
+    if bad:
+        more = bad[1:4]
+        raise ValueError(
+            f"{bad[0].split(':', 1)[0]} has NaN or Inf in leaf {bad[0].split(':', 1)[1]!r}"
+            + (f" (and {len(bad) - 1} more: {more})" if len(bad) > 1 else "")
+            + "; pass check_finite=False to skip this check"
+        )
 
 
 def check_finite(tree: PyTree, *, what: str = "model") -> None:
     """Raises ``ValueError`` naming every float leaf of ``tree`` that holds a NaN or an Inf.
 
-    One fused pass over the float leaves; only one boolean per leaf leaves the devices.
+    One fused pass over the float leaves; only one boolean per leaf leaves the devices. Skipped under tracing (inside
+    a user's ``jit``/``vmap``/``grad`` the values are not known; use ``jax.experimental.checkify`` there).
     """
     check_finite_many([tree], what=[what])
 
 
 def check_finite_many(trees: Sequence[PyTree], *, what: Sequence[str]) -> None:
     """:func:`check_finite` for several trees in one compiled program and one device-to-host fetch."""
-    items = [(name, p, x) for tree, name in zip(trees, what) for p, x in paths_and_leaves(tree) if is_float(x)]
-    if not items:
+    items = [(name, p, x) for tree, name in zip(trees, what) for p, x in paths_and_leaves(as_tree(tree)) if is_float(x)]
+    if not items or is_traced([x for _, _, x in items]):
         return
     flags = jax.device_get(_finite_flags([x for _, _, x in items]))
-    bad = [(name, p) for (name, p, _), ok in zip(items, flags) if not ok]
-    if bad:
-        name, path = bad[0]
-        more = [f"{n}:{p}" for n, p in bad[1:4]]
-        raise ValueError(
-            f"{name} has NaN or Inf in leaf {path!r}"
-            + (f" (and {len(bad) - 1} more: {more})" if len(bad) > 1 else "")
-            + "; pass check_finite=False to skip this check"
-        )
+    raise_nonfinite([f"{name}:{p}" for name, p, _ in items], flags)
+
+
+def is_traced(*xs: Any) -> bool:
+    """True when any leaf of ``xs`` is a JAX tracer (we are inside someone's ``jit``, ``vmap`` or ``grad``)."""
+    return any(isinstance(leaf, jax.core.Tracer) for x in xs for leaf in jax.tree_util.tree_leaves(x))
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class TaskVector:
+    """A task vector tau = theta_ft - theta_0, typed so that it is never mistaken for a model.
+
+    A pytree whose single child is the plain tree ``.tree`` (float leaves in the accumulation dtype, non-float leaves
+    zero). Every merge method accepts a ``TaskVector`` wherever it accepts a fine-tuned model. Indexing delegates to
+    the tree (``tv["params"]``); ``+``, ``-`` and scalar ``*`` act leaf by leaf.
+    """
+
+    __slots__ = ("tree",)
+
+    def __init__(self, tree: PyTree):
+        if isinstance(tree, TaskVector):
+            tree = tree.tree
+        self.tree = tree
+
+    def tree_flatten_with_keys(self):
+        return ((jax.tree_util.GetAttrKey("tree"), self.tree),), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: Any, children: Sequence[Any]) -> "TaskVector":
+        obj = object.__new__(cls)
+        obj.tree = children[0]
+        return obj
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.tree[key]
+
+    def __repr__(self) -> str:
+        n = sum(int(np.size(x)) for x in float_leaves(self.tree))
+        return f"TaskVector({len(jax.tree_util.tree_leaves(self.tree))} leaves, {n} float entries)"
+
+    def _zip(self, other: Any, op: Any) -> "TaskVector":
+        other = as_tree(other)
+        return TaskVector(jax.tree_util.tree_map(lambda a, b: op(a, b) if is_float(a) else a, self.tree, other))
+
+    def __add__(self, other: Any) -> "TaskVector":
+        return self._zip(other, jnp.add)
+
+    def __sub__(self, other: Any) -> "TaskVector":
+        return self._zip(other, jnp.subtract)
+
+    def __mul__(self, c: Any) -> "TaskVector":
+        return TaskVector(jax.tree_util.tree_map(lambda a: a * c if is_float(a) else a, self.tree))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "TaskVector":
+        return self * -1.0
+
+
+def as_tree(x: Any) -> PyTree:
+    """The plain tree of a :class:`TaskVector` (anything else is returned unchanged)."""
+    return x.tree if isinstance(x, TaskVector) else x
 
 
 def _leaf_task_vector(ft: jax.Array, b: jax.Array) -> jax.Array:
@@ -164,7 +277,7 @@ def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
       base: the pre-trained parameter tree it was fine-tuned from (same structure, shapes and dtypes).
 
     Returns:
-      A tree with the structure of ``base``.
+      A :class:`TaskVector` wrapping a tree with the structure of ``base`` (``.tree``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -172,15 +285,18 @@ def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
       >>> tv["w"].dtype.name, tv["w"].tolist(), int(tv["step"])
       ('float32', [0.5], 0)
     """
+    if isinstance(finetuned, TaskVector) or isinstance(base, TaskVector):
+        raise TypeError("task_vector(finetuned, base) takes two models; got a TaskVector (it already is one)")
     validate_like(base, [finetuned])
-    return jax.tree_util.tree_map(_leaf_task_vector, finetuned, base)
+    return TaskVector(jax.tree_util.tree_map(_leaf_task_vector, finetuned, base))
 
 
 def apply_task_vector(base: PyTree, tv: PyTree, scale: float | jax.Array = 1.0) -> PyTree:
     """theta = theta_0 + scale * tau, computed in float32 and cast to the base's dtypes (bf16 in, bf16 out).
 
-    Non-float leaves are taken from ``base`` unchanged.
+    Non-float leaves are taken from ``base`` unchanged. ``tv`` may be a :class:`TaskVector` or a plain tree.
     """
+    tv = as_tree(tv)
     if jax.tree_util.tree_structure(tv) != jax.tree_util.tree_structure(base):
         raise ValueError("task vector does not have the base's tree structure")
     for (path, b), (_, t) in zip(paths_and_leaves(base), paths_and_leaves(tv)):
@@ -190,3 +306,38 @@ def apply_task_vector(base: PyTree, tv: PyTree, scale: float | jax.Array = 1.0) 
                 f"but the base has shape {_shape_of(b)} dtype {_dtype_of(b)}"
             )
     return jax.tree_util.tree_map(lambda b, t: _leaf_apply(b, t, scale), base, tv)
+
+
+def head_flags(tree: PyTree, heads: str | PyTree | None) -> list[bool]:
+    """Which leaves of ``tree`` stay per task (classification heads), in flattening order.
+
+    Args:
+        tree: a parameter tree.
+        heads: None (every leaf is merged), a regular expression searched in each leaf's ``path_str`` path, or a tree
+            of booleans with ``tree``'s structure (True = per task).
+
+    Returns:
+        One bool per leaf of ``tree``.
+
+    Raises:
+        ValueError: if the pattern or the mask names no leaf, or the mask's structure differs from ``tree``'s.
+    """
+    items = paths_and_leaves(tree)
+    if heads is None:
+        return [False] * len(items)
+    if isinstance(heads, str):
+        pattern = re.compile(heads)
+        flags = [bool(pattern.search(path)) for path, _ in items]
+        if not any(flags):
+            sample = [p for p, _ in items[:6]]
+            raise ValueError(f"heads pattern {heads!r} matches no leaf path; paths look like {sample}")
+        return flags
+    if jax.tree_util.tree_structure(heads) != jax.tree_util.tree_structure(tree):
+        raise ValueError(
+            "heads mask must have the parameter tree's structure: "
+            f"{jax.tree_util.tree_structure(heads)} vs {jax.tree_util.tree_structure(tree)}"
+        )
+    flags = [bool(np.asarray(m)) for m in jax.tree_util.tree_leaves(heads)]
+    if not any(flags):
+        raise ValueError("heads mask names no leaf (all False); pass heads=None when every leaf is merged")
+    return flags

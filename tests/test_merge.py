@@ -336,7 +336,7 @@ def test_methods_accept_compressed_task_vectors_mixed_with_models():
     assert_models_close(mj.ties(base, ttvs), want, atol=1e-6)
     assert_models_close(ties(base, ttvs), want, atol=1e-6)
     tv2 = mj.task_vector(fts[2], base)
-    want = mj.apply_task_vector(base, jax.tree.map(lambda a, b: a + b, dense[0], tv2), scale=0.5)
+    want = mj.apply_task_vector(base, jax.tree.map(lambda a, b: a + b, dense[0], tv2.tree), scale=0.5)
     assert_models_close(mj.task_arithmetic(base, [ttvs[0], fts[2]], scale=0.5), want, atol=1e-6)
     other = mj.ternary.compress({"w": jnp.ones((3, 3))}, density=0.5)
     with pytest.raises(ValueError, match=r"finetuned\[1\]"):

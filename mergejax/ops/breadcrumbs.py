@@ -8,12 +8,10 @@ per-row k-th largest magnitudes found by counting, so entries tied at a threshol
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import jax
 import jax.numpy as jnp
 
-from mergejax.ops.base import TaskVectors, Transform, check_fraction, map_float_leaves, rank_from_fraction
+from mergejax.ops.base import TaskVectors, Transform, check_fraction, map_float_leaves, rank_from_fraction, static_field
 from mergejax.ops.select import kth_largest_per_row, ordered_key
 
 __all__ = ["breadcrumbs_mask", "BreadcrumbsMask"]
@@ -32,12 +30,16 @@ def breadcrumbs_mask(x: jax.Array, beta: float = 0.15, gamma: float = 0.006) -> 
     return keep.reshape(jnp.shape(x))
 
 
-@dataclass(frozen=True)
 class BreadcrumbsMask(Transform):
-    """Chain stage: keep each task vector's Breadcrumbs band (paper seeds beta = 0.15, gamma = 0.006)."""
+    """Chain stage: keep each task vector's Breadcrumbs band (paper seeds beta = 0.15, gamma = 0.006).
 
-    beta: float = 0.15
-    gamma: float = 0.006
+    Args:
+      beta: kept fraction of each row (static: it sets a rank).
+      gamma: fraction of each row's largest entries dropped as outliers (static).
+    """
+
+    beta: float = static_field(0.15)
+    gamma: float = static_field(0.006)
 
     def __post_init__(self):
         check_fraction("beta", self.beta)

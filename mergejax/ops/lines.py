@@ -9,13 +9,12 @@ vector) or after it (the merged vector: "TIES then LiNeS").
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
-from mergejax.ops.base import TaskVectors, Transform
+from mergejax.ops.base import TaskVectors, Transform, map_float_leaves
 from mergejax.tree import PyTree, is_float, path_str, paths_and_leaves
 
 __all__ = ["blocks_from_regex", "lines_coefficient", "LiNeS", "lines"]
@@ -41,9 +40,11 @@ def lines_coefficient(block: int | None, num_blocks: int, alpha: float, beta: fl
     return alpha + beta * block / (num_blocks - 1)
 
 
-@dataclass(frozen=True)
 class LiNeS(Transform):
-    """Chain stage: scale every float leaf of each tree by its LiNeS coefficient. Build it with :func:`lines`."""
+    """Chain stage: scale every float leaf of each tree by its LiNeS coefficient. Build it with :func:`lines`.
+
+    ``alpha`` and ``beta`` are traced data (a sweep does not recompile); the block map is static.
+    """
 
     alpha: float
     beta: float
@@ -56,13 +57,9 @@ class LiNeS(Transform):
         if unknown:
             raise ValueError(f"LiNeS block map names leaves that are not in the tree: {unknown[:5]}")
 
-        def leaf(kp, x):
-            if not is_float(x):
-                return x
-            c = lines_coefficient(table.get(path_str(kp)), self.num_blocks, self.alpha, self.beta)
-            return x * jnp.asarray(c, x.dtype)
-
-        return tuple(jax.tree_util.tree_map_with_path(leaf, tv) for tv in tvs)
+        coef = {p: lines_coefficient(table.get(p), self.num_blocks, self.alpha, self.beta)
+                for p, x in paths_and_leaves(tvs[0]) if is_float(x)}
+        return map_float_leaves(lambda xs, i, c: [x * jnp.asarray(c[0], x.dtype) for x in xs], tvs, extras=(coef,))
 
 
 def lines(alpha: float, beta: float, blocks: Mapping[str, int], num_blocks: int | None = None) -> LiNeS:
@@ -74,4 +71,4 @@ def lines(alpha: float, beta: float, blocks: Mapping[str, int], num_blocks: int 
     L = max(blocks.values()) + 1 if num_blocks is None else int(num_blocks)
     if max(blocks.values()) >= L:
         raise ValueError(f"block {max(blocks.values())} is out of range for num_blocks={L}")
-    return LiNeS(float(alpha), float(beta), tuple(sorted(blocks.items())), L)
+    return LiNeS(alpha, beta, tuple(sorted(blocks.items())), L)

@@ -13,12 +13,10 @@ where the reference code would divide by zero.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import jax
 import jax.numpy as jnp
 
-from mergejax.ops.base import Reduction, TaskVectors, check_fraction, map_float_leaves, rank_from_fraction
+from mergejax.ops.base import Reduction, TaskVectors, check_fraction, map_float_leaves, rank_from_fraction, static_field
 from mergejax.ops.select import key_to_float, kth_largest_groups
 from mergejax.tree import float_leaves
 
@@ -38,7 +36,6 @@ def _minmax(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
     return jnp.where(width > 0, (x - lo) / jnp.where(width > 0, width, 1), 0)
 
 
-@dataclass(frozen=True)
 class PCB(Reduction):
     """Reduction: PCB-Merging's balanced weighted mean (reference defaults: ratio 0.05, clamp r = 1e-4).
 
@@ -46,8 +43,8 @@ class PCB(Reduction):
     weights) live at once.
     """
 
-    ratio: float = 0.05
-    clamp_ratio: float = 1e-4
+    ratio: float = static_field(0.05)
+    clamp_ratio: float = static_field(1e-4)
 
     def __post_init__(self):
         check_fraction("ratio", self.ratio)

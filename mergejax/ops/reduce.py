@@ -4,22 +4,31 @@ After :class:`~mergejax.ops.sign.ElectSign` every nonzero entry of a coordinate 
 TIES disjoint mean (Yadav et al., 2023, Eq. 3: tau_m^p = sum_{t in A^p} tau_t^p / |A^p|) is the sum over tasks divided
 by max(#nonzero entries, 1); disjoint sum (AdaMerging's and FusionBench's TIES) and disjoint max follow the same way.
 Sums run in the task vectors' dtype (float32 or wider: task vectors are never narrower than float32).
+
+Per-task weights w_t (``weights=`` of every merge; a ``[T]`` array, or ``{path: [T]}`` for per-leaf coefficients as
+AdaMerging learns them) are traced data: new weights never recompile. With weights,
+
+- ``Sum``/``DisjointSum``: sum_t w_t tau_t;
+- ``Mean``: sum_t w_t tau_t / sum_t w_t (mergekit's ``linear`` with ``normalize``);
+- ``DisjointMean``: sum_t w_t tau_t [agree] / sum_t w_t [agree] (mergekit's TIES; 1 where no task agrees);
+- ``DisjointMax``: the agreeing w_t tau_t of largest magnitude.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import dataclasses
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from mergejax.ops.base import Reduction
+from mergejax.ops.base import Reduction, TaskVectors, map_float_leaves, per_leaf_weights
 
 __all__ = [
     "sum_leaves",
     "nonzero_mean",
     "max_magnitude",
+    "WeightableReduction",
     "Sum",
     "Mean",
     "DisjointMean",
@@ -34,10 +43,15 @@ def sum_leaves(xs: Sequence[jax.Array]) -> jax.Array:
     return sum(xs[1:], xs[0])
 
 
-def nonzero_mean(xs: Sequence[jax.Array]) -> jax.Array:
-    """sum_t x_t / max(#{t : x_t != 0}, 1): the disjoint mean once disagreeing entries are zeroed (TIES Eq. 3)."""
-    count = sum_leaves([(x != 0).astype(x.dtype) for x in xs])
-    return sum_leaves(xs) / jnp.maximum(count, 1)
+def nonzero_mean(xs: Sequence[jax.Array], w: jax.Array | None = None) -> jax.Array:
+    """sum_t w_t x_t / max(sum_{t : x_t != 0} w_t, 1 if none) (w = 1: the disjoint mean of TIES Eq. 3)."""
+    if w is None:
+        count = sum_leaves([(x != 0).astype(x.dtype) for x in xs])
+        return sum_leaves(xs) / jnp.maximum(count, 1)
+    w = [w[t].astype(x.dtype) for t, x in enumerate(xs)]
+    den = sum_leaves([jnp.where(x != 0, wt, 0) for x, wt in zip(xs, w)])
+    num = sum_leaves([wt * x for x, wt in zip(xs, w)])
+    return num / jnp.where(den != 0, den, 1)
 
 
 def max_magnitude(xs: Sequence[jax.Array]) -> jax.Array:
@@ -48,54 +62,80 @@ def max_magnitude(xs: Sequence[jax.Array]) -> jax.Array:
     return out
 
 
-@dataclass(frozen=True)
-class Sum(Reduction):
-    """Reduction: sum_t tau_t (task arithmetic, Ilharco et al., 2023, Eq. 2; Breadcrumbs)."""
-
-    def combine(self, xs):
-        return sum_leaves(xs)
+def _weighted(xs: Sequence[jax.Array], w: jax.Array) -> list[jax.Array]:
+    return [w[t].astype(x.dtype) * x for t, x in enumerate(xs)]
 
 
-@dataclass(frozen=True)
-class Mean(Reduction):
-    """Reduction: (1/T) sum_t tau_t (weight averaging when applied with scale 1)."""
+class WeightableReduction(Reduction):
+    """A reduction with an optional ``weights`` data field: ``combine(xs, w)`` gets the leaf's ``[T]`` weights or None.
 
-    def combine(self, xs):
-        return sum_leaves(xs) / len(xs)
+    Subclass it and implement ``combine(self, xs, w=None)``; ``with_weights`` fills the field.
+    """
+
+    weights: Any = None
+
+    def with_weights(self, weights: Any) -> "WeightableReduction":
+        return dataclasses.replace(self, weights=weights)
+
+    def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
+        if self.weights is None:
+            return map_float_leaves(lambda xs, i: [self.combine(xs, None)], tvs, out_count=1)
+        table = per_leaf_weights(self.weights, tvs[0], len(tvs))
+        return map_float_leaves(lambda xs, i, ex: [self.combine(xs, ex[0])], tvs, out_count=1, extras=(table,))
 
 
-@dataclass(frozen=True)
-class DisjointMean(Reduction):
-    """Reduction: TIES disjoint mean (Eq. 3), the mean over the nonzero (sign-agreeing) entries of each coordinate."""
+class Sum(WeightableReduction):
+    """Reduction: sum_t w_t tau_t (task arithmetic, Ilharco et al., 2023, Eq. 2, w = 1; Breadcrumbs; DARE)."""
 
-    def combine(self, xs):
-        return nonzero_mean(xs)
+    def combine(self, xs, w=None):
+        return sum_leaves(xs if w is None else _weighted(xs, w))
 
 
-@dataclass(frozen=True)
+class Mean(WeightableReduction):
+    """Reduction: sum_t w_t tau_t / sum_t w_t ((1/T) sum_t tau_t without weights: weight averaging at scale 1)."""
+
+    def combine(self, xs, w=None):
+        if w is None:
+            return sum_leaves(xs) / len(xs)
+        return sum_leaves(_weighted(xs, w)) / jnp.sum(w).astype(xs[0].dtype)
+
+
+class DisjointMean(WeightableReduction):
+    """Reduction: TIES disjoint mean (Eq. 3), the mean over the nonzero (sign-agreeing) entries of each coordinate.
+
+    With weights: sum_t w_t tau_t [tau_t != 0] / sum_t w_t [tau_t != 0], as mergekit's ``ties`` with ``normalize``.
+    """
+
+    def combine(self, xs, w=None):
+        return nonzero_mean(xs, w)
+
+
 class DisjointSum(Sum):
     """Reduction: sum of the sign-agreeing entries (TIES as re-implemented by AdaMerging and FusionBench)."""
 
 
-@dataclass(frozen=True)
-class DisjointMax(Reduction):
-    """Reduction: the sign-agreeing entry of largest magnitude per coordinate."""
+class DisjointMax(WeightableReduction):
+    """Reduction: the sign-agreeing entry of largest magnitude per coordinate (of w_t tau_t with weights)."""
 
-    def combine(self, xs):
-        return max_magnitude(xs)
+    def combine(self, xs, w=None):
+        return max_magnitude(xs if w is None else _weighted(xs, w))
 
 
-@dataclass(frozen=True)
-class WeightedSum(Reduction):
-    """Reduction: sum_t w_t tau_t with fixed per-task weights (task arithmetic with per-task lambda_t).
+class WeightedSum(Sum):
+    """Reduction: sum_t w_t tau_t with per-task weights (task arithmetic with per-task lambda_t).
 
     Args:
-      weights: one float per task (a tuple, so the stage stays hashable).
+      weights: one weight per task (traced data: a new weight vector does not recompile).
     """
 
-    weights: tuple[float, ...]
+    weights: Any
 
-    def combine(self, xs):
-        if len(self.weights) != len(xs):
-            raise ValueError(f"WeightedSum has {len(self.weights)} weights for {len(xs)} task vectors")
-        return sum_leaves([w * x for w, x in zip(self.weights, xs)])
+    def __post_init__(self):
+        if self.weights is None:
+            raise ValueError("WeightedSum needs weights (one per task)")
+
+    def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
+        n = len(self.weights) if isinstance(self.weights, (list, tuple)) else None
+        if n is not None and n != len(tvs):
+            raise ValueError(f"WeightedSum has {n} weights for {len(tvs)} task vectors")
+        return super().__call__(tvs, key)

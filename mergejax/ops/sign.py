@@ -9,22 +9,24 @@ if that total is 0 too, the coordinate elects 0 and merges to 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Sequence
+import dataclasses
+from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from mergejax.ops.base import TaskVectors, Transform, map_float_leaves
-from mergejax.tree import PyTree, float_leaves
+from mergejax.ops.base import TaskVectors, Transform, map_float_leaves, per_leaf_weights
+from mergejax.tree import PyTree, float_leaves, stack_by_shape
 
 __all__ = ["SignMethod", "sign_mass", "elect_sign", "keep_agreeing", "ElectSign"]
 
 SignMethod = Literal["sum", "count"]
 
 
-def sign_mass(leaves: Sequence[jax.Array], method: SignMethod = "sum") -> jax.Array:
-    """sum_t tau_t (``"sum"``) or sum_t sgn(tau_t) (``"count"``) of one coordinate block, in the leaves' dtype."""
+def sign_mass(leaves: Sequence[jax.Array], method: SignMethod = "sum", weights: jax.Array | None = None) -> jax.Array:
+    """sum_t w_t tau_t (``"sum"``) or sum_t sgn(w_t tau_t) (``"count"``) of one coordinate block (w = 1 by default)."""
+    if weights is not None:
+        leaves = [weights[t].astype(x.dtype) * x for t, x in enumerate(leaves)]
     if method == "sum":
         return sum(leaves[1:], leaves[0])
     if method == "count":
@@ -33,14 +35,18 @@ def sign_mass(leaves: Sequence[jax.Array], method: SignMethod = "sum") -> jax.Ar
 
 
 def _majority_sign(raw_signs: Sequence[jax.Array]) -> jax.Array:
-    """sgn(sum of all elected signs) over every leaf, exact for any size (int32 16-bit halves, no overflow)."""
+    """sgn(sum of all elected signs) over every leaf, exact for any size (int32 16-bit halves, no overflow).
+
+    Counted per leaf (every leaf < 2**31 entries) on stacks of same-shaped leaves, so the program has one reduction
+    per leaf shape.
+    """
     hi = {1: jnp.int32(0), -1: jnp.int32(0)}
     lo = {1: jnp.int32(0), -1: jnp.int32(0)}
-    for s in raw_signs:
+    for _, s in stack_by_shape(raw_signs):
         for v in (1, -1):
-            c = jnp.sum((s == v).astype(jnp.int32))
-            hi[v] = hi[v] + (c >> 16)
-            lo[v] = lo[v] + (c & 0xFFFF)
+            c = jnp.sum((s == v).astype(jnp.int32), axis=tuple(range(1, s.ndim)))  # one count per leaf
+            hi[v] = hi[v] + jnp.sum(c >> 16)
+            lo[v] = lo[v] + jnp.sum(c & 0xFFFF)
     tot = {v: (hi[v] + (lo[v] >> 16), lo[v] & 0xFFFF) for v in (1, -1)}
     (ph, pl), (nh, nl) = tot[1], tot[-1]
     pos = (ph > nh) | ((ph == nh) & (pl > nl))
@@ -48,12 +54,22 @@ def _majority_sign(raw_signs: Sequence[jax.Array]) -> jax.Array:
     return pos.astype(jnp.int32) - neg.astype(jnp.int32)
 
 
-def elect_sign(tvs: Sequence[PyTree], method: SignMethod = "sum") -> PyTree:
+def elect_sign(tvs: Sequence[PyTree], method: SignMethod = "sum", weights: Any = None) -> PyTree:
     """The elected sign tree gamma_m (TIES Eq. 2) with the reference code's majority rule for zero sums.
+
+    Args:
+      tvs: T task-vector trees.
+      method: "sum" (sign of the total mass) or "count" (majority of signs).
+      weights: optional per-task weights (``[T]`` or ``{path: [T]}``): elect on w_t tau_t (mergekit's TIES).
 
     Returns a tree of float leaves in {-1, 0, +1} (non-float positions: the first tree's leaf).
     """
-    raw = map_float_leaves(lambda xs, i: [jnp.sign(sign_mass(xs, method))], tvs, out_count=1)[0]
+    if weights is None:
+        raw = map_float_leaves(lambda xs, i: [jnp.sign(sign_mass(xs, method))], tvs, out_count=1)[0]
+    else:
+        table = per_leaf_weights(weights, tvs[0], len(tvs))
+        raw = map_float_leaves(lambda xs, i, ex: [jnp.sign(sign_mass(xs, method, ex[0]))], tvs, out_count=1,
+                               extras=(table,))[0]
     majority = _majority_sign(float_leaves(raw))
     return map_float_leaves(
         lambda s, i: [jnp.where(s[0] == 0, majority.astype(s[0].dtype), s[0])], (raw,), out_count=1
@@ -69,18 +85,25 @@ def keep_agreeing(tvs: Sequence[PyTree], sign: PyTree) -> TaskVectors:
     return map_float_leaves(leaf, (*tvs, sign), out_count=len(tvs))
 
 
-@dataclass(frozen=True)
 class ElectSign(Transform):
     """Chain stage: elect a sign per coordinate and zero every disagreeing entry (TIES Eqs. 2-3).
 
     Follow it with :class:`~mergejax.ops.reduce.DisjointMean` (TIES), ``DisjointSum`` or ``DisjointMax``.
+
+    Args:
+      method: "sum" (Eq. 2, sign of the total mass) or "count" (sign of the majority).
+      weights: per-task weights (set by a merge's ``weights=``): the election uses w_t tau_t, as mergekit does.
     """
 
     method: SignMethod = "sum"
+    weights: Any = None
+
+    def with_weights(self, weights: Any) -> "ElectSign":
+        return dataclasses.replace(self, weights=weights)
 
     def __post_init__(self):
         if self.method not in ("sum", "count"):
             raise ValueError(f"sign method must be 'sum' or 'count', got {self.method!r}")
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
-        return keep_agreeing(tvs, elect_sign(tvs, self.method))
+        return keep_agreeing(tvs, elect_sign(tvs, self.method, self.weights))

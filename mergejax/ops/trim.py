@@ -12,15 +12,14 @@ entries (one too many); mergekit and PEFT take an exact per-tensor ``topk`` that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from mergejax.ops.base import TaskVectors, Transform, check_fraction, rank_from_fraction
+from mergejax.ops.base import TaskVectors, Transform, check_fraction, map_float_leaves, rank_from_fraction, static_field
 from mergejax.ops.select import DEFAULT_RADIX_BITS, key_to_float, kth_largest_groups
-from mergejax.tree import PyTree, float_leaves, is_float
+from mergejax.tree import PyTree, as_tree, float_leaves, is_float, paths_and_leaves
 
 __all__ = ["Scope", "magnitude_thresholds_many", "magnitude_thresholds", "magnitude_mask", "trim", "Trim"]
 
@@ -32,22 +31,40 @@ def _check_scope(scope: str) -> None:
         raise ValueError(f"scope must be 'global' or 'tensor', got {scope!r}")
 
 
+def _densities(density: float | Sequence[float], n_tasks: int) -> tuple[float, ...]:
+    """One density per task from a float or a per-task sequence (mergekit gives each model its own)."""
+    if isinstance(density, (tuple, list)):
+        if len(density) != n_tasks:
+            raise ValueError(f"got {len(density)} densities for {n_tasks} task vectors")
+        return tuple(density)
+    return (density,) * n_tasks
+
+
 def magnitude_thresholds_many(
-    tvs: Sequence[PyTree], density: float, *, scope: Scope = "global", radix_bits: int | None = DEFAULT_RADIX_BITS
+    tvs: Sequence[PyTree],
+    density: float | Sequence[float],
+    *,
+    scope: Scope = "global",
+    radix_bits: int | None = DEFAULT_RADIX_BITS,
 ) -> list[list[jax.Array]]:
     """Per task vector, the magnitude threshold t of each float leaf (one t for all leaves when ``scope="global"``).
 
-    t is the k-th largest |x| with k = floor(density * n); +inf when k = 0. All selections of all task vectors run
-    in one loop of counting passes.
+    t is the k-th largest |x| with k = floor(density * n); +inf when k = 0. ``density`` is one fraction or one per
+    task. All selections of all task vectors run in one loop of counting passes.
     """
-    check_fraction("density", density)
+    tvs = [as_tree(tv) for tv in tvs]
+    dens = _densities(density, len(tvs))
+    for d in dens:
+        check_fraction("density", d)
     _check_scope(scope)
     per_task = [float_leaves(tv) for tv in tvs]
     if scope == "global":
         groups = [list(leaves) for leaves in per_task]
+        group_density = list(dens)
     else:
         groups = [[x] for leaves in per_task for x in leaves]
-    ks = [rank_from_fraction(density, sum(int(x.size) for x in g)) for g in groups]
+        group_density = [d for d, leaves in zip(dens, per_task) for _ in leaves]
+    ks = [rank_from_fraction(d, sum(int(x.size) for x in g)) for d, g in zip(group_density, groups)]
     live = [i for i, k in enumerate(ks) if k > 0]
     values = [jnp.asarray(jnp.inf, jnp.float32)] * len(groups)
     if live:
@@ -93,33 +110,44 @@ def magnitude_mask(
     tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int | None = DEFAULT_RADIX_BITS
 ) -> PyTree:
     """Boolean tree: True where |x| >= t (TIES trim mask). Non-float leaves get an all-False mask of their shape."""
+    tv = as_tree(tv)
     return _mask_with(tv, magnitude_thresholds(tv, density, scope=scope, radix_bits=radix_bits))
 
 
 def trim(tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int | None = DEFAULT_RADIX_BITS) -> PyTree:
     """The task vector with every entry below the magnitude threshold set to 0 (TIES Sec. 3, step 1)."""
+    tv = as_tree(tv)
     return _apply_mask(tv, magnitude_mask(tv, density, scope=scope, radix_bits=radix_bits))
 
 
-@dataclass(frozen=True)
 class Trim(Transform):
     """Chain stage: :func:`trim` each task vector on its own.
 
     Args:
-      density: fraction of entries kept (TIES "k", default 0.2).
+      density: fraction of entries kept (TIES "k", default 0.2), or one fraction per task (mergekit's per-model
+        ``density``). Static: it sets a rank, so a new density compiles a new (small) program.
       scope: ``"global"`` (one threshold per task vector over all its float leaves) or ``"tensor"``.
       radix_bits: bits decided per counting pass (4 -> 8 passes for float32); None: the backend's default.
     """
 
-    density: float = 0.2
-    scope: Scope = "global"
-    radix_bits: int | None = DEFAULT_RADIX_BITS
+    density: float | tuple[float, ...] = static_field(0.2)
+    scope: Scope = static_field("global")
+    radix_bits: int | None = static_field(DEFAULT_RADIX_BITS)
 
     def __post_init__(self):
-        check_fraction("density", self.density)
+        if isinstance(self.density, list):
+            object.__setattr__(self, "density", tuple(self.density))
+        for d in self.density if isinstance(self.density, tuple) else (self.density,):
+            check_fraction("density", d)
         _check_scope(self.scope)
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         ts = magnitude_thresholds_many(tvs, self.density, scope=self.scope, radix_bits=self.radix_bits)
-        return tuple(_apply_mask(tv, _mask_with(tv, t)) for tv, t in zip(tvs, ts))
+        paths = [p for p, x in paths_and_leaves(tvs[0]) if is_float(x)]
+        tables = tuple(dict(zip(paths, t)) for t in ts)
+
+        def keep(xs, i, thresholds):
+            return [jnp.where(jnp.abs(x) >= t.astype(x.dtype), x, jnp.zeros_like(x)) for x, t in zip(xs, thresholds)]
+
+        return map_float_leaves(lambda xs, i, ex: keep(xs, i, ex), tvs, extras=tables)
 

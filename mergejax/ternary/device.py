@@ -28,7 +28,7 @@ import numpy as np
 
 from mergejax.ops.base import check_fraction
 from mergejax.ops.trim import magnitude_mask
-from mergejax.tree import PyTree, acc_dtype, check_finite, is_float, path_str
+from mergejax.tree import as_tree, PyTree, acc_dtype, check_finite, is_float, path_str
 
 __all__ = [
     "LeafInfo",
@@ -309,7 +309,7 @@ def compress(
       [0.0, -2.5, 0.0, 2.5]
     """
     _check_args(density, alpha, scope, scale)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tv)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(as_tree(tv))
     infos, xs = [], []
     for keypath, leaf in flat:
         arr = leaf if hasattr(leaf, "dtype") and hasattr(leaf, "shape") else np.asarray(leaf)
