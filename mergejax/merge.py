@@ -60,6 +60,8 @@ from mergejax.tree import (
     is_traced,
     paths_and_leaves,
     raise_nonfinite,
+    stack_by_shape,
+    unpack_flags,
     validate_like,
 )
 
@@ -157,7 +159,7 @@ def _finite_names(base: PyTree, entries: Sequence[Any], what: str, with_base: bo
     return [f"{name}:{p}" for name, t in trees for p, x in paths_and_leaves(t) if is_float(x)]
 
 
-def _input_flags(base: PyTree, entries: Sequence[Any], with_base: bool) -> list[jax.Array]:
+def _input_flags(base: PyTree, entries: Sequence[Any], with_base: bool) -> list:
     trees = ([base] if with_base else []) + [as_tree(e) for e in entries if not _is_encoded(e)]
     return finite_flags([x for t in trees for x in jax.tree_util.tree_leaves(t) if is_float(x)])
 
@@ -357,7 +359,8 @@ class Merger:
         out, finite = _merge_models_jit(self, base, entries, jnp.asarray(scale, jnp.float32), weights, key,
                                         flags=flags, check=fused)
         if fused:
-            raise_nonfinite(_finite_names(base, entries, "finetuned", True), jax.device_get(finite))
+            names = _finite_names(base, entries, "finetuned", True)
+            raise_nonfinite(names, unpack_flags(jax.device_get(finite), len(names)))
         return out
 
 
@@ -384,9 +387,32 @@ def merge_body(m: Merger, base: PyTree, tvs: TaskVectors, scale: Any, weights: W
     return assemble(base, merged, tvs, flags, scale)
 
 
+def _task_vectors_stacked(base: PyTree, entries: tuple) -> TaskVectors:
+    """The dense task vectors of ``entries``, computed on stacks of same-shaped leaves (one subtraction per leaf shape,
+    not per leaf: the stages' own batching then reads the same stacks, which keeps programs small)."""
+    b_leaves, treedef = jax.tree_util.tree_flatten(base)
+    fpos = [i for i, x in enumerate(b_leaves) if is_float(x)]
+    groups = [[fpos[j] for j in idx] for idx, _ in stack_by_shape([b_leaves[i] for i in fpos])]
+    out = []
+    for e in entries:
+        if _is_encoded(e) or isinstance(e, TaskVector):
+            out.append(_entry_task_vector(e, base))
+            continue
+        e_leaves = jax.tree_util.tree_leaves(e)
+        tv = [jnp.zeros_like(x) for x in b_leaves]
+        for idx in groups:
+            dt = acc_dtype(b_leaves[idx[0]].dtype)
+            diff = (jnp.stack([jnp.asarray(e_leaves[i], dt) for i in idx])
+                    - jnp.stack([jnp.asarray(b_leaves[i], dt) for i in idx]))
+            for m, i in enumerate(idx):
+                tv[i] = diff[m]
+        out.append(jax.tree_util.tree_unflatten(treedef, tv))
+    return tuple(out)
+
+
 @partial(jax.jit, static_argnames=("flags", "check"))
 def _merge_models_jit(m: Merger, base: PyTree, entries: tuple, scale, weights, key, *, flags, check):
-    tvs = tuple(_entry_task_vector(e, base) for e in entries)
+    tvs = _task_vectors_stacked(base, entries)
     finite = _input_flags(base, entries, True) if check else None
     return merge_body(m, base, tvs, scale, weights, key, flags), finite
 

@@ -33,6 +33,7 @@ __all__ = [
     "leaf_spec",
     "stack_by_shape",
     "finite_flags",
+    "unpack_flags",
     "TaskVector",
     "as_tree",
     "task_vector",
@@ -148,13 +149,23 @@ def stack_by_shape(leaves: Sequence[Any]) -> list[tuple[list[int], jax.Array]]:
     return out
 
 
-def finite_flags(leaves: Sequence[Any]) -> list[jax.Array]:
-    """One traced boolean per leaf: all of its entries are finite (one batched reduction per leaf shape)."""
-    out: list[Any] = [None] * len(leaves)
+def finite_flags(leaves: Sequence[Any]) -> list[tuple[list[int], jax.Array]]:
+    """Per group of same-shaped leaves, ``(indices, flags)``: flags[m] is True when leaf ``indices[m]`` is all finite.
+
+    One batched reduction (and one small output) per leaf shape; :func:`unpack_flags` turns it into one bool per leaf.
+    """
+    out = []
     for idx, stacked in stack_by_shape(leaves):
-        ok = jnp.all(jnp.isfinite(stacked), axis=tuple(range(1, stacked.ndim)))  # no reshape: keeps shardings
-        for m, i in enumerate(idx):
-            out[i] = ok[m]
+        out.append((idx, jnp.all(jnp.isfinite(stacked), axis=tuple(range(1, stacked.ndim)))))  # no reshape: shardings
+    return out
+
+
+def unpack_flags(groups: Sequence[tuple[list[int], Any]], n: int) -> list[bool]:
+    """One bool per leaf from :func:`finite_flags`' groups (after ``jax.device_get``)."""
+    out = [True] * n
+    for idx, flags in groups:
+        for i, ok in zip(idx, np.asarray(flags)):
+            out[i] = bool(ok)
     return out
 
 
@@ -187,7 +198,7 @@ def check_finite_many(trees: Sequence[PyTree], *, what: Sequence[str]) -> None:
     items = [(name, p, x) for tree, name in zip(trees, what) for p, x in paths_and_leaves(as_tree(tree)) if is_float(x)]
     if not items or is_traced([x for _, _, x in items]):
         return
-    flags = jax.device_get(_finite_flags([x for _, _, x in items]))
+    flags = unpack_flags(jax.device_get(_finite_flags([x for _, _, x in items])), len(items))
     raise_nonfinite([f"{name}:{p}" for name, p, _ in items], flags)
 
 
