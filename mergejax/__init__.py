@@ -6,12 +6,14 @@ Parameter pytrees in, parameter pytrees out. See the README for a tour.
 from mergejax.merge import Merger, average, breadcrumbs, chain, dare, pcb, task_arithmetic, ties
 from mergejax.ops import (
     PCB,
+    RegMean,
     BreadcrumbsMask,
     DareDrop,
     DisjointMax,
     DisjointMean,
     DisjointSum,
     ElectSign,
+    FisherMean,
     LiNeS,
     Mean,
     Sum,
@@ -19,8 +21,9 @@ from mergejax.ops import (
     WeightedSum,
     blocks_from_regex,
     lines,
+    static_field,
 )
-from mergejax.tree import apply_task_vector, task_vector
+from mergejax.tree import TaskVector, apply_task_vector, task_vector
 from mergejax import fisher, ops, sharding, ternary  # noqa: E402  (convert and models import lazily)
 from mergejax.fisher import fisher_merge, load_fisher, save_fisher
 from mergejax.regmean import gram_matrices, regmean
@@ -36,7 +39,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "task_vector",
+    "TaskVector",
     "apply_task_vector",
+    "FisherMean",
+    "RegMean",
+    "static_field",
     "average",
     "task_arithmetic",
     "ties",

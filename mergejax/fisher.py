@@ -22,7 +22,9 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax.merge import chain
 from mergejax.model import ApplyFn, check_batch, head_flags, labels_of, load_tree, save_tree, shape_signature
+from mergejax.ops.fisher_mean import FisherMean
 from mergejax.tree import PyTree, acc_dtype, check_finite, is_float, paths_and_leaves, validate_like
 
 __all__ = [
@@ -524,17 +526,6 @@ def _global_norms(fishers: list[list[jax.Array]]) -> jax.Array:
     return jnp.stack([jnp.sqrt(sum(jnp.sum(jnp.square(f.astype(jnp.float32))) for f in fs)) for fs in fishers])
 
 
-def _fisher_leaf(thetas: Sequence[jax.Array], fishers: Sequence[jax.Array], weights: jax.Array, floor: float) -> jax.Array:
-    dt = acc_dtype(thetas[0].dtype)
-    num = jnp.zeros(thetas[0].shape, dt)
-    den = jnp.zeros(thetas[0].shape, dt)
-    for j, (theta, f) in enumerate(zip(thetas, fishers)):
-        wf = weights[j].astype(dt) * jnp.maximum(f.astype(dt), jnp.asarray(floor, dt))
-        num = num + wf * theta.astype(dt)
-        den = den + wf
-    return (num / den).astype(thetas[0].dtype)
-
-
 def fisher_merge(
     models: Sequence[PyTree],
     fishers: Sequence[PyTree],
@@ -546,6 +537,10 @@ def fisher_merge(
     base: PyTree | None = None,
 ) -> PyTree:
     """Fisher-weighted average theta* = sum_j w_j F_j theta_j / sum_j w_j F_j per coordinate (Matena and Raffel, Eq. 2).
+
+    The one-line chain ``chain(FisherMean(fishers, floor, floor_mode="max"))`` applied to ``base`` (default:
+    ``models[0]``): on task vectors the Fisher mean is the same merge, so it composes with other stages (e.g.
+    ``chain(Trim(0.2), ElectSign(), FisherMean(F))``, a Fisher-weighted TIES).
 
     Each F_j is floored at ``floor`` (so coordinates no model cares about get the weighted average). With
     ``normalize``, each model's weight is first divided by the global L2 norm of its Fisher over the merged leaves,
@@ -596,49 +591,14 @@ def fisher_merge(
         validate_like(base, models, what="models")
 
     merged_idx = [i for i, (_, x) in enumerate(ref_items) if is_float(x) and not flags[i]]
-    fisher_leaves = [jax.tree_util.tree_leaves(f) for f in fishers]
     if normalize:
+        fisher_leaves = [jax.tree_util.tree_leaves(f) for f in fishers]
         norms = np.asarray(_global_norms([[fl[i] for i in merged_idx] for fl in fisher_leaves]), np.float64)
         if np.any(norms == 0):
             raise ValueError(f"cannot normalise: Fishers {np.flatnonzero(norms == 0).tolist()} are all zero")
         w = w / norms
-    weights_arr = jnp.asarray(w, jnp.float32)
-
-    model_leaves = [jax.tree_util.tree_leaves(m) for m in models]
-    out = list(model_leaves[0])
-    merged = _merge_leaves(
-        [[ml[i] for i in merged_idx] for ml in model_leaves],
-        [[fl[i] for i in merged_idx] for fl in fisher_leaves],
-        weights_arr,
-        float(floor),
-    )
-    for i, leaf in zip(merged_idx, merged):
-        out[i] = leaf
-    head_idx = [i for i, (_, x) in enumerate(ref_items) if is_float(x) and flags[i]]
-    if head_idx:
-        base_leaves = jax.tree_util.tree_leaves(base)
-        kept = _sum_of_changes([base_leaves[i] for i in head_idx], [[ml[i] for i in head_idx] for ml in model_leaves])
-        for i, leaf in zip(head_idx, kept):
-            out[i] = leaf
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(models[0]), out)
-
-
-@jax.jit(static_argnums=3)
-def _merge_leaves(thetas: list[list[jax.Array]], fishers: list[list[jax.Array]], weights: jax.Array,
-                  floor: float) -> list[jax.Array]:
-    """Fisher-weighted average of every leaf in one compiled program (T models traced in a static loop)."""
-    return [_fisher_leaf([t[i] for t in thetas], [f[i] for f in fishers], weights, floor) for i in range(len(thetas[0]))]
-
-
-@jax.jit
-def _sum_of_changes(base: list[jax.Array], models: list[list[jax.Array]]) -> list[jax.Array]:
-    """Per-task leaves: base + sum_j (theta_j - base), computed in the acc dtype, cast back to the base's dtype."""
-    out = []
-    for i, b in enumerate(base):
-        dt = acc_dtype(b.dtype)
-        bb = b.astype(dt)
-        out.append((bb + sum(m[i].astype(dt) - bb for m in models)).astype(b.dtype))
-    return out
+    merger = chain(FisherMean(fishers, floor=float(floor), floor_mode="max"))
+    return merger(models[0] if base is None else base, models, weights=jnp.asarray(w, jnp.float32), heads=heads)
 
 
 def save_fisher(path: str | os.PathLike, fisher: PyTree) -> None:

@@ -29,8 +29,6 @@ elementwise or a scalar count, so arrays placed with a ``NamedSharding`` stay sh
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, Literal, Sequence
@@ -39,11 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.ops.base import Stage, TaskVectors, per_leaf_weights
+from mergejax.ops.base import Stage, TaskVectors
 from mergejax.ops.breadcrumbs import BreadcrumbsMask
 from mergejax.ops.dare import DareDrop, Rescale
 from mergejax.ops.pcb import PCB
-from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Mean, Sum
+from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Sum
 from mergejax.ops.sign import ElectSign, SignMethod
 from mergejax.ops.trim import Scope, Trim
 from mergejax.tree import (
@@ -193,6 +191,14 @@ def _check_weights(weights: Weights, n_tasks: int) -> None:
             raise ValueError(f"weights{where} must be finite, got {arr.tolist()}")
 
 
+def _as_weights(weights: Weights) -> Weights:
+    """Weights as float32 arrays (a Python list would become a list of tracers, and keys the cache by its length)."""
+    if weights is None:
+        return None
+    return jax.tree_util.tree_map(lambda w: jnp.asarray(w, jnp.float32), weights if isinstance(weights, Mapping) or
+                                  np.ndim(weights) != 1 else jnp.asarray(weights, jnp.float32))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Heads: leaves kept per task.
 # ----------------------------------------------------------------------------------------------------------------------
@@ -314,7 +320,7 @@ class Merger:
         """The merged task vector tau_m (a plain tree) of the given task vectors."""
         tvs = self._task_vector_inputs(tvs, key)
         _check_weights(weights, len(tvs))
-        return _merge_tvs_jit(self, tvs, weights, key)
+        return _merge_tvs_jit(self, tvs, _as_weights(weights), key)
 
     def __call__(
         self,
@@ -356,7 +362,7 @@ class Merger:
         if check_finite and not models_traced and not fused:  # traced scale/weights: a separate check
             check_finite_many([base, *[e for e in entries if not _is_encoded(e)]],
                               what=["base", *[f"finetuned[{i}]" for i, e in enumerate(entries) if not _is_encoded(e)]])
-        out, finite = _merge_models_jit(self, base, entries, jnp.asarray(scale, jnp.float32), weights, key,
+        out, finite = _merge_models_jit(self, base, entries, jnp.asarray(scale, jnp.float32), _as_weights(weights), key,
                                         flags=flags, check=fused)
         if fused:
             names = _finite_names(base, entries, "finetuned", True)

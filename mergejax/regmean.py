@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.model import ApplyFn, check_batch, head_flags
-from mergejax.tree import PyTree, acc_dtype, check_finite, is_float, paths_and_leaves, validate_like
+from mergejax.merge import chain
+from mergejax.model import ApplyFn, check_batch
+from mergejax.ops.regmean import RegMean, regmean_kernel, scale_off_diagonal
+from mergejax.tree import PyTree, acc_dtype, check_finite_many, paths_and_leaves, validate_like
 
-__all__ = ["gram_matrices", "regmean", "regmean_kernel"]
+__all__ = ["gram_matrices", "regmean", "regmean_kernel", "scale_off_diagonal", "RegMean"]
 
 
 def _kernel_path(module_path: tuple[str, ...], kernel_paths: Sequence[str]) -> str:
@@ -108,32 +110,6 @@ def gram_matrices(
     return {k: sums[k] / counts[k] for k in sums}
 
 
-def _scale_off_diagonal(g: jax.Array, alpha: float) -> jax.Array:
-    """alpha * G + (1 - alpha) * diag(G): off-diagonals times alpha (RegMean Sec. 3.2)."""
-    return alpha * g + (1.0 - alpha) * jnp.diag(jnp.diag(g))
-
-
-@jax.jit
-def regmean_kernel(grams: Sequence[jax.Array], kernels: Sequence[jax.Array], rcond: float = 1e-6) -> jax.Array:
-    """W* = (sum_i G_i)^-1 sum_i G_i W_i for one ``[in, out]`` kernel (RegMean Eq. 3, already alpha-scaled G_i).
-
-    Computed through the eigendecomposition of S = sum_i G_i: input directions whose eigenvalue is at most
-    ``rcond * max eigenvalue`` (no task's inputs reach them, e.g. pixels that are always 0) take the plain average of
-    the kernels instead of an undefined value; with S well conditioned this is exactly S^-1 sum_i G_i W_i.
-    Memory: a few ``in x in`` matrices.
-    """
-    dt = acc_dtype(kernels[0].dtype)
-    s = sum(g.astype(dt) for g in grams)
-    rhs = sum(g.astype(dt) @ w.astype(dt) for g, w in zip(grams, kernels))
-    mean = sum(w.astype(dt) for w in kernels) / len(kernels)
-    evals, evecs = jnp.linalg.eigh(s)
-    keep = evals > rcond * jnp.maximum(evals.max(), 0.0)
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, evals, 1.0), 0.0)
-    solved = evecs @ (inv[:, None] * (evecs.T @ rhs))
-    null = evecs @ (jnp.where(keep, 0.0, 1.0)[:, None] * (evecs.T @ mean))
-    return (solved + null).astype(kernels[0].dtype)
-
-
 def regmean(
     apply_fn: ApplyFn,
     base: PyTree,
@@ -178,8 +154,7 @@ def regmean(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     validate_like(base, finetuned, what="finetuned")
-    for i, m in enumerate(finetuned):
-        check_finite(m, what=f"finetuned[{i}]")
+    check_finite_many(finetuned, what=[f"finetuned[{i}]" for i in range(len(finetuned))])
     n_tasks = len(finetuned)
     tasks = tuple(range(n_tasks)) if tasks is None else tuple(int(t) for t in tasks)
     if len(tasks) != n_tasks:
@@ -191,26 +166,4 @@ def regmean(
         grams = [gram_matrices(apply_fn, m, b, task=t) for m, b, t in zip(finetuned, batches_per_task, tasks)]
     elif len(grams) != n_tasks:
         raise ValueError(f"got {n_tasks} models but Gram matrices for {len(grams)} tasks")
-    flags = head_flags(base, heads)
-    items = paths_and_leaves(base)
-    treedef = jax.tree_util.tree_structure(base)
-    ft_leaves = [jax.tree_util.tree_leaves(m) for m in finetuned]
-    shared = set.intersection(*(set(g) for g in grams))
-    out = []
-    for i, (path, b) in enumerate(items):
-        cols = [fl[i] for fl in ft_leaves]
-        if not is_float(b):
-            out.append(b)
-        elif flags[i]:
-            dt = acc_dtype(b.dtype)
-            bb = jnp.asarray(b, dt)
-            out.append((bb + sum(jnp.asarray(c, dt) - bb for c in cols)).astype(b.dtype))
-        elif path in shared:
-            gs = [_scale_off_diagonal(g[path], alpha) for g in grams]
-            if gs[0].shape[0] != np.shape(b)[0]:
-                raise ValueError(f"Gram matrix of '{path}' is {gs[0].shape}, the kernel is {np.shape(b)}")
-            out.append(regmean_kernel(gs, cols, rcond))
-        else:
-            dt = acc_dtype(b.dtype)
-            out.append((sum(jnp.asarray(c, dt) for c in cols) / n_tasks).astype(b.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return chain(RegMean(tuple(grams), alpha=alpha, rcond=rcond))(base, finetuned, heads=heads)

@@ -21,7 +21,6 @@ per group under ``jax.vmap``, so a 300-leaf model traces (and compiles) about as
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Hashable, Mapping
 from fractions import Fraction
 from typing import Any, Callable, ClassVar, Protocol, Sequence
@@ -122,6 +121,12 @@ class _StageBase:
     reduces: ClassVar[bool] = False
     needs_key: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        for parent in reversed(cls.__mro__[1:]):  # parents first, so a subclass's dataclass sees their fields
+            if issubclass(parent, _StageBase) and parent.__name__ not in ("_StageBase", "Transform", "Reduction"):
+                _finalize_stage_class(parent)
+
     def __new__(cls, *args: Any, **kwargs: Any):
         _finalize_stage_class(cls)
         return object.__new__(cls)
@@ -171,8 +176,8 @@ def scale_tasks(tvs: TaskVectors, weights: Any) -> TaskVectors:
         return tvs
     T = len(tvs)
 
-    def fn(xs, i, w):
-        return [x * w[t].astype(x.dtype) for t, x in enumerate(xs)]
+    def fn(xs, i, ex):
+        return [x * ex[0][t].astype(x.dtype) for t, x in enumerate(xs)]
 
     return map_float_leaves(fn, tvs, extras=(per_leaf_weights(weights, tvs[0], T),))
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax.ops.base import TaskVectors, Transform, map_float_leaves
-from mergejax.tree import PyTree, is_float, path_str, paths_and_leaves
+from mergejax.tree import PyTree, is_float, paths_and_leaves
 
 __all__ = ["blocks_from_regex", "lines_coefficient", "LiNeS", "lines"]
 
