@@ -56,6 +56,7 @@ __all__ = [
     "decode_leaf",
     "leaf_nnz",
     "packed_shape",
+    "FORMAT_VERSION",
 ]
 
 CODEC_VERSION = 1
@@ -288,10 +289,14 @@ def decode_positions(buf: bytes | memoryview, nsym: int, m: int, unary_bits: int
     return _positions_from_gaps(gaps, n)
 
 
+FORMAT_VERSION = 1
+"""Version of the ternary on-disk format (the coded streams and their metadata)."""
+
+
 # ----------------------------------------------------------------------------------------------------- bitmap layout
 def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the uint32 bitmap of a leaf: the last axis packed 32 per word (a scalar counts as shape (1,))."""
-    shape = tuple(shape) or (1,)
+    shape = tuple(int(s) for s in shape) or (1,)
     return shape[:-1] + ((shape[-1] + 31) // 32,)
 
 

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax.ops.base import check_fraction
-from mergejax.ops.trim import magnitude_mask
+from mergejax.ops.trim import Scope, magnitude_mask
+from mergejax.ternary.codec import FORMAT_VERSION
 from mergejax.tree import as_tree, PyTree, acc_dtype, check_finite, is_float, path_str
 
 __all__ = [
@@ -42,19 +43,11 @@ __all__ = [
     "bitmap_sharding",
 ]
 
-Scope = Literal["global", "tensor"]
 ScaleRule = Literal["std", "mean_abs"]
-FORMAT_VERSION = 1
 _SHIFTS = np.arange(32, dtype=np.uint32)
 
 
 # -------------------------------------------------------------------------------------------------------- bitmaps
-def packed_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """Shape of a leaf's uint32 bitmap: the last axis packed 32 per word (a scalar counts as shape ``(1,)``)."""
-    shape = tuple(int(s) for s in shape) or (1,)
-    return shape[:-1] + ((shape[-1] + 31) // 32,)
-
-
 def pack_bits(bits: jax.Array) -> jax.Array:
     """Packs a boolean array ``(..., L)`` into uint32 words ``(..., ceil(L/32))`` along the last axis (jittable)."""
     bits = jnp.asarray(bits, bool)
