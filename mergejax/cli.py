@@ -339,7 +339,9 @@ def run_compress(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------------------- errors and startup
 def one_line(err: BaseException, limit: int = 600) -> str:
     """An exception as one line: its message's lines joined with '; ', cut at ``limit`` characters."""
-    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = "".join(ln + ("" if i == len(lines) - 1 else " " if ln.endswith(":") else "; ")
+                   for i, ln in enumerate(lines)) or type(err).__name__
     if not isinstance(err, (CliError, ValueError, OSError)):
         text = f"{type(err).__name__}: {text}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
