@@ -126,6 +126,8 @@ def _flag_spec(name: str, param: inspect.Parameter, hint: Any) -> dict[str, Any]
     """argparse keyword arguments for one method parameter, from its annotation (or its default's type)."""
     if name == "heads":
         return {"type": str, "metavar": "REGEX"}
+    if name == "weights":
+        return {"type": float, "nargs": "+", "metavar": "W"}
     members = _flatten_union(hint) if hint is not None else [type(param.default)]
     members = [m for m in members if m is not type(None)]
     literals = tuple(str(v) for m in members if typing.get_origin(m) is typing.Literal for v in typing.get_args(m))
@@ -358,7 +360,7 @@ def enable_compile_cache() -> None:
 
         os.makedirs(os.path.join(root, "jax"), exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     except (OSError, AttributeError, ValueError):  # read-only home or an older jax: run without the cache
         return
 
@@ -394,7 +396,12 @@ def run_command(prog: str, fn: Callable[[list[str]], int], argv: list[str]) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatches to a sub-command; returns the process exit status."""
+    """Dispatches to a sub-command; returns the process exit status.
+
+    Called without ``argv`` (``python -m mergejax``, the ``mergejax`` script) it reads ``sys.argv`` and turns on the
+    persistent compilation cache; with ``argv`` (from Python) it leaves JAX's configuration alone.
+    """
+    from_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -408,5 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in commands:
         print(f"unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    enable_compile_cache()
+    if from_process:
+        enable_compile_cache()
     return run_command(f"mergejax {cmd}", commands[cmd], rest)
