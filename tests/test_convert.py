@@ -392,7 +392,11 @@ def test_efficientnet_round_trip_is_bit_exact(tmp_path):
     torch = _torch()
     pth = _efficientnet_pth()
     ref = torch.load(pth, weights_only=True)
-    variables, record = C.torch_to_flax(pth, "efficientnet_lite0")
+    from mergejax.convert.expected import expected_for
+
+    # checked against jax.eval_shape of models.efficientnet_lite0: nothing missing, unexpected or mis-shaped
+    variables, record = C.torch_to_flax(pth, "efficientnet_lite0", target=expected_for("efficientnet_lite0", pth))
+    assert not record.report
     assert len(record.dropped) == sum(k.endswith("num_batches_tracked") for k in ref)
     assert set(variables) == {"params", "batch_stats"}
     C.write_torch_state_dict(tmp_path / "back.pth", C.flax_to_torch(variables, "efficientnet_lite0", record=record))

@@ -408,3 +408,64 @@ def test_float16_overflow_warns(tmp_path, capsys):
     assert main(["merge", "--method", "task_arithmetic", "--base", str(tmp_path / "base"), "--finetuned",
                  str(tmp_path / "ft"), "--out", str(tmp_path / "m"), "--scale", "3"]) == 0
     assert "overflowed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ conversion vs config.json
+_TINY_BERT = {"vocab_size": 20, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 16, "max_position_embeddings": 16, "type_vocab_size": 2, "model_type": "bert"}
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_state():
+    from mergejax import convert as C
+    from mergejax.models.bert import BertConfig, BertModel
+
+    model = BertModel(BertConfig.from_hf(_TINY_BERT))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    return C.flax_to_state_dict(variables, "bert")
+
+
+def _write_bert(directory: Path, state: dict, config: dict) -> Path:
+    from mergejax import convert as C
+
+    directory.mkdir()
+    C.write_safetensors(directory / "model.safetensors", state)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_conversion_checks_the_checkpoint_against_config_json(tmp_path, tiny_bert_state, capsys):
+    from mergejax import convert as C
+    from mergejax.models.bert import load_bert
+
+    good = _write_bert(tmp_path / "good", tiny_bert_state, _TINY_BERT)
+    config, variables = load_bert(good)
+    assert config.hidden_size == 8 and "pooler" in variables["params"]
+    bad_state = dict(tiny_bert_state)
+    del bad_state["encoder.layer.0.output.dense.bias"]  # missing
+    bad_state["pooler.dense.weight"] = np.zeros((8, 7), np.float32)  # wrong shape
+    bad_state["encoder.layer.1.attention.self.query.weight"] = np.zeros((8, 8), np.float32)  # a layer too many
+    bad = _write_bert(tmp_path / "bad", bad_state, _TINY_BERT)
+    wants = ("missing keys [1]: params/encoder/layer_0/output/bias", "pooler.dense.weight -> params/pooler/kernel",
+             "encoder.layer.1.attention.self.query.weight")
+    assert main(["convert", "--from", "torch", "--arch", "bert", str(bad), str(tmp_path / "out")]) == 2
+    err = _err(capsys)
+    assert all(w in err for w in wants), err
+    assert "shape mismatches [1]" in err and "source (7, 8) vs expected (8, 8)" in err and "in the target) [1]" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(C.ConversionError) as info:
+        load_bert(bad)
+    assert all(w in str(info.value) for w in wants)
+    with pytest.warns(UserWarning, match="strict=False, going on"):
+        _, partial = load_bert(bad, strict=False)
+    assert "bias" not in partial["params"]["encoder"]["layer_0"]["output"] and "kernel" not in partial["params"]["pooler"]
+    # BertFor* layout: the classifier head must have config.json's num_labels rows
+    prefixed = {("bert." + k): v for k, v in tiny_bert_state.items()}
+    prefixed["classifier.weight"] = np.zeros((2, 8), np.float32)
+    prefixed["classifier.bias"] = np.zeros((2,), np.float32)
+    clf = _write_bert(tmp_path / "clf", prefixed, {**_TINY_BERT, "num_labels": 3})
+    assert main(["convert", "--from", "torch", "--arch", "bert", str(clf), str(tmp_path / "out")]) == 2
+    err = _err(capsys)
+    assert "classifier.weight -> params/heads/classifier/kernel: source (8, 2) vs expected (8, 3)" in err, err
+    assert main(["convert", "--from", "torch", "--arch", "bert", str(good), str(tmp_path / "out")]) == 0
+    assert _same(load_tree(tmp_path / "out"), variables)

@@ -64,7 +64,7 @@ class ConversionReport:
         """A readable multi-line summary (empty when everything matched)."""
         lines = []
         if self.unexpected:
-            lines.append(f"unexpected keys (no rule maps them) [{len(self.unexpected)}]: " + ", ".join(self.unexpected))
+            lines.append(f"unexpected keys (no rule maps them, or not in the target) [{len(self.unexpected)}]: " + ", ".join(self.unexpected))
         if self.missing:
             lines.append(f"missing keys [{len(self.missing)}]: " + ", ".join(self.missing))
         if self.mismatched:
