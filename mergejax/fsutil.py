@@ -54,10 +54,24 @@ def _resolved(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path)))).resolve()
 
 
+def _is_torch_output_file(name: str) -> bool:
+    """Files ``convert --from jax`` writes into a torch output directory."""
+    return (name in ("config.json", "pytorch_model.bin", "model.safetensors.index.json")
+            or (name.startswith("model") and name.endswith(".safetensors")))
+
+
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a directory holding a checkpoint marker file (orbax, ternary, or safetensors output)."""
+    """True when ``path`` is a directory holding a checkpoint that a mergejax writer may replace.
+
+    An orbax or ternary checkpoint (its marker files), or a torch output of ``convert --from jax`` holding only the
+    files that command writes (a Hugging Face model folder with a tokenizer or README is not replaced).
+    """
     p = Path(path)
-    return p.is_dir() and any((p / m).exists() for m in _CHECKPOINT_MARKERS)
+    if not p.is_dir() or not any((p / m).exists() for m in _CHECKPOINT_MARKERS):
+        return False
+    orbax_or_ternary = any((p / m).exists() for m in ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt",
+                                                      "ternary.json"))
+    return orbax_or_ternary or all(_is_torch_output_file(e.name) for e in p.iterdir())
 
 
 def _relation(out: Path, inp: Path) -> str | None:

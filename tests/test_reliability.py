@@ -98,6 +98,14 @@ def test_output_policy_refuses_overlap_existing_and_foreign_outputs(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(fsutil.OutputError, match="is a file"):
         fsutil.check_output(tmp_path / "file.txt", [inp], force=True)
+    hf = tmp_path / "hf_model"  # a Hugging Face folder: weights plus files no mergejax command writes
+    hf.mkdir()
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        (hf / name).write_text("{}")
+    with pytest.raises(fsutil.OutputError, match="not a checkpoint"):
+        fsutil.check_output(hf, [inp], force=True)
+    (hf / "tokenizer.json").unlink()
+    assert fsutil.check_output(hf, [inp], force=True) == hf.resolve()  # what convert --from jax writes
     (tmp_path / "empty").mkdir()
     assert fsutil.check_output(tmp_path / "empty", [inp], force=True) == (tmp_path / "empty").resolve()
     assert fsutil.check_output(inp, [tmp_path / "elsewhere"], force=True) == inp.resolve()
