@@ -21,13 +21,15 @@ Environment: ``MERGEJAX_CACHE`` (default ``~/.cache/mergejax``) holds JAX's pers
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import inspect
 import math
 import os
 import sys
+import types
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +90,14 @@ def _hints(method: str) -> dict[str, Any]:
 
 
 def _flatten_union(hint: Any) -> list[Any]:
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", ())):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return [m for a in typing.get_args(hint) for m in _flatten_union(a)]
     return [hint]
 
 
 def _is_float_sequence(hint: Any) -> bool:
     origin = typing.get_origin(hint)
-    if origin not in (tuple, list, Sequence, typing.Sequence, __import__("collections").abc.Sequence):
+    if origin not in (tuple, list, collections.abc.Sequence):
         return False
     args = [a for a in typing.get_args(hint) if a is not Ellipsis]
     return bool(args) and all(a in (float, int) for a in args)

@@ -159,6 +159,9 @@ def save_tree(
 
     from mergejax import fsutil
 
+    if jax.process_count() > 1:
+        raise ValueError("save_tree writes and swaps the directory from one process; in a multi-process job save "
+                         "with orbax's CheckpointManager (or gather the tree to one process first)")
     out = fsutil.check_output(path, force=force, flag="checkpoint directory")
     with fsutil.atomic_dir(out) as tmp:
         with ocp.StandardCheckpointer() as ckpt:
