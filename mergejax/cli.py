@@ -419,4 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if from_process:
         enable_compile_cache()
-    return run_command(f"mergejax {cmd}", commands[cmd], rest)
+    status = run_command(f"mergejax {cmd}", commands[cmd], rest)
+    if from_process and status != 0 and "--debug" not in rest:
+        # after a failed restore, TensorStore callbacks still pending on orbax's closed event loop print a stray
+        # "Event loop is closed" traceback during interpreter teardown; nothing is left to clean up (partial outputs
+        # were removed already), so end the process here and keep stderr to the one-line error
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status

@@ -230,22 +230,31 @@ def load_tree(path: str | os.PathLike, like: PyTree | None = None, *, verify: bo
         fsutil.recover(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no checkpoint directory there")
+    ckpt = ocp.StandardCheckpointer()
     try:
-        with ocp.StandardCheckpointer() as ckpt:
-            if like is None:
-                tree = ckpt.restore(path)
-            else:
-                abstract = jax.tree_util.tree_map(
-                    lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
-                    else jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
-                    like,
-                )
-                tree = ckpt.restore(path, abstract)
+        if like is None:
+            tree = ckpt.restore(path)
+        else:
+            abstract = jax.tree_util.tree_map(
+                lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
+                else jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
+                like,
+            )
+            tree = ckpt.restore(path, abstract)
     except Exception as err:  # noqa: BLE001 - orbax/TensorStore errors are pages long; one line is enough
+        # TensorStore reads of other leaves still in flight complete on orbax's closed event loop and print
+        # "Event loop is closed" tracebacks from a background thread: let them finish into a sink
+        import contextlib
+        import io
+        import time
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            time.sleep(0.25)
         raise CheckpointError(
             f"{path}: cannot restore the checkpoint, it is truncated, corrupted or not an orbax checkpoint "
             f"({_short(err)})"
         ) from err
+    ckpt.close()
     if verify:
         verify_checksums(path, tree)
     return tree
