@@ -87,6 +87,37 @@ def _shape_of(x: Any) -> tuple[int, ...]:
     return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
 
 
+def _node_kind(node: Any) -> str:
+    return type(node).__name__
+
+
+def structure_difference(a: PyTree, b: PyTree, path: str = "") -> str | None:
+    """Where two trees' containers first differ, e.g. ``"at 'params': FrozenDict vs dict"``; None if they do not.
+
+    Compares node types, dict keys and sequence lengths top-down (what ``missing/unexpected leaves`` cannot show:
+    a tuple where a list was, a ``FrozenDict`` where a ``dict`` was).
+    """
+    where = repr(path) if path else "the root"
+    a_leaf = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(a))
+    b_leaf = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(b))
+    if a_leaf or b_leaf:
+        if a_leaf != b_leaf:
+            return f"at {where}: a leaf vs a {_node_kind(b if a_leaf else a)}"
+        return None
+    if type(a) is not type(b):
+        return f"at {where}: {_node_kind(a)} vs {_node_kind(b)}"
+    a_children, b_children = jax.tree_util.tree_flatten_with_path(a, is_leaf=lambda x: x is not a)[0], \
+        jax.tree_util.tree_flatten_with_path(b, is_leaf=lambda x: x is not b)[0]
+    a_keys, b_keys = [path_str(k) for k, _ in a_children], [path_str(k) for k, _ in b_children]
+    if a_keys != b_keys:
+        return f"at {where}: children {a_keys[:6]} vs {b_keys[:6]}"
+    for (k, x), (_, y) in zip(a_children, b_children):
+        sub = structure_difference(x, y, f"{path}/{path_str(k)}" if path else path_str(k))
+        if sub:
+            return sub
+    return None
+
+
 def validate_like(
     base: PyTree, trees: Sequence[PyTree], *, what: str = "finetuned", first_index: int = 0
 ) -> None:
@@ -100,6 +131,11 @@ def validate_like(
     base_paths = paths_and_leaves(base)
     base_def = jax.tree_util.tree_structure(base)
     for i, tree in enumerate(trees, start=first_index):
+        if isinstance(tree, str):
+            raise ValueError(
+                f"{what}[{i}] is the string {tree!r}, not a parameter tree: pass a list of models (a dict of models "
+                "iterates over its keys), e.g. list(models.values())"
+            )
         if jax.tree_util.tree_structure(tree) != base_def:
             other = dict(paths_and_leaves(tree))
             mine = dict(base_paths)
@@ -110,6 +146,8 @@ def validate_like(
                 f"missing leaves {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected leaves {extra[:5]}{'...' if len(extra) > 5 else ''} "
                 f"(base: {len(mine)} leaves, {what}[{i}]: {len(other)} leaves)"
+                + (f"; containers differ {diff} (base vs {what}[{i}])"
+                   if (diff := structure_difference(base, tree)) else "")
             )
         for (path, b), (_, x) in zip(base_paths, paths_and_leaves(tree)):
             if _shape_of(b) != _shape_of(x) or _dtype_of(b) != _dtype_of(x):

