@@ -44,6 +44,7 @@ from mergejax.ops.pcb import PCB
 from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Sum
 from mergejax.ops.sign import ElectSign, SignMethod
 from mergejax.ops.trim import Scope, Trim
+from mergejax.precision import warn_float16_overflow, warn_float64
 from mergejax.tree import (
     PyTree,
     TaskVector,
@@ -135,6 +136,7 @@ def _validate_entries(base: PyTree, entries: Sequence[Any], what: str = "finetun
             validate_like(_structure(base), [_structure(m)], what=what, first_index=i)
         else:
             validate_like(base, [m], what=what, first_index=i)
+    warn_float64(base, what="base")  # x64 off: float64 inputs are computed in float32; say so, naming the leaves
     return entries
 
 
@@ -358,15 +360,17 @@ class Merger:
         self._check_key(key)
         flags = tuple(head_flags(base, heads))
         models_traced = is_traced(base, entries)
-        fused = check_finite and not models_traced and not is_traced(scale, weights, key)
+        fused = check_finite and not models_traced and not is_traced(scale, weights, key, self)
         if check_finite and not models_traced and not fused:  # traced scale/weights: a separate check
             check_finite_many([base, *[e for e in entries if not _is_encoded(e)]],
                               what=["base", *[f"finetuned[{i}]" for i, e in enumerate(entries) if not _is_encoded(e)]])
         out, finite = _merge_models_jit(self, base, entries, jnp.asarray(scale, jnp.float32), _as_weights(weights), key,
                                         flags=flags, check=fused)
-        if fused:
+        if fused and not is_traced(finite):  # (concrete inputs inside the caller's trace give traced flags)
             names = _finite_names(base, entries, "finetuned", True)
             raise_nonfinite(names, unpack_flags(jax.device_get(finite), len(names)))
+        if not is_traced(out):
+            warn_float16_overflow(out)
         return out
 
 
@@ -474,6 +478,7 @@ def average(models: Sequence[PyTree], *, weights: Sequence[float] | jax.Array | 
                 "task_arithmetic(base, task_vectors, scale=1/T)"
             )
     validate_like(models[0], models[1:], what="models", first_index=1)
+    warn_float64(models[0], what="models[0]")
     _check_weights(weights, len(models))
     if weights is not None and not is_traced(weights) and not np.sum(np.asarray(weights, np.float64)) > 0:
         raise ValueError(f"weights must have a positive sum, got {np.asarray(weights).tolist()}")

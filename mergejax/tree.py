@@ -236,7 +236,10 @@ def check_finite_many(trees: Sequence[PyTree], *, what: Sequence[str]) -> None:
     items = [(name, p, x) for tree, name in zip(trees, what) for p, x in paths_and_leaves(as_tree(tree)) if is_float(x)]
     if not items or is_traced([x for _, _, x in items]):
         return
-    flags = unpack_flags(jax.device_get(_finite_flags([x for _, _, x in items])), len(items))
+    groups = _finite_flags([x for _, _, x in items])
+    if is_traced(groups):  # inside the caller's jit/vmap/grad (concrete inputs closed over): values unknown
+        return
+    flags = unpack_flags(jax.device_get(groups), len(items))
     raise_nonfinite([f"{name}:{p}" for name, p, _ in items], flags)
 
 

@@ -77,6 +77,10 @@ def test_merges_run_inside_user_jit(models):
         jitted = jax.jit(fn)(base, fts)
         for a, c in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
+    # concrete models closed over inside the caller's jit: the NaN/Inf report is skipped, not a tracer error
+    closed = jax.jit(lambda s: mj.ties(base, fts, scale=s))(1.0)
+    np.testing.assert_allclose(np.asarray(closed["enc"]["kernel"]), np.asarray(mj.ties(base, fts)["enc"]["kernel"]),
+                               atol=1e-6)
 
 
 def test_vmap_over_scale_and_weights(models):

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "mergejax.ternary"
-FORMAT_VERSION = 1
+FORMAT_VERSION = codec.FORMAT_VERSION
 STREAMS_FILE = "streams.bin"
 METADATA_FILE = "ternary.json"
 
