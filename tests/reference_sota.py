@@ -69,7 +69,8 @@ def iso_cts(mats, common_space_fraction=0.8):
     common = r - total_ts
     combined = np.sum(np.asarray(mats, np.float64), axis=0)
     u, s, v = _svd(combined)
-    cu, cs, cv = u[:, :common], s[:common], v[:common, :]
+    live = s[:common] > max(shape_) * EPS32 * s.max()
+    cu, cs, cv = u[:, :common] * live, s[:common] * live, v[:common, :] * live[:, None]
     n_dims = total_ts // T
     comb_u = np.zeros((shape_[0], r))
     comb_s = np.zeros(r)

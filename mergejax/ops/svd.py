@@ -119,7 +119,8 @@ def iso_cts_matrix(xs: list[jax.Array], common_fraction: float = 0.8) -> jax.Arr
     c, n_t = iso_cts_sizes(min(m, n), T, common_fraction)
     total = sum(xs[1:], xs[0])
     u, s, vh = jnp.linalg.svd(total, full_matrices=False)
-    uc, sc, vhc = u[:, :c], s[:c], vh[:c]
+    live_c = (s[:c] > _tol(s, total.shape)).astype(total.dtype)  # null directions of the sum are arbitrary
+    uc, sc, vhc = u[:, :c] * live_c, s[:c] * live_c, vh[:c] * live_c[:, None]
     us, ss, vhs = [], [], []
     for x in xs:
         x_ts = x - uc @ (uc.T @ x)

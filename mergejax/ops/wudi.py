@@ -12,7 +12,8 @@ FusionBench); ``normalize="norm"`` gives the official ViT script's weighting. No
 (FusionBench; the official script leaves them at the pre-trained value).
 
 Computation. The gradient is 2 sum_i (tau_m - tau_i) G_i / n_i with the Gram matrices G_i = tau_i^T tau_i, so
-with A = sum_i G_i / n_i (in x in) and B = sum_i tau_i G_i / n_i (out x in), computed once, every step costs one
+with A = sum_i G_i / n_i (in x in) and C = sum_i (tau_0 - tau_i) G_i / n_i (out x in), computed once, every step
+costs one
 (out x in)(in x in) product instead of the reference's T (out x in)(in x out) products and their backward pass;
 the iterates are the same up to float rounding. All matrices of the model run in one ``lax.fori_loop`` with one
 ``optax.adam`` state (Adam is elementwise, so this equals one optimiser per matrix). A task with tau_i = 0
@@ -45,17 +46,22 @@ def _weights(xs: jax.Array, normalize: Normalize) -> jax.Array:
 
 
 def wudi_statistics(xs: jax.Array, normalize: Normalize = "squared") -> tuple[jax.Array, jax.Array]:
-    """(A, B) = (sum_i tau_i^T tau_i / n_i, sum_i tau_i tau_i^T tau_i / n_i) for stacked ``xs`` [..., T, out, in]."""
+    """(A, C) for stacked ``xs`` [..., T, out, in]: A = sum_i w_i G_i and C = sum_i w_i (tau_0 - tau_i) G_i, with
+    G_i = tau_i^T tau_i, w_i = 1 / ||tau_i||^2 and tau_0 = sum_i tau_i the starting point, so that the gradient at
+    tau_0 + delta is 2 (delta A + C). The differences tau_0 - tau_i are formed before any product (as the reference
+    forms tau_m - tau_i), so a zero gradient stays exactly zero (T = 1) instead of becoming rounding noise that Adam
+    would amplify into lr-sized steps."""
     w = _weights(xs, normalize)[..., None, None]
     grams = jnp.einsum("...tki,...tkj->...tij", xs, xs)
     a = jnp.sum(w * grams, axis=-3)
-    b = jnp.sum(w * jnp.einsum("...tok,...tkj->...toj", xs, grams), axis=-3)
-    return a, b
+    d0 = jnp.sum(xs, axis=-3, keepdims=True) - xs
+    c = jnp.sum(w * jnp.einsum("...tok,...tkj->...toj", d0, grams), axis=-3)
+    return a, c
 
 
-def wudi_gradient(tau_m: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    """dL/dtau_m = 2 (tau_m A - B)."""
-    return 2.0 * (tau_m @ a - b)
+def wudi_gradient(delta: jax.Array, a: jax.Array, c: jax.Array) -> jax.Array:
+    """dL/dtau_m at tau_m = tau_0 + delta: 2 (delta A + C)."""
+    return 2.0 * (delta @ a + c)
 
 
 def wudi_loss(tau_m: jax.Array, xs: jax.Array, normalize: Normalize = "squared") -> jax.Array:
@@ -92,15 +98,18 @@ def wudi_optimize(
 ) -> list[jax.Array]:
     """Runs ``steps`` Adam steps (torch defaults: b1 0.9, b2 0.999, eps 1e-8, no weight decay) on every matrix at once.
 
+    The iterate is parameterised as tau_0 + delta (delta starts at 0), see :func:`wudi_statistics`.
+
     Args:
-      init: the starting matrices (stacked per shape group, [B, out, in]).
+      init: the starting matrices tau_0 (stacked per shape group, [B, out, in]).
       stats: per group the (A, B) of :func:`wudi_statistics`.
       steps: number of Adam steps (static).
       lr: learning rate.
       progress: show a tqdm bar (updated from inside the compiled loop every ~1% of the steps).
     """
     opt = optax.adam(lr)
-    state = opt.init(init)
+    zeros = [jnp.zeros_like(x) for x in init]
+    state = opt.init(zeros)
     every = max(1, steps // 100)
     tag = id(init)
 
@@ -117,8 +126,8 @@ def wudi_optimize(
             )
         return params, st
 
-    params, _ = jax.lax.fori_loop(0, steps, body, (list(init), state))
-    return params
+    delta, _ = jax.lax.fori_loop(0, steps, body, (zeros, state))
+    return [x + d for x, d in zip(init, delta)]
 
 
 @dataclass(frozen=True)
