@@ -416,3 +416,22 @@ def test_sharded_matches_unsharded_and_keeps_shardings(mesh8):
         for (path, g), (_, w), (_, s) in zip(paths_and_leaves(got), paths_and_leaves(want), paths_and_leaves(shardings)):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4, err_msg=f"{name} {path}")  # SVD of a gathered vs local operand: float32-level differences
             assert g.sharding.is_equivalent_to(s, g.ndim), f"{name} {path}: {g.sharding} vs {s}"
+
+
+@pytest.mark.skipif(not _HAS_WEIGHTS, reason="the README example passes weights= (issue 8 combinator)")
+def test_readme_sota_example_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    start = text.index("## Newer data-free methods")
+    (block,) = re.findall(r"```python\n(.*?)```", text[start : text.index("\n## ", start + 3)], re.S)
+
+    def model(seed):
+        k = jax.random.split(jax.random.key(seed), 3)
+        return {"layers_0": {"kernel": jax.random.normal(k[0], (4, 8))}, "layers_1": {"kernel": jax.random.normal(k[1], (8, 8))},
+                "head": {"bias": jax.random.normal(k[2], (2,))}}
+
+    env = {"mj": mj, "base": model(0), "ft_a": model(1), "ft_b": model(2), "ft_c": model(3)}
+    exec(compile(block, "README.md", "exec"), env)
+    assert env["size"]["masks_bitmap"] > 0
