@@ -435,3 +435,19 @@ def test_readme_sota_example_runs():
     env = {"mj": mj, "base": model(0), "ft_a": model(1), "ft_b": model(2), "ft_c": model(3)}
     exec(compile(block, "README.md", "exec"), env)
     assert env["size"]["masks_bitmap"] > 0
+
+
+def test_tall_masks_match_reference_and_recover_models():
+    base, fts = make_models(seed=24, T=3, bf16=False)
+    tvs = tvs_np(base, fts)
+    paths = list(tvs)
+    masks, mtl = R.tall_masks([[tvs[p][t] for p in paths] for t in range(3)], 0.4)
+    res = mj.tall_masks(base, fts, lam=0.4)
+    for t in range(3):
+        got_m = dict(paths_and_leaves(res.masks[t]))
+        model = dict(paths_and_leaves(res.model(t)))
+        for j, p in enumerate(paths):
+            np.testing.assert_array_equal(np.asarray(got_m[p]), masks[t][j], err_msg=p)
+            want = np.asarray(dict(paths_and_leaves(base))[p], np.float32) + masks[t][j] * mtl[j]
+            np.testing.assert_allclose(np.asarray(model[p]), want, atol=1e-5, err_msg=p)
+    assert int(res.model(0)["step"][0]) == int(base["step"][0])

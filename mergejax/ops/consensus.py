@@ -17,12 +17,15 @@ import jax
 import jax.numpy as jnp
 
 from mergejax.ops.base import Reduction, Stage, TaskVectors
+from mergejax.ops.matrix import static
 from mergejax.ops.reduce import DisjointSum, Sum, sum_leaves
 from mergejax.ops.sign import ElectSign
 from mergejax.ops.trim import Trim
 from mergejax.tree import PyTree, is_float
 
-__all__ = ["tall_mask", "consensus_mask", "Consensus", "consensus_ta_stages", "consensus_ties_stages"]
+__all__ = [
+    "tall_mask", "consensus_mask", "Consensus", "consensus_ta_stages", "consensus_ties_stages", "TallMasks", "tall_masks",
+]
 
 
 def tall_mask(x: jax.Array, mtl: jax.Array, lam: float) -> jax.Array:
@@ -53,9 +56,9 @@ class Consensus(Reduction):
       k: minimum number of agreeing task masks (0 keeps everything: the base method; > T keeps nothing).
     """
 
-    inner: tuple = (Sum(),)
-    lam: float = 0.6
-    k: int = 2
+    inner: tuple = static((Sum(),))
+    lam: float = static(0.6)
+    k: int = static(2)
 
     def __post_init__(self):
         if sum(bool(getattr(s, "reduces", False)) for s in self.inner) != 1:
@@ -88,3 +91,59 @@ def consensus_ta_stages() -> tuple[Stage, ...]:
 def consensus_ties_stages(density: float = 0.2) -> tuple[Stage, ...]:
     """tau_MTL of Consensus TIES: trim to ``density``, elect signs, disjoint sum (the code's ``dis-sum``, k = 20%)."""
     return (Trim(density, "global"), ElectSign(), DisjointSum())
+
+
+class TallMasks:
+    """TALL-mask compression (Wang et al., ICML 2024, Sec. 4): one multi-task vector and per-task boolean masks;
+    ``model(t) = theta_0 + m_t * tau_MTL`` recovers task t. Build with :func:`tall_masks`.
+
+    Attributes:
+      base: the pre-trained tree.
+      mtl: the multi-task vector tau_MTL (float leaves float32 or wider; non-float leaves as the task vectors).
+      masks: per task, a tree of boolean masks (``None`` at non-float leaves).
+    """
+
+    def __init__(self, base: PyTree, mtl: PyTree, masks: list[PyTree]):
+        self.base, self.mtl, self.masks = base, mtl, masks
+
+    def model(self, t: int, *, scale: float = 1.0) -> PyTree:
+        """Task t's model theta_0 + scale * m_t * tau_MTL, in the base's dtypes."""
+        from mergejax.tree import _leaf_apply
+
+        if not 0 <= int(t) < len(self.masks):
+            raise IndexError(f"task index {t} out of range for {len(self.masks)} tasks")
+        tv = jax.tree_util.tree_map(
+            lambda m, tau: jnp.where(m, tau, 0) if is_float(tau) else tau, self.masks[t], self.mtl,
+            is_leaf=lambda x: x is None,
+        )
+        return jax.tree_util.tree_map(lambda b, x: _leaf_apply(b, x, jnp.float32(scale)), self.base, tv)
+
+
+def tall_masks(
+    base: PyTree, finetuned, *, lam: float = 0.6, inner: tuple = (Sum(),), key: jax.Array | None = None
+) -> TallMasks:
+    """TALL masks of every task (Eq. 4) against the multi-task vector of ``inner`` (default: task arithmetic).
+
+    Args:
+      base: pre-trained parameters.
+      finetuned: T fine-tuned trees (validated like every merge).
+      lam: one lambda for every task (the paper picks lambda_t in {0.2, ..., 0.6} on validation data).
+      inner: stages giving tau_MTL, e.g. :func:`consensus_ties_stages` (TIES dis-sum).
+      key: for inner stages that draw random numbers.
+    """
+    from mergejax.merge import _check_models
+    from mergejax.tree import _leaf_task_vector
+
+    finetuned = _check_models(base, finetuned, True, with_base=True)
+    tvs = tuple(jax.tree_util.tree_map(_leaf_task_vector, ft, base) for ft in finetuned)
+
+    @jax.jit
+    def run(tvs, key):
+        (mtl,) = _run(tuple(inner), tvs, key)
+        masks = [
+            jax.tree_util.tree_map(lambda m, x: tall_mask(x, m, lam) if is_float(m) else None, mtl, tv) for tv in tvs
+        ]
+        return mtl, masks
+
+    mtl, masks = run(tvs, key)
+    return TallMasks(base, mtl, masks)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax.ops.base import TaskVectors, Transform, check_fraction, leaf_keys
-from mergejax.ops.matrix import Layout, check_layout, transposes
+from mergejax.ops.matrix import Layout, check_layout, static, transposes
 from mergejax.tree import is_float, path_str
 
 __all__ = ["della_probabilities", "della_prune", "Della"]
@@ -62,11 +62,11 @@ class Della(Transform):
       layout, transpose: which 2-D leaves are Flax kernels (:mod:`mergejax.ops.matrix`).
     """
 
-    density: float = 0.5
-    epsilon: float = 0.1
-    rescale: Literal["inverse", "l1"] = "inverse"
-    layout: Layout = "flax"
-    transpose: str | None = None
+    density: float = static(0.5)
+    epsilon: float = static(0.1)
+    rescale: Literal["inverse", "l1"] = static("inverse")
+    layout: Layout = static("flax")
+    transpose: str | None = static(None)
     needs_key: ClassVar[bool] = True
 
     def __post_init__(self):

@@ -33,9 +33,18 @@ import jax.numpy as jnp
 from mergejax.ops.base import TaskVectors
 from mergejax.tree import PyTree, is_float, path_str
 
-__all__ = ["Layout", "MatrixGroup", "transposes", "collect_matrices", "map_matrices", "check_layout"]
+__all__ = ["Layout", "MatrixGroup", "transposes", "collect_matrices", "map_matrices", "check_layout", "static"]
 
 Layout = Literal["flax", "torch"]
+
+
+def static(default):
+    """A stage field that stays static under ``jit`` (ranks, sizes, regexes, flags): ``mergejax.ops.base.static_field``
+    where the core API provides it, a plain default otherwise."""
+    from mergejax.ops import base
+
+    sf = getattr(base, "static_field", None)
+    return sf(default) if sf is not None else default
 
 
 def check_layout(layout: str) -> None:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax.ops.base import Reduction, TaskVectors, check_fraction, rank_from_fraction
-from mergejax.ops.matrix import Layout, check_layout, map_matrices, mean_leaves
+from mergejax.ops.matrix import Layout, check_layout, map_matrices, mean_leaves, static
 
 __all__ = [
     "polar",
@@ -180,7 +180,7 @@ class TSV(_MatrixReduction):
       exclude: path regex of 2-D leaves to average instead (FusionBench's ``exclude_keys``).
     """
 
-    exclude: str | None = None
+    exclude: str | None = static(None)
 
     def merge_matrix(self, xs):
         return tsv_matrix(xs)
@@ -190,7 +190,7 @@ class TSV(_MatrixReduction):
 class IsoC(_MatrixReduction):
     """Reduction: Iso-C, :func:`iso_c_matrix` on every 2-D leaf, the mean elsewhere."""
 
-    exclude: str | None = None
+    exclude: str | None = static(None)
 
     def merge_matrix(self, xs):
         return iso_c_matrix(xs)
@@ -206,10 +206,10 @@ class IsoCTS(_MatrixReduction):
       exclude: path regex of 2-D leaves to average instead.
     """
 
-    common_fraction: float = 0.8
-    layout: Layout = "flax"
-    transpose: str | None = None
-    exclude: str | None = None
+    common_fraction: float = static(0.8)
+    layout: Layout = static("flax")
+    transpose: str | None = static(None)
+    exclude: str | None = static(None)
     orient: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -231,9 +231,9 @@ class CART(_MatrixReduction):
       exclude: path regex of 2-D leaves to average instead.
     """
 
-    rank_ratio: float = 0.12
+    rank_ratio: float = static(0.12)
     coeff: float = 2.0
-    exclude: str | None = None
+    exclude: str | None = static(None)
 
     def __post_init__(self):
         check_fraction("rank_ratio", self.rank_ratio)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from mergejax.ops.base import Reduction, TaskVectors
-from mergejax.ops.matrix import Layout, check_layout, collect_matrices, mean_leaves, rebuild
+from mergejax.ops.matrix import Layout, check_layout, collect_matrices, mean_leaves, rebuild, static
 
 __all__ = ["wudi_statistics", "wudi_gradient", "wudi_loss", "wudi_optimize", "WUDI"]
 
@@ -143,13 +143,13 @@ class WUDI(Reduction):
       progress: show a progress bar.
     """
 
-    steps: int = 300
+    steps: int = static(300)
     lr: float = 1e-5
-    normalize: Normalize = "squared"
-    layout: Layout = "flax"
-    transpose: str | None = None
-    exclude: str | None = None
-    progress: bool = True
+    normalize: Normalize = static("squared")
+    layout: Layout = static("flax")
+    transpose: str | None = static(None)
+    exclude: str | None = static(None)
+    progress: bool = static(True)
 
     def __post_init__(self):
         check_layout(self.layout)
