@@ -18,6 +18,9 @@ costs one
 the iterates are the same up to float rounding. All matrices of the model run in one ``lax.fori_loop`` with one
 ``optax.adam`` state (Adam is elementwise, so this equals one optimiser per matrix). A task with tau_i = 0
 contributes nothing (the reference divides 0 by 0).
+
+Memory: for every matrix, its T task matrices stacked once (to form A and C), then during the loop delta, Adam's
+two moments, A (in x in) and C (out x in): about 5 float32 copies of the matrix part of the model plus the Grams.
 """
 
 from __future__ import annotations
