@@ -15,7 +15,6 @@ minority positions' gaps, or the plain bitmap when smaller; below 1 bit per para
 
 from __future__ import annotations
 
-import re
 from functools import partial
 from typing import Sequence
 
@@ -23,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.merge import _check_models
+from mergejax.merge import _is_encoded, _validate_entries, task_vectors_of
 from mergejax.ternary import codec
 from mergejax.ternary.device import pack_bits, unpack_bits
-from mergejax.tree import PyTree, _leaf_apply, _leaf_task_vector, is_float, path_str
+from mergejax.tree import PyTree, _leaf_apply, as_tree, check_finite_many, head_flags, is_float
 
 __all__ = ["EMRMerged", "emr", "emr_task_vectors"]
 
@@ -173,50 +172,49 @@ def _task_leaves_jit(unified, masks, rescaler, shapes, heads):
 
 
 @jax.jit
-def _emr_jit(base_f, fts_f):
-    tvs = [[_leaf_task_vector(f, b) for f, b in zip(ft, base_f)] for ft in fts_f]
-    unified, masks, rescalers = emr_task_vectors(tvs)
-    packed = [[pack_bits(m) for m in ms] for ms in masks]
-    return unified, packed, rescalers
+def _emr_jit(tvs_f):
+    unified, masks, rescalers = emr_task_vectors(tvs_f)
+    return unified, [[pack_bits(m) for m in ms] for ms in masks], rescalers
 
 
 def emr(
-    base: PyTree, finetuned: Sequence[PyTree], *, heads: str | None = None, check_finite: bool = True
+    base: PyTree, finetuned: Sequence[PyTree], *, heads: str | PyTree | None = None, check_finite: bool = True
 ) -> EMRMerged:
     """EMR-Merging: a unified task vector plus a per-task mask and rescaler; ``emr(base, fts).model(t)`` is task t.
 
     Args:
       base: pre-trained parameters theta_0.
-      finetuned: T fine-tuned trees with the base's structure, shapes and dtypes.
-      heads: path regex of leaves kept per task exactly (classification heads): ``model(t)`` takes task t's own
-        value there, and they do not enter the unified vector or the rescalers.
-      check_finite: report NaN/Inf leaves by path first.
+      finetuned: T fine-tuned trees with the base's structure, shapes and dtypes (or task vectors, typed or
+        compressed).
+      heads: leaves kept per task exactly (classification heads), a path regex or a boolean mask tree:
+        ``model(t)`` takes task t's own value there, and they enter neither the unified vector nor the rescalers.
+      check_finite: report NaN/Inf leaves by model and path first.
 
     Returns:
       An :class:`EMRMerged`. Memory: the unified vector (float32) and T bitmaps of 1 bit per parameter.
     """
-    finetuned = _check_models(base, finetuned, check_finite, with_base=True)
-    flat_b, _ = jax.tree_util.tree_flatten_with_path(base)
-    float_index = [i for i, (_, x) in enumerate(flat_b) if is_float(x)]
-    paths = [path_str(flat_b[i][0]) for i in float_index]
-    is_head = [heads is not None and re.search(heads, p) is not None for p in paths]
-    body = [j for j, h in enumerate(is_head) if not h]
-    base_f = [flat_b[float_index[j]][1] for j in range(len(float_index))]
-    fts_f = [[leaves[i] for i in float_index] for leaves in (jax.tree_util.tree_leaves(ft) for ft in finetuned)]
-    unified_b, packed_b, rescalers = _emr_jit([base_f[j] for j in body], [[f[j] for j in body] for f in fts_f])
-    T = len(finetuned)
-    shapes = tuple(tuple(int(d) for d in jnp.shape(x)) for x in base_f)
-    unified, masks = [None] * len(base_f), [[None] * len(base_f) for _ in range(T)]
+    entries = _validate_entries(base, finetuned)
+    if check_finite:
+        dense = [(f"finetuned[{i}]", as_tree(e)) for i, e in enumerate(entries) if not _is_encoded(e)]
+        check_finite_many([base] + [t for _, t in dense], what=["base"] + [n for n, _ in dense])
+    flags = head_flags(base, heads)
+    b_leaves = jax.tree_util.tree_leaves(base)
+    float_index = [i for i, x in enumerate(b_leaves) if is_float(x)]
+    shapes = tuple(tuple(int(d) for d in jnp.shape(b_leaves[i])) for i in float_index)
+    body = [j for j, i in enumerate(float_index) if not flags[i]]
+    tvs = [jax.tree_util.tree_leaves(tv) for tv in task_vectors_of(base, entries)]
+    tvs_f = [[tv[i] for i in float_index] for tv in tvs]
+    unified_b, packed_b, rescalers = _emr_jit([[tv[j] for j in body] for tv in tvs_f])
+    T = len(entries)
+    unified = [jnp.zeros(s, jnp.float32) for s in shapes]
+    masks = [[pack_bits(jnp.zeros(s, bool)) for s in shapes] for _ in range(T)]
     head_tvs: list[dict[int, jax.Array]] = [{} for _ in range(T)]
     for k, j in enumerate(body):
         unified[j] = unified_b[k]
         for t in range(T):
             masks[t][j] = packed_b[t][k]
-    for j, h in enumerate(is_head):
-        if h:
+    for j, i in enumerate(float_index):
+        if flags[i]:
             for t in range(T):
-                head_tvs[t][j] = _leaf_task_vector(fts_f[t][j], base_f[j])
-            unified[j] = jnp.zeros(shapes[j], jnp.float32)
-            for t in range(T):
-                masks[t][j] = pack_bits(jnp.zeros(shapes[j], bool))
+                head_tvs[t][j] = tvs_f[t][j]
     return EMRMerged(base, unified, masks, rescalers, head_tvs, float_index, shapes)

@@ -23,9 +23,10 @@ Every chain method also takes ``weights=`` (per-task weights applied to the task
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from mergejax.emr import EMRMerged, emr
 from mergejax.merge import chain
@@ -55,14 +56,11 @@ __all__ = [
 
 
 def _run(stages, base, finetuned, *, scale, weights, heads, key=None, check_finite=True) -> PyTree:
-    extra: dict[str, Any] = {}
-    if weights is not None:
-        extra["weights"] = weights
-    if heads is not None:
-        extra["heads"] = heads
-    if key is not None:
-        extra["key"] = key
-    return chain(*stages)(base, finetuned, scale=scale, check_finite=check_finite, **extra)
+    if isinstance(weights, (list, tuple)):  # T numbers: one [T] array (a tuple would be traced as T scalars)
+        weights = jnp.asarray(weights, jnp.float32)
+    return chain(*stages)(
+        base, finetuned, scale=scale, weights=weights, heads=heads, key=key, check_finite=check_finite
+    )
 
 
 def tsv(

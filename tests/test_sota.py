@@ -380,7 +380,16 @@ def test_weights_scale_task_vectors_before_tsv():
     got = mj.tsv(base, fts, weights=w)
     scaled = [jax.tree.map(lambda f, b: (b + wi * (f - b)) if is_float(b) else f, ft, base) for ft, wi in zip(fts, w)]
     want = mj.tsv(base, scaled)
-    np.testing.assert_allclose(np.asarray(got["Dense_0"]["kernel"]), np.asarray(want["Dense_0"]["kernel"]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got["Dense_0"]["kernel"]), np.asarray(want["Dense_0"]["kernel"]), atol=1e-4)
+    head = mj.iso_cts(base, fts, heads=r"^Dense_1/")  # a head leaf: base + sum_t tau_t, never seen by the stage
+    tvs = tvs_np(base, fts)
+    np.testing.assert_allclose(
+        np.asarray(head["Dense_1"]["kernel"]), np.asarray(base["Dense_1"]["kernel"]) + sum(tvs["Dense_1/kernel"]), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(head["Dense_0"]["kernel"]),
+        np.asarray(base["Dense_0"]["kernel"]) + R.iso_cts([x.T for x in tvs["Dense_0/kernel"]]).T, atol=3e-4,
+    )
 
 
 def test_methods_jit_and_bf16_dtypes():

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax.ops.base import Reduction, Stage, TaskVectors
-from mergejax.ops.matrix import static
+from mergejax.ops.matrix import PreWeightedInputs, static
 from mergejax.ops.reduce import DisjointSum, Sum, sum_leaves
 from mergejax.ops.sign import ElectSign
 from mergejax.ops.trim import Trim
@@ -46,7 +46,7 @@ def _run(stages: tuple, tvs: TaskVectors, key) -> TaskVectors:
 
 
 @dataclass(frozen=True)
-class Consensus(Reduction):
+class Consensus(PreWeightedInputs, Reduction):
     """Reduction: Consensus merging on top of a base method.
 
     Args:
@@ -131,12 +131,9 @@ def tall_masks(
       inner: stages giving tau_MTL, e.g. :func:`consensus_ties_stages` (TIES dis-sum).
       key: for inner stages that draw random numbers.
     """
-    from mergejax.merge import _check_models
-    from mergejax.tree import _leaf_task_vector
+    from mergejax.merge import task_vectors_of
 
-    finetuned = _check_models(base, finetuned, True, with_base=True)
-    tvs = tuple(jax.tree_util.tree_map(_leaf_task_vector, ft, base) for ft in finetuned)
-
+    tvs = task_vectors_of(base, finetuned)
     @jax.jit
     def run(tvs, key):
         (mtl,) = _run(tuple(inner), tvs, key)

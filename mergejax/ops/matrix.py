@@ -30,10 +30,13 @@ from typing import Callable, Literal, Sequence
 import jax
 import jax.numpy as jnp
 
-from mergejax.ops.base import TaskVectors
+from mergejax.ops.base import Reduction, TaskVectors, per_leaf_weights
 from mergejax.tree import PyTree, is_float, path_str
 
-__all__ = ["Layout", "MatrixGroup", "transposes", "collect_matrices", "map_matrices", "check_layout", "static"]
+__all__ = [
+    "Layout", "MatrixGroup", "transposes", "collect_matrices", "map_matrices", "check_layout", "static",
+    "scale_task_vectors", "PreWeighted", "PreWeightedInputs",
+]
 
 Layout = Literal["flax", "torch"]
 
@@ -170,3 +173,31 @@ def map_matrices(
     )
     merged = [jax.vmap(lambda *xs: fn(list(xs)))(*g.stacks) for g in groups]
     return (rebuild(groups, merged, leaves0, columns, other, treedef, other_fn),)
+
+
+def scale_task_vectors(tvs: Sequence[PyTree], weights) -> TaskVectors:
+    """w_t * tau_t on every float leaf; ``weights`` is ``[T]`` or ``{path: [T]}`` (missing paths: weight 1)."""
+    table = per_leaf_weights(weights, tvs[0], len(tvs))
+    out = []
+    for t, tv in enumerate(tvs):
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tv)
+        leaves = [x * table[path_str(p)][t].astype(x.dtype) if is_float(x) else x for p, x in flat]
+        out.append(jax.tree_util.tree_unflatten(treedef, leaves))
+    return tuple(out)
+
+
+class PreWeighted(Reduction):
+    """A reduction applied to w_t * tau_t (per-task weights of a merge, for reductions that override ``__call__``)."""
+
+    inner: object
+    weights: object
+
+    def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
+        return self.inner(scale_task_vectors(tvs, self.weights), key)
+
+
+class PreWeightedInputs:
+    """Mixin for reductions that override ``__call__``: per-task weights multiply each task vector first."""
+
+    def with_weights(self, weights):
+        return self if weights is None else PreWeighted(self, weights)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax.ops.base import Reduction
+from mergejax.ops.matrix import PreWeightedInputs
 from mergejax.ops.reduce import sum_leaves
 
 __all__ = ["model_stock_ratio", "ModelStock"]
@@ -38,7 +39,7 @@ def model_stock_ratio(xs: list[jax.Array]) -> jax.Array:
 
 
 @dataclass(frozen=True)
-class ModelStock(Reduction):
+class ModelStock(PreWeightedInputs, Reduction):
     """Reduction: tau_m = t * mean(tau) per leaf (:func:`model_stock_ratio`)."""
 
     def combine(self, xs):

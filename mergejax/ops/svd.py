@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax.ops.base import Reduction, TaskVectors, check_fraction, rank_from_fraction
-from mergejax.ops.matrix import Layout, check_layout, map_matrices, mean_leaves, static
+from mergejax.ops.matrix import Layout, PreWeightedInputs, check_layout, map_matrices, mean_leaves, static
 
 __all__ = [
     "polar",
@@ -147,7 +147,7 @@ def cart_matrix(xs: list[jax.Array], rank_ratio: float = 0.12, coeff: float = 2.
 
 
 @dataclass(frozen=True)
-class _MatrixReduction(Reduction):
+class _MatrixReduction(PreWeightedInputs, Reduction):
     """Base of the matrix reductions: ``merge_matrix(xs)`` on 2-D leaves, the mean elsewhere."""
 
     orient: ClassVar[bool] = False  # True for the methods defined on the PyTorch orientation

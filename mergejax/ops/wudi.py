@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from mergejax.ops.base import Reduction, TaskVectors
-from mergejax.ops.matrix import Layout, check_layout, collect_matrices, mean_leaves, rebuild, static
+from mergejax.ops.matrix import Layout, PreWeightedInputs, check_layout, collect_matrices, mean_leaves, rebuild, static
 
 __all__ = ["wudi_statistics", "wudi_gradient", "wudi_loss", "wudi_optimize", "WUDI"]
 
@@ -134,7 +134,7 @@ def wudi_optimize(
 
 
 @dataclass(frozen=True)
-class WUDI(Reduction):
+class WUDI(PreWeightedInputs, Reduction):
     """Reduction: WUDI merging of every 2-D leaf (PyTorch orientation), the mean elsewhere.
 
     Args:
