@@ -121,7 +121,7 @@ def main() -> None:
                 first, best = time_call(lambda: jitted(base, fts), args.repeats)
                 baseline = best if name == "task_arithmetic" else baseline
                 rows.append(dict(method=name, params=n, d=d, T=T, first_s=first, best_s=best, ratio=best / baseline))
-                console.print(f"{n / 1e6:6.1f}M T={T} {name:16s} first {first:8.3f}s best {best:8.3f}s x{best / baseline:8.1f}")
+                console.print(f"{n / 1e6:6.2f}M T={T} {name:16s} first {first:8.3f}s best {best:8.3f}s x{best / baseline:8.1f}")
             if not args.no_emr:
                 def run_emr():
                     res = mj.emr(base, fts, check_finite=False)
@@ -132,7 +132,7 @@ def main() -> None:
                 res = mj.emr(base, fts, check_finite=False)
                 nb = res.nbytes()
                 rows[-1]["bytes"] = nb
-                console.print(f"{n / 1e6:6.1f}M T={T} {'emr':16s} first {first:8.3f}s best {best:8.3f}s x{best / baseline:8.1f}"
+                console.print(f"{n / 1e6:6.2f}M T={T} {'emr':16s} first {first:8.3f}s best {best:8.3f}s x{best / baseline:8.1f}"
                               f"  masks {nb['masks_bitmap'] / T / n * 8:.3f} bit/param/task (bitmap),"
                               f" {nb['masks_coded'] / T / n * 8:.3f} (coded)")
             del fts
@@ -141,7 +141,7 @@ def main() -> None:
     for col in ("method", "params", "T", "first_s", "best_s", "ratio"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for r in rows:
-        table.add_row(r["method"], f"{r['params'] / 1e6:.1f}M", str(r["T"]), f"{r['first_s']:.3f}", f"{r['best_s']:.4f}",
+        table.add_row(r["method"], f"{r['params'] / 1e6:.2f}M", str(r["T"]), f"{r['first_s']:.3f}", f"{r['best_s']:.4f}",
                       f"{r['ratio']:.1f}")
     console.print(table)
     out = Path(args.out)

@@ -392,6 +392,7 @@ def test_weights_scale_task_vectors_before_tsv():
     )
 
 
+@pytest.mark.slow
 def test_methods_jit_and_bf16_dtypes():
     base, fts = make_models(seed=22, T=2)
     for fn in (mj.tsv, mj.iso_c, mj.iso_cts, mj.cart, mj.consensus_ta, mj.model_stock):
@@ -432,6 +433,7 @@ def test_sharded_matches_unsharded_and_keeps_shardings(mesh8):
             assert g.sharding.is_equivalent_to(s, g.ndim), f"{name} {path}: {g.sharding} vs {s}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _HAS_WEIGHTS, reason="the README example passes weights= (issue 8 combinator)")
 def test_readme_sota_example_runs():
     import pathlib
