@@ -81,3 +81,18 @@ __all__ = [
     "save_coefficients",
     "load_coefficients",
 ]
+
+# Newer data-free methods (issue 10): TSV-M, Iso-C/CTS, WUDI, CART, Consensus/TALL, DELLA, Model Stock, EMR.
+from mergejax.methods_sota import (  # noqa: E402
+    EMRMerged, cart, consensus_ta, consensus_ties, della, emr, iso_c, iso_cts, model_stock, tsv, wudi,
+)
+from mergejax.ops.consensus import Consensus, TallMasks, tall_masks  # noqa: E402
+from mergejax.ops.della import Della  # noqa: E402
+from mergejax.ops.model_stock import ModelStock  # noqa: E402
+from mergejax.ops.svd import CART, TSV, IsoC, IsoCTS  # noqa: E402
+from mergejax.ops.wudi import WUDI  # noqa: E402
+
+__all__ += [
+    "tsv", "iso_c", "iso_cts", "wudi", "cart", "consensus_ta", "consensus_ties", "della", "model_stock", "emr",
+    "EMRMerged", "TSV", "IsoC", "IsoCTS", "CART", "WUDI", "Consensus", "Della", "ModelStock", "tall_masks", "TallMasks",
+]

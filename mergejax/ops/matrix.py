@@ -1,0 +1,203 @@
+"""Matrix leaves for the SVD-based and matrix-product merges: which leaves are matrices, their PyTorch orientation,
+and a batched map over them.
+
+The SVD methods (TSV-M, Iso-C, Iso-CTS, CART) and WUDI act on the 2-D leaves of a task vector; every other float leaf
+(biases, norms, scalars, N-D kernels) is averaged over tasks, as FusionBench does.
+
+Orientation. A Flax ``Dense`` kernel is stored (in, out), the transpose of PyTorch's ``nn.Linear.weight`` (out, in);
+embeddings are (vocab, dim) in both. SVD-based methods that only use U S V^T products (TSV-M, Iso-C, CART) are
+transpose-invariant; methods that project on one side (Iso-CTS projects on the left singular vectors, WUDI
+multiplies tau tau^T) are not, so they run on the PyTorch orientation to match the published code:
+with ``layout="flax"`` (default) every 2-D leaf whose last path component is ``kernel`` is transposed, with
+``layout="torch"`` (a tree converted from a PyTorch state dict) nothing is. ``transpose=`` (a path regex) overrides
+the rule: exactly the 2-D leaves whose path matches are transposed. ``exclude=`` (a path regex, FusionBench's
+``exclude_keys``) sends matching 2-D leaves to the averaging branch.
+
+Batching. Matrices of the same (oriented) shape and dtype are stacked and ``jax.vmap``-ed: one batched SVD per
+shape instead of a Python loop over leaves.
+
+Sharding. XLA's SVD is not partitioned: under ``jit`` a sharded matrix is all-gathered and its SVD computed
+replicated on every device; the merged matrix is put back in the input's sharding
+(:func:`jax.lax.with_sharding_constraint`), so the averaged leaves and the model outside the SVD stay sharded.
+Peak extra memory per device: the stacked group of one shape (B matrices x T tasks, unsharded) plus its factors.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mergejax.ops.base import Reduction, TaskVectors, per_leaf_weights
+from mergejax.tree import PyTree, is_float, path_str
+
+__all__ = [
+    "Layout", "MatrixGroup", "transposes", "collect_matrices", "map_matrices", "check_layout", "static",
+    "scale_task_vectors", "PreWeighted", "PreWeightedInputs",
+]
+
+Layout = Literal["flax", "torch"]
+
+
+def static(default):
+    """A stage field that stays static under ``jit`` (ranks, sizes, regexes, flags): ``mergejax.ops.base.static_field``
+    where the core API provides it, a plain default otherwise."""
+    from mergejax.ops import base
+
+    sf = getattr(base, "static_field", None)
+    return sf(default) if sf is not None else default
+
+
+def check_layout(layout: str) -> None:
+    """Raises ``ValueError`` unless ``layout`` is "flax" or "torch"."""
+    if layout not in ("flax", "torch"):
+        raise ValueError(f"layout must be 'flax' or 'torch', got {layout!r}")
+
+
+def transposes(path: str, layout: Layout, transpose: str | None) -> bool:
+    """True when the 2-D leaf at ``path`` must be transposed to reach the PyTorch (out, in) orientation."""
+    if transpose is not None:
+        return re.search(transpose, path) is not None
+    return layout == "flax" and path.rsplit("/", 1)[-1] == "kernel"
+
+
+class MatrixGroup:
+    """Same-shaped matrix leaves of T task vectors, stacked: ``stacks[t]`` is ``[B, m, n]`` (oriented, acc dtype)."""
+
+    def __init__(self, positions: list[int], flip: bool, stacks: list[jax.Array], shardings: list):
+        self.positions, self.flip, self.stacks, self.shardings = positions, flip, stacks, shardings
+
+
+def _sharding_of(x: jax.Array):
+    try:
+        return jax.typeof(x).sharding
+    except Exception:  # pragma: no cover - older JAX / non-array leaves
+        return None
+
+
+def collect_matrices(
+    tvs: Sequence[PyTree], *, layout: Layout, transpose: str | None, exclude: str | None, orient: bool
+) -> tuple[list[MatrixGroup], list, list[list[jax.Array]], list[int], object]:
+    """Splits the float leaf positions of ``tvs`` into matrix groups and the rest.
+
+    Args:
+      tvs: T task-vector trees with equal structure.
+      layout, transpose: the orientation rule (see the module docstring).
+      exclude: path regex of 2-D leaves to treat as non-matrices (averaged).
+      orient: False for transpose-invariant methods (no transposes are made).
+
+    Returns:
+      ``(groups, leaves0, columns, other, treedef)``: the matrix groups, the first tree's leaves, per position the T
+      leaves, the float positions that are not matrices, and the tree structure.
+    """
+    flat = [jax.tree_util.tree_flatten_with_path(t) for t in tvs]
+    treedef = jax.tree_util.tree_structure(tvs[0])
+    paths = [path_str(p) for p, _ in flat[0][0]]
+    columns = [list(c) for c in zip(*[[leaf for _, leaf in f[0]] for f in flat])]
+    buckets: dict[tuple, list[int]] = {}
+    other = []
+    for i, (path, col) in enumerate(zip(paths, columns)):
+        x = col[0]
+        if not is_float(x):
+            continue
+        if jnp.ndim(x) == 2 and not (exclude is not None and re.search(exclude, path)):
+            flip = orient and transposes(path, layout, transpose)
+            shape = tuple(x.shape[::-1]) if flip else tuple(x.shape)
+            buckets.setdefault((shape, jnp.result_type(x), flip), []).append(i)
+        else:
+            other.append(i)
+    groups = []
+    for (_, _, flip), pos in buckets.items():
+        stacks = []
+        for t in range(len(tvs)):
+            mats = [columns[i][t].T if flip else columns[i][t] for i in pos]
+            stacks.append(mats[0][None] if len(mats) == 1 else jnp.stack(mats))
+        groups.append(MatrixGroup(pos, flip, stacks, [_sharding_of(columns[i][0]) for i in pos]))
+    return groups, [c[0] for c in columns], columns, other, treedef
+
+
+def _place(x: jax.Array, sharding) -> jax.Array:
+    if sharding is None or not hasattr(sharding, "spec"):
+        return x
+    try:
+        return jax.lax.with_sharding_constraint(x, sharding)
+    except Exception:  # pragma: no cover - abstract/unspecified shardings
+        return x
+
+
+def rebuild(
+    groups: list[MatrixGroup],
+    merged_stacks: list[jax.Array],
+    leaves0: list,
+    columns: list[list[jax.Array]],
+    other: list[int],
+    treedef,
+    other_fn: Callable[[list[jax.Array]], jax.Array],
+) -> PyTree:
+    """The merged tree: matrix groups from ``merged_stacks`` (un-transposed, re-sharded), the rest by ``other_fn``."""
+    out = list(leaves0)
+    for g, stack in zip(groups, merged_stacks):
+        for b, i in enumerate(g.positions):
+            m = stack[b].T if g.flip else stack[b]
+            out[i] = _place(m, g.shardings[b])
+    for i in other:
+        out[i] = other_fn(columns[i])
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def mean_leaves(xs: Sequence[jax.Array]) -> jax.Array:
+    """(1/T) sum_t x_t: what FusionBench does with every non-matrix leaf."""
+    return sum(xs[1:], xs[0]) / len(xs)
+
+
+def map_matrices(
+    fn: Callable[[list[jax.Array]], jax.Array],
+    tvs: Sequence[PyTree],
+    *,
+    layout: Layout = "flax",
+    transpose: str | None = None,
+    exclude: str | None = None,
+    orient: bool = True,
+    other_fn: Callable[[list[jax.Array]], jax.Array] = mean_leaves,
+) -> TaskVectors:
+    """Reduces T task vectors to one: ``fn(xs)`` on each matrix position (xs = the T oriented (m, n) matrices,
+    vmapped over same-shaped leaves), ``other_fn`` (default: the mean) on every other float leaf.
+
+    Returns:
+      A one-tuple with the merged tree (a reduction stage's output).
+    """
+    groups, leaves0, columns, other, treedef = collect_matrices(
+        tvs, layout=layout, transpose=transpose, exclude=exclude, orient=orient
+    )
+    merged = [jax.vmap(lambda *xs: fn(list(xs)))(*g.stacks) for g in groups]
+    return (rebuild(groups, merged, leaves0, columns, other, treedef, other_fn),)
+
+
+def scale_task_vectors(tvs: Sequence[PyTree], weights) -> TaskVectors:
+    """w_t * tau_t on every float leaf; ``weights`` is ``[T]`` or ``{path: [T]}`` (missing paths: weight 1)."""
+    table = per_leaf_weights(weights, tvs[0], len(tvs))
+    out = []
+    for t, tv in enumerate(tvs):
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tv)
+        leaves = [x * table[path_str(p)][t].astype(x.dtype) if is_float(x) else x for p, x in flat]
+        out.append(jax.tree_util.tree_unflatten(treedef, leaves))
+    return tuple(out)
+
+
+class PreWeighted(Reduction):
+    """A reduction applied to w_t * tau_t (per-task weights of a merge, for reductions that override ``__call__``)."""
+
+    inner: object
+    weights: object
+
+    def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
+        return self.inner(scale_task_vectors(tvs, self.weights), key)
+
+
+class PreWeightedInputs:
+    """Mixin for reductions that override ``__call__``: per-task weights multiply each task vector first."""
+
+    def with_weights(self, weights):
+        return self if weights is None else PreWeighted(self, weights)

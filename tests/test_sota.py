@@ -1,0 +1,469 @@
+"""The newer data-free merges against the independent numpy references (tests/reference_sota.py), on matrices and on
+Flax-style trees (kernels (in, out), biases, norms, an embedding, a bf16 kernel, an int leaf), with edge cases."""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mergejax as mj
+from mergejax.emr import decode_mask, encode_mask
+from mergejax.ops import consensus, della, model_stock, svd, wudi
+from mergejax.ops.base import leaf_keys
+from mergejax.tree import is_float, paths_and_leaves
+from tests import reference as ref
+from tests import reference_sota as R
+
+RNG = np.random.default_rng
+
+
+def _mats(rng, T, shape, rank=None, zero=()):
+    out = []
+    for t in range(T):
+        if rank is None:
+            x = rng.standard_normal(shape)
+        else:
+            x = rng.standard_normal((shape[0], rank)) @ rng.standard_normal((rank, shape[1]))
+        out.append(np.zeros(shape, np.float32) if t in zero else np.asarray(x, np.float32))
+    return out
+
+
+MATRIX_METHODS = {
+    "tsv": (svd.tsv_matrix, R.tsv),
+    "iso_c": (svd.iso_c_matrix, R.iso_c),
+    "iso_cts": (svd.iso_cts_matrix, R.iso_cts),
+    "iso_cts_0.5": (lambda xs: svd.iso_cts_matrix(xs, 0.5), lambda xs: R.iso_cts(xs, 0.5)),
+    "cart": (svd.cart_matrix, R.cart),
+    "cart_0.3_1.0": (lambda xs: svd.cart_matrix(xs, 0.3, 1.0), lambda xs: R.cart(xs, 0.3, 1.0)),
+}
+CASES = {
+    "T3": dict(T=3, shape=(12, 20)),
+    "T3_tall": dict(T=3, shape=(20, 12)),
+    "T1": dict(T=1, shape=(12, 20)),
+    "r_lt_T": dict(T=4, shape=(3, 20)),
+    "rank2": dict(T=3, shape=(12, 20), rank=2),
+    "zero_task": dict(T=3, shape=(12, 20), zero=(1,)),
+    "all_zero": dict(T=2, shape=(6, 5), zero=(0, 1)),
+}
+
+
+_BASE_METHODS = ("tsv", "iso_c", "iso_cts", "cart")
+
+
+@pytest.mark.parametrize(
+    "method,case",
+    [(m, c) for m in _BASE_METHODS for c in CASES] + [(m, c) for m in MATRIX_METHODS if m not in _BASE_METHODS for c in ("T3", "rank2")],
+)
+def test_matrix_methods_match_reference(method, case):
+    fn, reference = MATRIX_METHODS[method]
+    xs = _mats(RNG(hash((method, case)) % 2**32), **CASES[case])
+    got = np.asarray(jax.jit(fn)([jnp.asarray(x) for x in xs]))
+    want = reference(xs)
+    assert got.shape == want.shape and got.dtype == np.float32
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, atol=5e-5 * scale, rtol=0)
+
+
+def test_tsv_r_lt_T_is_zero_and_T1_is_the_matrix():
+    xs = _mats(RNG(0), 4, (3, 20))
+    assert not np.any(np.asarray(svd.tsv_matrix([jnp.asarray(x) for x in xs])))
+    x = _mats(RNG(1), 1, (12, 20))[0]
+    np.testing.assert_allclose(np.asarray(svd.tsv_matrix([jnp.asarray(x)])), x, atol=2e-5)
+
+
+def test_iso_c_spectrum_is_flat():
+    xs = [jnp.asarray(x) for x in _mats(RNG(2), 3, (12, 20))]
+    s_sum = np.linalg.svd(np.asarray(sum(xs)), compute_uv=False)
+    s = np.linalg.svd(np.asarray(svd.iso_c_matrix(xs)), compute_uv=False)
+    np.testing.assert_allclose(s, np.full_like(s, s_sum.mean()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("r,T,frac", [(768, 8, 0.8), (12, 3, 0.8), (10, 4, 0.0), (11, 4, 0.0), (5, 1, 1.0), (3, 4, 0.8)])
+def test_iso_cts_sizes(r, T, frac):
+    c, n_t = svd.iso_cts_sizes(r, T, frac)
+    assert c >= 0 and n_t >= 0 and c + T * n_t == r
+    c0 = int(r * frac)
+    if round((r - c0) / T) * T <= r:  # the reference's own arithmetic
+        assert n_t == round((r - c0) / T)
+
+
+# ----------------------------------------------------------------------------------------------------- WUDI
+def test_wudi_matches_reference_adam():
+    xs = _mats(RNG(3), 3, (12, 20))
+    stack = jnp.asarray(np.stack(xs))[None]
+    for normalize, squared in (("squared", True), ("norm", False)):
+        got = jax.jit(
+            lambda s: wudi.wudi_optimize([s.sum(1)], [wudi.wudi_statistics(s, normalize)], steps=40, lr=1e-2)[0][0]
+        )(stack)
+        want = R.wudi(xs, 40, 1e-2, squared=squared)
+        moved = np.abs(want - np.sum(xs, 0)).max()
+        assert moved > 0.1
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-3 * moved)
+
+
+def test_wudi_gradient_is_the_loss_gradient():
+    xs = jnp.asarray(np.stack(_mats(RNG(4), 3, (6, 9))))
+    delta = jnp.asarray(RNG(6).standard_normal((6, 9)).astype(np.float32))
+    a, c = wudi.wudi_statistics(xs)
+    auto = jax.grad(wudi.wudi_loss)(xs.sum(0) + delta, xs)
+    np.testing.assert_allclose(np.asarray(wudi.wudi_gradient(delta, a, c)), np.asarray(auto), rtol=1e-4, atol=1e-3)
+
+
+def test_wudi_zero_task_and_loss_decreases():
+    xs = _mats(RNG(5), 3, (12, 20), zero=(2,))
+    stack = jnp.asarray(np.stack(xs))
+    out = wudi.wudi_optimize([stack.sum(0)[None]], [wudi.wudi_statistics(stack[None])], steps=50, lr=1e-2)[0][0]
+    assert np.all(np.isfinite(np.asarray(out)))
+    assert float(wudi.wudi_loss(out, stack)) < float(wudi.wudi_loss(stack.sum(0), stack))
+    np.testing.assert_allclose(np.asarray(out), R.wudi(xs, 50, 1e-2), atol=2e-3)
+
+
+# ----------------------------------------------------------------------------------------------------- trees
+def make_tree(rng, *, bf16=True):
+    def f(shape):
+        return jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+
+    tree = {
+        "Dense_0": {"kernel": f((12, 20)), "bias": f((20,))},
+        "Dense_1": {"kernel": f((20, 12))},
+        "LayerNorm_0": {"scale": f((20,)), "bias": f((20,))},
+        "Embed_0": {"embedding": f((7, 5))},
+        "temp": f(()),
+        "step": jnp.asarray(rng.integers(0, 9, (2,)), jnp.int32),
+    }
+    if bf16:
+        tree["Dense_2"] = {"kernel": f((12, 20)).astype(jnp.bfloat16)}  # same shape as Dense_0: batched with it
+    return tree
+
+
+def make_models(seed=0, T=3, **kw):
+    rng = RNG(seed)
+    return make_tree(rng, **kw), [make_tree(rng, **kw) for _ in range(T)]
+
+
+def tvs_np(base, fts):
+    """{path: [T float32 task-vector leaves]} for the float leaves."""
+    out = {}
+    for (path, b), *rest in zip(paths_and_leaves(base), *[paths_and_leaves(f) for f in fts]):
+        if is_float(b):
+            out[path] = [np.asarray(x, np.float32) - np.asarray(b, np.float32) for _, x in rest]
+    return out
+
+
+def expected_tree(base, fts, matrix_ref, *, torch_orient, scale=1.0):
+    tvs = tvs_np(base, fts)
+    merged = {}
+    for path, xs in tvs.items():
+        if xs[0].ndim == 2:
+            flip = torch_orient and path.endswith("kernel")
+            m = matrix_ref([x.T for x in xs] if flip else xs)
+            merged[path] = m.T if flip else m
+        else:
+            merged[path] = np.mean(xs, axis=0)
+    return {
+        p: (np.asarray(b, np.float32) + scale * merged[p]).astype(b.dtype) if is_float(b) else np.asarray(b)
+        for p, b in paths_and_leaves(base)
+    }
+
+
+def assert_tree_close(got, want, atol):
+    for path, g in paths_and_leaves(got):
+        w = want[path]
+        assert g.dtype == w.dtype, path
+        tol = max(atol, 2e-2) if g.dtype == jnp.bfloat16 else atol
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tol, err_msg=path)
+
+
+TREE_METHODS = {
+    "tsv": (lambda b, f: mj.tsv(b, f, scale=0.7), R.tsv, False, 0.7),
+    "iso_c": (lambda b, f: mj.iso_c(b, f, scale=1.5), R.iso_c, False, 1.5),
+    "iso_cts": (lambda b, f: mj.iso_cts(b, f, common_fraction=0.8, scale=1.2), R.iso_cts, True, 1.2),
+    "iso_cts_torch": (
+        lambda b, f: mj.iso_cts(b, f, common_fraction=0.5, layout="torch"), lambda xs: R.iso_cts(xs, 0.5), False, 1.0
+    ),
+    "cart": (lambda b, f: mj.cart(b, f, rank_ratio=0.25, coeff=1.5), lambda xs: R.cart(xs, 0.25, 1.5), False, 1.0),
+    "wudi": (
+        lambda b, f: mj.wudi(b, f, steps=25, lr=1e-3, progress=False), lambda xs: R.wudi(xs, 25, 1e-3), True, 1.0
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "method,T", [(m, 3) for m in TREE_METHODS] + [("tsv", 1), ("iso_cts", 1), ("wudi", 1)]
+)
+def test_tree_methods_match_reference(method, T):
+    call, matrix_ref, torch_orient, scale = TREE_METHODS[method]
+    base, fts = make_models(seed=T, T=T)
+    got = call(base, fts)
+    assert_tree_close(got, expected_tree(base, fts, matrix_ref, torch_orient=torch_orient, scale=scale), atol=3e-4)
+
+
+def test_iso_cts_is_not_transpose_invariant_and_transpose_regex_overrides():
+    xs = _mats(RNG(7), 3, (12, 20))
+    assert not np.allclose(R.iso_cts(xs, 0.5), R.iso_cts([x.T for x in xs], 0.5).T, atol=1e-3)
+    base, fts = make_models(seed=7, bf16=False)
+    tvs = tvs_np(base, fts)
+    only = mj.iso_cts(base, fts, common_fraction=0.5, transpose=r"Embed_0")  # kernels kept as stored
+    want_k = R.iso_cts(tvs["Dense_0/kernel"], 0.5) + np.asarray(base["Dense_0"]["kernel"])
+    want_e = R.iso_cts([x.T for x in tvs["Embed_0/embedding"]], 0.5).T + np.asarray(base["Embed_0"]["embedding"])
+    np.testing.assert_allclose(np.asarray(only["Dense_0"]["kernel"]), want_k, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(only["Embed_0"]["embedding"]), want_e, atol=2e-4)
+
+
+def test_exclude_averages_matched_matrices():
+    base, fts = make_models(seed=8, bf16=False)
+    got = mj.tsv(base, fts, exclude=r"Embed_0")
+    want = np.mean(tvs_np(base, fts)["Embed_0/embedding"], axis=0) + np.asarray(base["Embed_0"]["embedding"])
+    np.testing.assert_allclose(np.asarray(got["Embed_0"]["embedding"]), want, atol=1e-6)
+
+
+def test_wudi_progress_bar_runs(capsys):
+    base, fts = make_models(seed=9, bf16=False)
+    out = mj.wudi(base, fts, steps=4, lr=1e-3, progress=True)
+    assert np.all(np.isfinite(np.asarray(out["Dense_0"]["kernel"])))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="layout"):
+        mj.IsoCTS(0.8, layout="jax")
+    with pytest.raises(ValueError, match="common_fraction"):
+        mj.IsoCTS(1.5)
+    with pytest.raises(ValueError, match="epsilon"):
+        mj.Della(0.5, 0.6)
+    with pytest.raises(ValueError, match="at least 2"):
+        mj.model_stock(*make_models(T=1))
+    with pytest.raises(ValueError, match="normalize"):
+        mj.WUDI(normalize="l1")
+
+
+# ----------------------------------------------------------------------------------------------------- EMR
+def test_emr_matches_reference_and_models():
+    base, fts = make_models(seed=10, T=3)
+    res = mj.emr(base, fts)
+    tvs = tvs_np(base, fts)
+    paths = list(tvs)
+    unified, masks, resc = R.emr([[tvs[p][t] for p in paths] for t in range(3)])
+    np.testing.assert_allclose(np.asarray(res.rescalers), resc, rtol=1e-5)
+    for j, p in enumerate(paths):
+        np.testing.assert_allclose(np.asarray(res.unified[j]), unified[j], atol=1e-6, err_msg=p)
+    for t in range(3):
+        model = res.model(t)
+        want = {
+            p: (np.asarray(b, np.float32) + resc[t] * unified[paths.index(p)] * masks[t][paths.index(p)]).astype(b.dtype)
+            if is_float(b) else np.asarray(b)
+            for p, b in paths_and_leaves(base)
+        }
+        assert_tree_close(model, want, atol=1e-5)
+    with pytest.raises(IndexError):
+        res.model(3)
+
+
+def test_emr_heads_masks_coding_and_bytes():
+    base, fts = make_models(seed=11, T=2, bf16=False)
+    res = mj.emr(base, fts, heads=r"^Dense_1/")
+    for t in range(2):
+        np.testing.assert_allclose(np.asarray(res.model(t)["Dense_1"]["kernel"]), np.asarray(fts[t]["Dense_1"]["kernel"]), atol=1e-6)
+    blobs = res.encode_masks()
+    for t in range(2):
+        for blob, words, shape in zip(blobs[t], res.masks[t], res._shapes):
+            want = np.asarray(mj.ternary.device.unpack_bits(words, shape))
+            np.testing.assert_array_equal(decode_mask(blob, shape), want)
+    nb = res.nbytes()
+    assert nb["masks_bitmap"] > 0 and nb["dense_task_vectors"] == 4 * 2 * sum(int(np.prod(s)) for s in res._shapes)
+    for density in (0.01, 0.5, 0.99):  # coded masks: near H(d) bits per entry, never above the bitmap
+        bits = RNG(12).random(200_000) < density
+        blob = encode_mask(bits)
+        np.testing.assert_array_equal(decode_mask(blob, bits.shape), bits)
+        assert len(blob) <= bits.size / 8 + 40
+        if density != 0.5:
+            assert len(blob) * 8 < 1.05 * bits.size * -(density * np.log2(density) + (1 - density) * np.log2(1 - density)) + 400
+
+
+def test_emr_zero_task_vector():
+    base, fts = make_models(seed=13, T=2, bf16=False)
+    res = mj.emr(base, [base, fts[1]])
+    assert float(res.rescalers[0]) == 0.0
+    np.testing.assert_allclose(np.asarray(res.model(0)["Dense_0"]["kernel"]), np.asarray(base["Dense_0"]["kernel"]))
+
+
+# ----------------------------------------------------------------------------------------------------- Consensus
+@pytest.mark.parametrize("lam,k", [(0.6, 2), (0.3, 1), (0.6, 0), (0.4, 4)])
+def test_consensus_ta_matches_reference(lam, k):
+    base, fts = make_models(seed=14, T=3)
+    tvs = tvs_np(base, fts)
+    paths = list(tvs)
+    want_tv = R.consensus([[tvs[p][t] for p in paths] for t in range(3)], lam, k)
+    got = mj.consensus_ta(base, fts, lam=lam, k=k, scale=0.5)
+    want = {p: (np.asarray(b, np.float32) + 0.5 * want_tv[paths.index(p)]).astype(b.dtype) if is_float(b) else np.asarray(b)
+            for p, b in paths_and_leaves(base)}
+    assert_tree_close(got, want, atol=1e-5)
+
+
+def test_consensus_ties_uses_ties_dis_sum():
+    base, fts = make_models(seed=15, T=3, bf16=False)
+    tvs = tvs_np(base, fts)
+    paths = list(tvs)
+    task_leaves = [[tvs[p][t] for p in paths] for t in range(3)]
+    mtl = ref.ties_tv(task_leaves, 0.2, "global", "sum", "sum")
+    want_tv = R.consensus(task_leaves, 0.5, 2, mtl_leaves=[np.asarray(m, np.float64) for m in mtl])
+    got = mj.consensus_ties(base, fts, lam=0.5, k=2)
+    for p in paths:
+        b = np.asarray(dict(paths_and_leaves(base))[p], np.float32)
+        np.testing.assert_allclose(np.asarray(dict(paths_and_leaves(got))[p]), b + want_tv[paths.index(p)], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------- DELLA
+def test_della_matches_reference_with_the_same_draws():
+    base, fts = make_models(seed=16, T=2, bf16=False)
+    key = jax.random.key(3)
+    stage = mj.Della(0.4, 0.2)
+    tvs = [mj.task_vector(f, base) for f in fts]
+    out = jax.jit(lambda tv, k: stage(tv, k))(tuple(tvs), key)
+    for t in range(2):
+        fi = 0
+        for (path, x), (_, y) in zip(paths_and_leaves(tvs[t]), paths_and_leaves(out[t])):
+            if not is_float(x):
+                continue
+            u = np.asarray(jax.random.uniform(leaf_keys(key, t, fi), jnp.shape(x), x.dtype))
+            fi += 1
+            xn = np.asarray(x)
+            if path.endswith("kernel"):  # Flax kernels are ranked along axis 0 (PyTorch rows)
+                want = R.della(xn.T, u.T, 0.4, 0.2).T
+            else:
+                want = R.della(xn, u, 0.4, 0.2)
+            np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_della_keep_rate_l1_and_density_one():
+    x = jnp.asarray(RNG(17).standard_normal((64, 512)).astype(np.float32))
+    u = jax.random.uniform(jax.random.key(0), x.shape)
+    kept = np.asarray(della.della_prune(x, u, 0.3, 0.1)) != 0
+    assert abs(kept.mean() - 0.3) < 0.01
+    big = np.abs(np.asarray(x)) > np.quantile(np.abs(np.asarray(x)), 0.9, axis=1, keepdims=True)
+    assert kept[big].mean() > kept[~big].mean()  # larger magnitudes are kept more often
+    l1 = della.della_prune(x, u, 0.3, 0.1, rescale="l1")
+    np.testing.assert_allclose(float(jnp.abs(l1).sum()), float(jnp.abs(x).sum()), rtol=1e-4)
+    base, fts = make_models(seed=18, T=2)
+    same = mj.della(base, fts, key=jax.random.key(0), density=1.0, combine="task_arithmetic")
+    assert_tree_close(same, {p: np.asarray(v) for p, v in paths_and_leaves(mj.task_arithmetic(base, fts))}, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------- Model Stock
+@pytest.mark.parametrize("T", [2, 4])
+def test_model_stock_matches_reference(T):
+    base, fts = make_models(seed=19, T=T)
+    tvs = tvs_np(base, fts)
+    got = mj.model_stock(base, fts)
+    want = {p: (np.asarray(b, np.float32) + R.model_stock(tvs[p])).astype(b.dtype) if is_float(b) else np.asarray(b)
+            for p, b in paths_and_leaves(base)}
+    assert_tree_close(got, want, atol=5e-4)  # arccos near cos = 1 (the scalar leaf) amplifies float32 rounding
+
+
+def test_model_stock_identical_models_is_the_model():
+    base, fts = make_models(seed=20, T=1, bf16=False)
+    got = mj.model_stock(base, [fts[0], fts[0]])
+    np.testing.assert_allclose(np.asarray(got["Dense_0"]["kernel"]), np.asarray(fts[0]["Dense_0"]["kernel"]), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------- combinator
+_HAS_WEIGHTS = "weights" in inspect.signature(mj.Merger.__call__).parameters
+
+
+@pytest.mark.skipif(not _HAS_WEIGHTS, reason="the combinator's weights=/heads= (issue 8) are not on this branch yet")
+def test_weights_scale_task_vectors_before_tsv():
+    base, fts = make_models(seed=21, T=2, bf16=False)
+    w = (0.5, 2.0)
+    got = mj.tsv(base, fts, weights=w)
+    scaled = [jax.tree.map(lambda f, b: (b + wi * (f - b)) if is_float(b) else f, ft, base) for ft, wi in zip(fts, w)]
+    want = mj.tsv(base, scaled)
+    np.testing.assert_allclose(np.asarray(got["Dense_0"]["kernel"]), np.asarray(want["Dense_0"]["kernel"]), atol=1e-4)
+    head = mj.iso_cts(base, fts, heads=r"^Dense_1/")  # a head leaf: base + sum_t tau_t, never seen by the stage
+    tvs = tvs_np(base, fts)
+    np.testing.assert_allclose(
+        np.asarray(head["Dense_1"]["kernel"]), np.asarray(base["Dense_1"]["kernel"]) + sum(tvs["Dense_1/kernel"]), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(head["Dense_0"]["kernel"]),
+        np.asarray(base["Dense_0"]["kernel"]) + R.iso_cts([x.T for x in tvs["Dense_0/kernel"]]).T, atol=3e-4,
+    )
+
+
+@pytest.mark.slow
+def test_methods_jit_and_bf16_dtypes():
+    base, fts = make_models(seed=22, T=2)
+    for fn in (mj.tsv, mj.iso_c, mj.iso_cts, mj.cart, mj.consensus_ta, mj.model_stock):
+        out = fn(base, fts)
+        assert out["Dense_2"]["kernel"].dtype == jnp.bfloat16 and out["step"].dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(out["step"]), np.asarray(base["step"]))
+
+
+# ----------------------------------------------------------------------------------------------------- sharding
+def test_sharded_matches_unsharded_and_keeps_shardings(mesh8):
+    from jax.sharding import PartitionSpec as P
+
+    from mergejax import sharding as shd
+
+    rng = RNG(23)
+
+    def tree():
+        return {
+            "Dense_0": {"kernel": rng.standard_normal((64, 16)).astype(np.float32), "bias": rng.standard_normal(64).astype(np.float32)},
+            "Dense_1": {"kernel": rng.standard_normal((16, 64)).astype(np.float32)},
+        }
+
+    base_np, fts_np = tree(), [tree() for _ in range(2)]
+    rules = [(r"^Dense_0/kernel$", P("x")), (r"^Dense_0/bias$", P("x")), (r"^Dense_1/kernel$", P(None, "x"))]
+    shardings = shd.shard_rules(base_np, rules, mesh8)
+    base, fts = shd.shard_like(base_np, shardings), [shd.shard_like(f, shardings) for f in fts_np]
+    one = jax.devices()[0]
+    base1, fts1 = jax.device_put(base_np, one), [jax.device_put(f, one) for f in fts_np]
+    calls = {
+        "tsv": lambda b, f: mj.tsv(b, f),
+        "iso_cts": lambda b, f: mj.iso_cts(b, f),
+        "wudi": lambda b, f: mj.wudi(b, f, steps=5, lr=1e-3, progress=False),
+    }
+    for name, call in calls.items():
+        got, want = call(base, fts), call(base1, fts1)
+        for (path, g), (_, w), (_, s) in zip(paths_and_leaves(got), paths_and_leaves(want), paths_and_leaves(shardings)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4, err_msg=f"{name} {path}")  # SVD of a gathered vs local operand: float32-level differences
+            assert g.sharding.is_equivalent_to(s, g.ndim), f"{name} {path}: {g.sharding} vs {s}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _HAS_WEIGHTS, reason="the README example passes weights= (issue 8 combinator)")
+def test_readme_sota_example_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    start = text.index("## Newer data-free methods")
+    (block,) = re.findall(r"```python\n(.*?)```", text[start : text.index("\n## ", start + 3)], re.S)
+
+    def model(seed):
+        k = jax.random.split(jax.random.key(seed), 3)
+        return {"layers_0": {"kernel": jax.random.normal(k[0], (4, 8))}, "layers_1": {"kernel": jax.random.normal(k[1], (8, 8))},
+                "head": {"bias": jax.random.normal(k[2], (2,))}}
+
+    env = {"mj": mj, "base": model(0), "ft_a": model(1), "ft_b": model(2), "ft_c": model(3)}
+    exec(compile(block, "README.md", "exec"), env)
+    assert env["size"]["masks_bitmap"] > 0
+
+
+def test_tall_masks_match_reference_and_recover_models():
+    base, fts = make_models(seed=24, T=3, bf16=False)
+    tvs = tvs_np(base, fts)
+    paths = list(tvs)
+    masks, mtl = R.tall_masks([[tvs[p][t] for p in paths] for t in range(3)], 0.4)
+    res = mj.tall_masks(base, fts, lam=0.4)
+    for t in range(3):
+        got_m = dict(paths_and_leaves(res.masks[t]))
+        model = dict(paths_and_leaves(res.model(t)))
+        for j, p in enumerate(paths):
+            np.testing.assert_array_equal(np.asarray(got_m[p]), masks[t][j], err_msg=p)
+            want = np.asarray(dict(paths_and_leaves(base))[p], np.float32) + masks[t][j] * mtl[j]
+            np.testing.assert_allclose(np.asarray(model[p]), want, atol=1e-5, err_msg=p)
+    assert int(res.model(0)["step"][0]) == int(base["step"][0])
