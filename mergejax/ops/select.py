@@ -228,9 +228,10 @@ class _Counter:
         """The smallest and the largest key of each group, [G] each (one read of every leaf)."""
         lows, highs = [], []
         for stacked, gids in self.buckets:
-            key = ordered_key(jnp.abs(stacked) if self.magnitude else stacked).reshape(len(gids), -1)
-            lows.append(jax.ops.segment_min(jnp.min(key, axis=1), gids, self.n_groups, indices_are_sorted=True))
-            highs.append(jax.ops.segment_max(jnp.max(key, axis=1), gids, self.n_groups, indices_are_sorted=True))
+            key = ordered_key(jnp.abs(stacked) if self.magnitude else stacked)
+            axes = tuple(range(1, key.ndim))  # no reshape: merging a sharded axis could gather it
+            lows.append(jax.ops.segment_min(jnp.min(key, axis=axes), gids, self.n_groups, indices_are_sorted=True))
+            highs.append(jax.ops.segment_max(jnp.max(key, axis=axes), gids, self.n_groups, indices_are_sorted=True))
         return jnp.min(jnp.stack(lows), axis=0), jnp.max(jnp.stack(highs), axis=0)
 
     def counts(self, cands: jax.Array) -> tuple[jax.Array, jax.Array]:
