@@ -14,15 +14,25 @@ times every method on them, with ``check_finite=False``:
   baseline measured in the same run: a jitted ``base + sum_t finetuned_t`` over the same leaves (reads the same T + 1
   arrays, writes one).
 
-The NaN/Inf input check the methods run by default (``mergejax.tree.check_finite`` over the T + 1 models) is timed
-on its own, once per (size, T). Per size it also times the exact global top-k magnitude threshold of one task vector
-(``mergejax.ops.trim.magnitude_thresholds``, density 0.2) for each ``--radix-bits``: a float32 threshold takes
-32 / radix_bits counting passes; its time is reported in units of one jitted ``sum(|x|)`` pass over the same leaves
-("effective passes"), next to the cost of DARE's random mask (``jax.random.bernoulli`` + ``where``) in the same unit.
+Every method runs with its default arguments (only ``check_finite=False``). The NaN/Inf input check the methods run
+by default (``mergejax.tree.check_finite`` over the T + 1 models) is timed on its own, once per (size, T). Per size it
+also times the exact global top-k magnitude threshold of one task vector (density 0.2): the bracketing search (the
+default, its number of counting passes read back from the program) and the radix select for each ``--radix-bits``
+(32 / radix_bits passes), in units of one jitted ``sum(|x|)`` pass over the same leaves ("effective passes"), next to
+the cost of DARE's mask in the same unit: the counter-based hash (the default) and ``jax.random.bernoulli``.
+
+Then, unless switched off:
+
+* compile time: first-call lowering + XLA compilation of every method on a tree of ``--compile-leaves`` leaves
+  (half (64, 64) kernels, half (64,) biases; T = 2), with a fresh ``jax.jit`` and no persistent cache;
+* peak memory: each method (and the baseline) in a fresh subprocess on the smallest size with ``--peak-tasks`` tasks:
+  inputs built and the program compiled, ``VmHWM`` reset (``/proc/self/clear_refs``), one merge, and the rise of
+  ``VmHWM`` above the resident size before it, in units of one model (the output alone is 1.0).
 
 Usage::
 
-    python experiments/bench_merge.py                                   # 10M and 50M parameters, T = 2, 4, 8
+    python experiments/bench_merge.py                                   # 25M, 100M, 200M parameters, T = 2, 4, 8
+    python experiments/bench_merge.py --quick                           # 25M, T = 2, 4, four methods
     python experiments/bench_merge.py --params 100 --tasks 8 --methods task_arithmetic ties_global dare_ta
 """
 
@@ -32,6 +42,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -45,7 +57,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import mergejax
-from mergejax.ops.trim import magnitude_thresholds
+from mergejax.ops.select import key_to_float, kth_largest_groups_with_passes
+from mergejax.ops.dare import keep_mask
 from mergejax.tree import check_finite
 
 PyTree = Any
@@ -53,22 +66,28 @@ GB = 1e9
 WIDTH = 1024  # last axis of the large kernels
 N_LARGE = 4  # large 2-D leaves per model
 
-# name -> fn(base, finetuned, key) -> merged model; all with the check off, so only the merge is timed
+# name -> fn(base, finetuned, key) -> merged model: every method with its default arguments (as a user calls it),
+# only the NaN/Inf check off (it is timed on its own), so only the merge is timed
 METHODS: dict[str, Callable[[PyTree, tuple, jax.Array], PyTree]] = {
     "average": lambda b, f, k: mergejax.average((b, *f), check_finite=False),
-    "task_arithmetic": lambda b, f, k: mergejax.task_arithmetic(b, f, scale=0.5, check_finite=False),
-    "ties_global": lambda b, f, k: mergejax.ties(b, f, density=0.2, scope="global", check_finite=False),
-    "ties_tensor": lambda b, f, k: mergejax.ties(b, f, density=0.2, scope="tensor", check_finite=False),
-    "dare_ta": lambda b, f, k: mergejax.dare(b, f, key=k, drop_rate=0.9, check_finite=False),
-    "dare_ties": lambda b, f, k: mergejax.dare(
-        b, f, key=k, drop_rate=0.9, combine="ties", density=0.2, check_finite=False
-    ),
-    "breadcrumbs": lambda b, f, k: mergejax.breadcrumbs(b, f, beta=0.15, gamma=0.006, check_finite=False),
-    "pcb": lambda b, f, k: mergejax.pcb(b, f, ratio=0.05, check_finite=False),
+    "task_arithmetic": lambda b, f, k: mergejax.task_arithmetic(b, f, check_finite=False),
+    "ties_global": lambda b, f, k: mergejax.ties(b, f, check_finite=False),
+    "ties_tensor": lambda b, f, k: mergejax.ties(b, f, scope="tensor", check_finite=False),
+    "dare_ta": lambda b, f, k: mergejax.dare(b, f, key=k, check_finite=False),
+    "dare_ties": lambda b, f, k: mergejax.dare(b, f, key=k, combine="ties", check_finite=False),
+    "breadcrumbs": lambda b, f, k: mergejax.breadcrumbs(b, f, check_finite=False),
+    "pcb": lambda b, f, k: mergejax.pcb(b, f, check_finite=False),
 }
+QUICK_METHODS = ["task_arithmetic", "ties_global", "ties_tensor", "dare_ta"]
 # Each method traced inside one jax.jit: the same XLA program as the public call (whose validation runs at trace
 # time), compiled once ahead of time so that its compile time and memory are known before anything runs.
 JITTED = {name: jax.jit(fn) for name, fn in METHODS.items()}
+
+
+@jax.jit
+def baseline(b: PyTree, f: tuple) -> PyTree:
+    """The one-pass limit: base + sum_t ft_t (reads the T + 1 models once, writes one)."""
+    return jax.tree_util.tree_map(lambda x, *ys: x + sum(ys[1:], ys[0]), b, *f)
 
 
 def model_shapes(n_params: int) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -153,10 +172,6 @@ def bench_methods(
     bytes_rw = (T + 2) * 4 * n  # T + 1 read, 1 written
     rows = []
 
-    @jax.jit
-    def baseline(b, f):
-        return jax.tree_util.tree_map(lambda x, *ys: x + sum(ys[1:], ys[0]), b, *f)
-
     jax.block_until_ready(baseline(base, fts))
     base_s, runs = best_time(lambda: baseline(base, fts), max(repeats, 3), max_seconds)
     base_bw = bytes_rw / base_s
@@ -210,22 +225,31 @@ def bench_threshold(base: PyTree, ft: PyTree, radix_bits: list[int], repeats: in
         gt = sum(jnp.sum(jnp.abs(x) > t) for x in xs)
         return ge, gt
 
-    for rb in radix_bits:
-        fn = jax.jit(partial(magnitude_thresholds, density=0.2, scope="global", radix_bits=rb))
+    for rb in [None, *radix_bits]:
+        fn = jax.jit(lambda xs, rb=rb: kth_largest_groups_with_passes([xs], [k], radix_bits=rb, magnitude=True))
         t = time.perf_counter()
-        thr = fn(tv)[0]
-        jax.block_until_ready(thr)
+        key_thr, passes = fn(leaves)
+        jax.block_until_ready(key_thr)
         first = time.perf_counter() - t
-        best, runs = best_time(lambda: fn(tv), repeats, max_seconds)
+        best, runs = best_time(lambda: fn(leaves), repeats, max_seconds)
+        thr = key_to_float(key_thr[0])
         ge, gt = (int(c) for c in counts(leaves, thr))
         if not (ge >= k > gt):  # exactness: t is the k-th largest |x| with multiplicity
             raise AssertionError(f"threshold {float(thr)} is not the {k}-th largest: {ge} >= t, {gt} > t")
-        rows.append({"what": f"global top-k threshold, radix_bits={rb}", "radix_bits": rb, "passes": 32 // rb,
-                     "candidates_per_pass": 2**rb - 1, "best_s": best, "first_s": first, "runs": runs,
-                     "eff_passes": best / pass_s, "GBps": 4 * n * (32 // rb) / best / GB, "exact": True})
+        what = "bracketing search (default)" if rb is None else f"radix select, radix_bits={rb}"
+        rows.append({"what": f"global top-k threshold, {what}", "radix_bits": rb, "passes": int(passes),
+                     "candidates_per_pass": 16 if rb is None else 2**rb - 1, "best_s": best, "first_s": first,
+                     "runs": runs, "eff_passes": best / pass_s, "GBps": 4 * n * int(passes) / best / GB,
+                     "exact": True})
 
     drop = jax.jit(lambda xs, k: [jnp.where(jax.random.bernoulli(jax.random.fold_in(k, i), 0.1, x.shape), x, 0)
                                   for i, x in enumerate(xs)])
+    hashed = jax.jit(lambda xs, k: [jnp.where(keep_mask(x, jax.random.fold_in(k, i), 0.9), x, 0)
+                                    for i, x in enumerate(xs)])
+    jax.block_until_ready(hashed(leaves, key))
+    best, runs = best_time(lambda: hashed(leaves, key), repeats, max_seconds)
+    rows.append({"what": "DARE mask, counter-based hash (default rng='hash')", "best_s": best, "runs": runs,
+                 "eff_passes": best / pass_s, "GBps": 8 * n / best / GB})
     for impl in ("threefry2x32", "rbg", "unsafe_rbg"):  # DARE takes any key; the default impl is threefry2x32
         k = jax.random.key(int(jax.random.randint(key, (), 0, 2**30)), impl=impl)
         jax.block_until_ready(drop(leaves, k))
@@ -235,6 +259,82 @@ def bench_threshold(base: PyTree, ft: PyTree, radix_bits: list[int], repeats: in
     for r in rows:
         r["params"] = n
     return rows
+
+
+def compile_tree(n_leaves: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The compile-time tree: n_leaves / 2 (64, 64) kernels and n_leaves / 2 (64,) biases."""
+    return {f"layer_{i}": {"kernel": (64, 64), "bias": (64,)} for i in range(n_leaves // 2)}
+
+
+def bench_compile(methods: list[str], n_leaves: int, n_tasks: int, seed: int, key: jax.Array) -> list[dict]:
+    """First-call compile time (lowering + XLA) of every method on the compile-time tree, persistent cache off."""
+    base, fts = make_models(compile_tree(n_leaves), n_tasks, seed)
+    rows = []
+    for name in ["baseline", *methods]:
+        fn = jax.jit(baseline) if name == "baseline" else jax.jit(METHODS[name])  # a fresh jit: nothing cached
+        args = (base, fts) if name == "baseline" else (base, fts, key)
+        t = time.perf_counter()
+        fn.lower(*args).compile()
+        rows.append({"method": name, "leaves": n_leaves, "T": n_tasks, "compile_s": time.perf_counter() - t})
+    return rows
+
+
+def _vm(field: str) -> int:
+    """A field of /proc/self/status in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def peak_child(method: str, params: float, n_tasks: int, seed: int) -> None:
+    """In a fresh process: peak resident memory of one merge above its inputs, in units of one model (JSON line)."""
+    shapes = model_shapes(int(params * 1e6))
+    model_bytes = 4 * num_params(shapes)
+    base, fts = make_models(shapes, n_tasks, seed)
+    key = jax.random.key(seed + 1)
+    fn = jax.jit(baseline) if method == "baseline" else jax.jit(METHODS[method])
+    args = (base, fts) if method == "baseline" else (base, fts, key)
+    compiled = fn.lower(*args).compile()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = _vm("VmRSS")
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    peak = _vm("VmHWM")
+    print(json.dumps({"method": method, "params": num_params(shapes), "T": n_tasks, "model_bytes": model_bytes,
+                      "extra_models": (peak - before) / model_bytes}))
+
+
+def bench_peak(methods: list[str], params: float, n_tasks: int, seed: int) -> list[dict]:
+    """Runs :func:`peak_child` for the baseline and every method, each in its own subprocess."""
+    rows = []
+    for name in ["baseline", *methods]:
+        cmd = [sys.executable, __file__, "--peak-child", name, "--params", str(params), "--tasks", str(n_tasks),
+               "--seed", str(seed)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            rows.append({"method": name, "T": n_tasks, "error": res.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def print_extra_tables(console: Console, compile_rows: list[dict], peak_rows: list[dict]) -> None:
+    if compile_rows:
+        table = Table(title="first-call compile time (lowering + XLA), persistent cache off")
+        for col in ["method", "leaves", "T", "compile s"]:
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for r in compile_rows:
+            table.add_row(r["method"], str(r["leaves"]), str(r["T"]), f"{r['compile_s']:.2f}")
+        console.print(table)
+    if peak_rows:
+        table = Table(title="peak resident memory above the inputs during one merge (fresh process, VmHWM)")
+        for col in ["method", "params", "T", "extra, in models"]:
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for r in peak_rows:
+            table.add_row(r["method"], f"{r.get('params', 0) / 1e6:.0f}M", str(r["T"]),
+                          f"{r['extra_models']:.2f}" if "extra_models" in r else str(r.get("error")))
+        console.print(table)
 
 
 def fmt(x: Any, spec: str) -> str:
@@ -283,7 +383,8 @@ def print_tables(console: Console, merge_rows: list[dict], thr_rows: list[dict],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=float, nargs="+", default=[10, 50], help="model sizes, millions of params")
+    parser.add_argument("--params", type=float, nargs="+", default=[25, 100, 200],
+                        help="model sizes, millions of params")
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8], help="numbers of fine-tuned models T")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up run")
@@ -295,7 +396,20 @@ def main() -> None:
                         help="skip combinations whose compiled peak (inputs + temporaries + output) exceeds this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/bench_merge.json")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a small subset: 25M parameters, T = 2 and 4, methods {', '.join(QUICK_METHODS)}")
+    parser.add_argument("--compile-leaves", type=int, default=200,
+                        help="leaves of the compile-time tree (half (64, 64) kernels, half biases); 0 skips it")
+    parser.add_argument("--peak-tasks", type=int, default=4, help="T of the peak-memory runs (smallest size); 0 skips")
+    parser.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_child:
+        peak_child(args.peak_child, args.params[0], args.tasks[0], args.seed)
+        return
+    if args.quick:
+        args.params, args.tasks, args.repeats = [25], [2, 4], min(args.repeats, 2)
+        if args.methods == list(METHODS):
+            args.methods = QUICK_METHODS
 
     console = Console(width=200)
     mem_budget = args.mem_gb * GB
@@ -328,10 +442,19 @@ def main() -> None:
                 merge_rows += [{"params": n, "T": T, **r} for r in rows]
                 del base, fts
 
+    compile_rows, peak_rows = [], []
+    if args.compile_leaves:
+        console.print(f"compile time at {args.compile_leaves} leaves ...")
+        compile_rows = bench_compile(args.methods, args.compile_leaves, 2, args.seed, key)
+    if args.peak_tasks:
+        console.print(f"peak memory, {min(args.params):.0f}M parameters, T = {args.peak_tasks} ...")
+        peak_rows = bench_peak(args.methods, min(args.params), args.peak_tasks, args.seed)
+
     load = os.getloadavg()
     title = (f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, load average {load_before[0]:.1f} -> "
              f"{load[0]:.1f}, {time.perf_counter() - t_start:.0f} s")
     print_tables(console, merge_rows, thr_rows, title)
+    print_extra_tables(console, compile_rows, peak_rows)
     env = {
         "jax": jax.__version__,
         "numpy": np.__version__,
@@ -346,7 +469,8 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "args": vars(args), "merge": merge_rows, "threshold": thr_rows},
+    out.write_text(json.dumps({"env": env, "args": vars(args), "merge": merge_rows, "threshold": thr_rows,
+                               "compile": compile_rows, "peak_memory": peak_rows},
                               indent=1))
     console.print(f"wrote {out}")
 

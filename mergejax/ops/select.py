@@ -1,21 +1,44 @@
-"""Exact k-th largest value by counting: a radix select on order-preserving float bit patterns.
+"""Exact k-th largest value by counting: order-preserving float bit patterns, counted against candidate thresholds.
 
 The TIES trim, ComPEFT, Breadcrumbs and PCB all need the k-th largest magnitude of a task vector, over one tensor or
 over the whole model. Sorting (``jnp.sort``, ``jnp.quantile``, ``lax.top_k``) costs O(n log n), is slow on CPU and
 gathers sharded tensors. Here the threshold is found by *counting*: floats are mapped to unsigned integers whose
-order is the float order, and the answer is built ``radix_bits`` at a time from the most significant bit. Each pass
-counts, for the ``2**radix_bits - 1`` candidate prefixes, how many keys are >= the candidate (one variadic reduction,
-so one read of the data), and keeps the largest candidate whose count is still >= k. With 4-bit digits a float32
-threshold takes exactly 8 passes (the default on GPU/TPU; CPU defaults to 2-bit digits, see
-:func:`default_radix_bits`). A count is a sum, which XLA reduces across devices; no tensor is ever gathered.
+order is the float order (:func:`ordered_key`), and one *pass* counts, in one read of the data, how many keys are
+>= each of a few candidate keys. A count is a sum, which XLA reduces across devices; no tensor is ever gathered.
+
+Two searches share that counting pass:
+
+* **Bracketing search** (the default, ``radix_bits=None``): a Floyd-Rivest-style interpolation search. The answer is
+  kept in a bracket ``[lo, hi]`` of keys with ``count(>= lo) >= k > count(>= hi + 1)``. The first pass counts 16
+  candidates read off a sorted strided sample of the group (order statistics around rank ``k s / n``, spread by the
+  sample's binomial standard deviation); every later pass counts 16 candidates inside the bracket: ``lo + 1`` (an
+  exact hit when many entries tie at ``lo``), 7 evenly spaced ones (the guarantee: each pass shrinks the bracket at
+  least 8x in key space, so a float32 search always ends, within 11 passes) and 8 placed around the linear
+  interpolation of the counts at the bracket's ends, spread by the binomial error of that estimate. A bracket of at
+  most 16 keys is counted exhaustively. The loop stops when every bracket holds one key. On smooth data the first pass
+  leaves ~0.1% of the entries in the bracket and two or three interpolation passes finish (measured in
+  ``experiments/bench_merge.py``). Groups of at most :data:`SORT_MAX` entries are sorted outright (no pass at all).
+  A leaf that may be sharded (its abstract mesh has more than one device and its layout is not known to be
+  replicated) is never sampled, sorted or stacked: it is only counted, so counts stay the only cross-device traffic;
+  a group holding one starts from the interpolation passes (the "bracket miss" path of the search, which is the same
+  loop: nothing silent, only more passes).
+* **Radix select** (``radix_bits`` = 1, 2, 4 or 8): the answer is built ``radix_bits`` at a time from the most
+  significant bit, counting the ``2**radix_bits - 1`` candidate prefixes per pass: exactly ``32 / radix_bits``
+  passes for float32.
+
+Same-(shape, dtype) leaves of all groups are stacked and counted by one batched reduction, so the program holds one
+copy of the counting code per leaf *shape*, not per leaf. Counts are exact: int32 per leaf, summed as 16-bit
+(hi, lo) halves, so group totals up to 2**47 compare exactly with k.
 
 The result is exact: the largest key ``t`` with ``#{x : key(x) >= t} >= k``, i.e. the k-th largest value with
-multiplicity, so ``key(x) >= t`` keeps every entry tied at the threshold (at least k entries).
+multiplicity, so ``key(x) >= t`` keeps every entry tied at the threshold (at least k entries). Both searches are
+deterministic functions of the data.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import math
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,25 +47,37 @@ from jax import lax
 
 __all__ = [
     "DEFAULT_RADIX_BITS",
+    "SORT_MAX",
+    "SAMPLE_SIZE",
     "default_radix_bits",
     "ordered_key",
     "key_to_float",
     "kth_largest",
     "kth_largest_groups",
+    "kth_largest_groups_with_passes",
     "kth_largest_magnitude",
     "kth_largest_per_row",
     "count_ge",
 ]
 
 DEFAULT_RADIX_BITS = None
-"""``None`` picks :func:`default_radix_bits` for the backend at trace time."""
+"""``None``: the bracketing search; an int: the radix select with that many bits per pass."""
+
+SORT_MAX = 1 << 14
+"""Groups of at most this many entries (and no possibly-sharded leaf) are sorted instead of counted."""
+
+SAMPLE_SIZE = 1 << 14
+"""About this many entries of a larger group are sampled (strided) to place the first pass's candidates."""
+
+_D = 16  # candidates counted per pass of the bracketing search
 
 
 def default_radix_bits() -> int:
-    """Bits per counting pass: 4 on GPU/TPU (8 passes for float32; memory-bound there, so fewer passes win) and 2 on
-    CPU (16 passes, but 3 instead of 15 comparisons per entry and pass: CPU is compute-bound here, and XLA compiles
-    the smaller loop body ~3x faster)."""
+    """Bits per counting pass of the radix select: 4 on GPU/TPU (8 passes for float32; memory-bound there, so fewer
+    passes win) and 2 on CPU (16 passes, but 3 instead of 15 comparisons per entry and pass: CPU is compute-bound
+    here)."""
     return 2 if jax.default_backend() == "cpu" else 4
+
 
 _KEY = {4: (jnp.uint32, jnp.float32, 32), 8: (jnp.uint64, jnp.float64, 64)}
 
@@ -87,6 +122,143 @@ def _sum_counts(flags: Sequence[jax.Array], axes: tuple[int, ...]) -> tuple[jax.
     return tuple(lax.reduce(ops, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), axes))
 
 
+_HALF = 1 << 16
+
+
+def _split_count(c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return c >> 16, c & (_HALF - 1)
+
+
+def _ge_k(hi: jax.Array, lo: jax.Array, k_hi: jax.Array, k_lo: jax.Array) -> jax.Array:
+    """Exact ``hi * 2**16 + lo >= k`` from int32 halves (``lo`` may exceed 16 bits: it is carried first)."""
+    hi = hi + (lo >> 16)
+    lo = lo & (_HALF - 1)
+    return (hi > k_hi) | ((hi == k_hi) & (lo >= k_lo))
+
+
+def _total_ge(parts: list[tuple[jax.Array, jax.Array]], k: int) -> jax.Array:
+    """Exact ``sum(counts) >= k`` for totals up to 2**47, from int32 (hi, lo) 16-bit halves of per-leaf counts."""
+    hi = sum(p[0] for p in parts)
+    lo = sum(p[1] for p in parts)
+    return _ge_k(hi, lo, k >> 16, k & (_HALF - 1))
+
+
+def _check_leaf_size(x: jax.Array) -> None:
+    if x.size >= 2**31:
+        raise ValueError(f"a single leaf of shape {x.shape} dtype {x.dtype} ({x.size} elements) is too large for int32 "
+                         "counts")
+
+
+def count_ge(
+    leaves: Sequence[jax.Array], key_thresholds: Sequence[jax.Array], *, magnitude: bool = False
+) -> list[list[jax.Array]]:
+    """Per leaf, the int32 counts of entries whose ordered key (of |x| if ``magnitude``) is >= each threshold.
+
+    One read per leaf for all thresholds. With ``magnitude`` the absolute value is taken inside the pass, so no
+    |x| copy of the leaf is ever materialised. Same-(shape, dtype) leaves are stacked and counted by one batched
+    reduction (one copy of the code per shape).
+    """
+    leaves = [jnp.asarray(x) for x in leaves]
+    if not leaves:
+        return []
+    counter = _Counter([[x] for x in leaves], magnitude)
+    cands = jnp.stack([jnp.broadcast_to(jnp.asarray(t, counter.key_t), (len(leaves),)) for t in key_thresholds], 1)
+    per_item = counter.per_item_counts(cands)  # bucket -> (m, D)
+    out: list[list[jax.Array]] = [[] for _ in leaves]
+    for (_, gids), counts in zip(counter.buckets, per_item):
+        for j, g in enumerate(gids):
+            out[int(g)] = [counts[j, d] for d in range(len(key_thresholds))]
+    return out
+
+
+# ---------------------------------------------------------------- grouping same-shaped leaves
+
+
+def _maybe_sharded(x: jax.Array) -> bool:
+    """True unless ``x`` is known to live whole on every device that holds it (one device, or replicated)."""
+    sharding = getattr(x, "sharding", None)
+    if sharding is not None and not isinstance(x, jax.core.Tracer):
+        return not (len(sharding.device_set) == 1 or sharding.is_fully_replicated)
+    try:
+        sharding = jax.typeof(x).sharding
+    except Exception:  # pragma: no cover - an aval without sharding
+        return False
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or getattr(mesh, "empty", False) or math.prod(getattr(mesh, "axis_sizes", ()) or (1,)) <= 1:
+        return False
+    explicit = all(str(t).endswith("Explicit") for t in getattr(mesh, "axis_types", ()))
+    return not (explicit and all(s is None for s in sharding.spec))
+
+
+def _stack(xs: list[jax.Array]) -> jax.Array:
+    return xs[0][None] if len(xs) == 1 else jnp.stack(xs)
+
+
+class _Counter:
+    """Counts, per group and candidate, the entries of the group's leaves whose key is >= the candidate.
+
+    Leaves of the same (shape, dtype) are stacked into one (m, *shape) array counted by one batched reduction; a
+    possibly-sharded leaf stays on its own (stacking could move it between devices).
+    """
+
+    def __init__(self, groups: Sequence[Sequence[jax.Array]], magnitude: bool):
+        self.n_groups = len(groups)
+        self.magnitude = magnitude
+        self.key_t, self.float_t, self.nbits = _key_spec(jnp.result_type(*[x for g in groups for x in g]))
+        order: dict = {}
+        for gi, g in enumerate(groups):
+            for x in g:
+                _check_leaf_size(x)
+                tag = ("alone", len(order)) if _maybe_sharded(x) else (x.shape, str(x.dtype))
+                order.setdefault(tag, []).append((gi, x))
+        self.buckets = []
+        for members in order.values():
+            gids = np.asarray([gi for gi, _ in members], np.int32)
+            xs = [x for _, x in members]
+            self.buckets.append((xs, gids))
+
+    def per_item_counts(self, cands: jax.Array) -> list[jax.Array]:
+        """``cands``: [G, D] keys. Per bucket, the int32 counts [m, D] of each stacked leaf (one read of each)."""
+        out = []
+        for xs_, gids in self.buckets:
+            # the barrier keeps each pass one fused read of the data: without it XLA merges the passes' key
+            # computations and candidate arithmetic into the counting loops (measured ~10x slower on CPU)
+            xs, c = lax.optimization_barrier((xs_, cands[gids]))  # c: [m, D]
+            stacked = _stack(xs)  # inside the pass, so XLA folds it into the counting loop (no stacked copy)
+            key = ordered_key(jnp.abs(stacked) if self.magnitude else stacked)
+            bshape = (len(gids),) + (1,) * (stacked.ndim - 1)
+            flags = [key >= c[:, d].reshape(bshape) for d in range(cands.shape[1])]
+            out.append(jnp.stack(_sum_counts(flags, tuple(range(1, stacked.ndim))), axis=1))
+        return out
+
+    def extremes(self) -> tuple[jax.Array, jax.Array]:
+        """The smallest and the largest key of each group, [G] each (one read of every leaf)."""
+        lows, highs = [], []
+        for xs, gids in self.buckets:
+            stacked = _stack(xs)
+            key = ordered_key(jnp.abs(stacked) if self.magnitude else stacked)
+            axes = tuple(range(1, key.ndim))  # no reshape: merging a sharded axis could gather it
+            lows.append(jax.ops.segment_min(jnp.min(key, axis=axes), gids, self.n_groups, indices_are_sorted=True))
+            highs.append(jax.ops.segment_max(jnp.max(key, axis=axes), gids, self.n_groups, indices_are_sorted=True))
+        return jnp.min(jnp.stack(lows), axis=0), jnp.max(jnp.stack(highs), axis=0)
+
+    def counts(self, cands: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Exact group totals of ``#{key >= cands[g, d]}`` as int32 (hi, lo) 16-bit halves, each [G, D]."""
+        hi = jnp.zeros(cands.shape, jnp.int32)
+        lo = jnp.zeros(cands.shape, jnp.int32)
+        for (_, gids), per in zip(self.buckets, self.per_item_counts(cands)):
+            h, l = _split_count(per)
+            if len(gids) == 1:
+                hi, lo = hi.at[int(gids[0])].add(h[0]), lo.at[int(gids[0])].add(l[0])
+            else:
+                hi = hi + jax.ops.segment_sum(h, gids, self.n_groups, indices_are_sorted=True)
+                lo = lo + jax.ops.segment_sum(l, gids, self.n_groups, indices_are_sorted=True)
+        return hi, lo
+
+
+# ---------------------------------------------------------------- radix select
+
+
 def _radix_select(
     enough_fn: Callable[[list[jax.Array]], list[jax.Array]],
     prefix0: jax.Array,
@@ -116,38 +288,199 @@ def _radix_select(
     return lax.fori_loop(0, passes, one_pass, prefix0)
 
 
-_HALF = 1 << 16
+# ---------------------------------------------------------------- bracketing search
 
 
-def _split_count(c: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return c >> 16, c & (_HALF - 1)
+def _next_prime(n: int) -> int:
+    n = max(int(n), 2)
+    while any(n % p == 0 for p in range(2, int(math.isqrt(n)) + 1)):
+        n += 1
+    return n
 
 
-def _total_ge(parts: list[tuple[jax.Array, jax.Array]], k: int) -> jax.Array:
-    """Exact ``sum(counts) >= k`` for totals up to 2**47, from int32 (hi, lo) 16-bit halves of per-leaf counts."""
-    hi = sum(p[0] for p in parts)
-    lo = sum(p[1] for p in parts)
-    hi = hi + (lo >> 16)
-    lo = lo & (_HALF - 1)
-    k_hi, k_lo = k >> 16, k & (_HALF - 1)
-    return (hi > k_hi) | ((hi == k_hi) & (lo >= k_lo))
+def _sample(leaves: Sequence[jax.Array], n: int) -> jax.Array:
+    """A strided sample of about :data:`SAMPLE_SIZE` entries of the group, every ``stride``-th of each raveled leaf.
 
-
-def count_ge(
-    leaves: Sequence[jax.Array], key_thresholds: Sequence[jax.Array], *, magnitude: bool = False
-) -> list[list[jax.Array]]:
-    """Per leaf, the int32 counts of entries whose ordered key (of |x| if ``magnitude``) is >= each threshold.
-
-    One read per leaf for all thresholds. With ``magnitude`` the absolute value is taken inside the pass, so no
-    |x| copy of the leaf is ever materialised.
+    The stride is a prime, so it is coprime with (almost) every axis length: a kernel's columns are all visited.
     """
-    out = []
-    for x in leaves:
-        if x.size >= 2**31:
-            raise ValueError(f"a single leaf of {x.size} elements is too large for int32 counts")
-        kx = ordered_key(jnp.abs(x) if magnitude else x)
-        out.append(list(_sum_counts([kx >= t for t in key_thresholds], tuple(range(kx.ndim)))))
-    return out
+    stride = _next_prime(-(-n // SAMPLE_SIZE))
+    return jnp.concatenate([x.ravel()[stride // 2 :: stride] for x in leaves if x.size > stride // 2])
+
+
+def _by_signature(groups: Sequence[Sequence[jax.Array]], idx: Sequence[int]) -> dict:
+    sig: dict = {}
+    for g in idx:
+        sig.setdefault(tuple((x.shape, str(x.dtype)) for x in groups[g]), []).append(g)
+    return sig
+
+
+def _sorted_keys(groups, idx: list[int], magnitude: bool, build: Callable) -> jax.Array:
+    """[len(idx), s] keys of ``build(group leaves)`` sorted in descending order, one batched sort."""
+    rows = jnp.stack([build(groups[g]) for g in idx])
+    key = ordered_key(jnp.abs(rows) if magnitude else rows)
+    return lax.rev(jnp.sort(key, axis=1), (1,))
+
+
+_SPREAD = np.asarray([0.0, -0.4, 0.4, -0.8, 0.8, -1.3, 1.3, -2.0, 2.0, -3.0, 3.0, -4.5, 4.5, -7.0, 7.0])
+
+
+def _sample_candidates(sorted_desc: jax.Array, ks: np.ndarray, ns: np.ndarray) -> jax.Array:
+    """[m, D] candidates: sample order statistics around the target rank k s / n (plus the central one + 1)."""
+    s = sorted_desc.shape[1]
+    q = ks / ns
+    r = (ks - 1) * (s / ns)
+    sd = np.sqrt(s * q * (1 - q)) + 1.0
+    ranks = np.clip(np.rint(r[:, None] + sd[:, None] * _SPREAD[None]), 0, s - 1).astype(np.int32)
+    picked = jnp.take_along_axis(sorted_desc, jnp.asarray(ranks), axis=1)
+    return jnp.concatenate([picked, picked[:, :1] + 1], axis=1)  # + 1: an exact hit when the target value ties
+
+
+# Candidate layouts of the interpolation passes: (evenly spaced fractions, offsets around the estimate in standard
+# errors). Each adds lo + 1 and hi. 16 candidates on GPU/TPU (memory-bound: a pass costs the same whatever it counts);
+# 8 on CPU, where a pass costs about a quarter of a read per candidate (compute-bound), so fewer, tighter ones win.
+_LAYOUT_WIDE = (np.asarray([0.25, 0.5, 0.75]), np.asarray([0.0, -0.35, 0.35, -0.8, 0.8, -1.4, 1.4, -2.3, 2.3, -4.0, 4.0]))
+_LAYOUT_CPU = (np.asarray([0.5]), np.asarray([0.0, -0.7, 0.7, -2.5, 2.5]))
+
+
+def _layout() -> tuple[np.ndarray, np.ndarray]:
+    return _LAYOUT_CPU if jax.default_backend() == "cpu" else _LAYOUT_WIDE
+
+
+def _interp_candidates(lo, hi, c_lo, c_hi, k_f, float_t, layout) -> jax.Array:
+    """[G, D] candidates in (lo, hi]: lo + 1 and hi (exact hits on ties), evenly spaced ones (each pass shrinks the
+    bracket at least 2x: the guarantee) and the rest around the linearly interpolated position of rank k, spread by
+    its binomial standard error. A bracket of at most D keys is counted exhaustively."""
+    uniform_fr, focus_sd = layout
+    D = 2 + len(uniform_fr) + len(focus_sd)
+    key_t = lo.dtype
+    w = hi - lo
+    wf = w.astype(float_t)
+    m = jnp.maximum(c_lo - c_hi, 1.0)  # entries in the bracket
+    u = jnp.clip((c_lo - k_f) / m, 0.0, 1.0)  # the count falls from c_lo at lo to c_hi just above hi
+    sd = jnp.sqrt(jnp.maximum(u * (1 - u), 1.0 / m) / m) + 1.0 / m
+    focus = u[:, None] + sd[:, None] * jnp.asarray(focus_sd, float_t)
+    even = jnp.asarray(np.arange(1, len(focus_sd) + 1) / (len(focus_sd) + 1), float_t)[None]
+    focus = jnp.where((sd * focus_sd.max() > 0.5)[:, None], even, focus)  # a few entries: split the bracket evenly
+    uniform = jnp.broadcast_to(jnp.asarray(uniform_fr, float_t), (lo.shape[0], len(uniform_fr)))
+    frac = jnp.concatenate([uniform, focus], axis=1)
+    top = float(np.nextafter(np.asarray(2.0 ** (8 * np.dtype(key_t).itemsize), float_t), 0))  # converts exactly
+    off = jnp.clip(jnp.floor(jnp.clip(frac, 0.0, 1.0) * wf[:, None]), 1.0, top).astype(key_t)
+    off = jnp.concatenate([jnp.ones_like(off[:, :1]), w[:, None], off], axis=1)
+    exhaustive = jnp.arange(1, D + 1, dtype=key_t)[None]
+    off = jnp.minimum(jnp.where((w <= D)[:, None], exhaustive, off), w[:, None])  # in [1, w]; 0 once w = 0
+    return lo[:, None] + off
+
+
+def _needs_extremes(ks: np.ndarray, ns: np.ndarray, sampled: np.ndarray) -> bool:
+    """Whether a group's first bracket would reach past the sample's extremes (or it has no sample at all)."""
+    s = np.minimum(ns, SAMPLE_SIZE)
+    q = ks / ns
+    r = (ks - 1) * (s / ns)
+    reach = np.abs(_SPREAD).max() * (np.sqrt(s * q * (1 - q)) + 1.0)
+    return bool(np.any(~sampled | (r - reach < 1) | (r + reach > s - 2)))
+
+
+def _bracket_search(groups, ks: list, magnitude: bool) -> tuple[jax.Array, jax.Array]:
+    """The bracketing search over all groups at once: (keys [G], passes over the data)."""
+    G = len(groups)
+    key_t, float_t, nbits = _key_spec(jnp.result_type(*[x for g in groups for x in g]))
+    ns = np.asarray([sum(int(x.size) for x in g) for g in groups], np.float64)
+    kn = np.asarray(ks, np.float64)
+    movable = [not any(_maybe_sharded(x) for x in g) for g in groups]
+    small = [g for g in range(G) if movable[g] and ns[g] <= SORT_MAX]
+    sampled = [g for g in range(G) if movable[g] and ns[g] > SORT_MAX]
+    counted = [g for g in range(G) if g not in small]
+
+    lo0 = jnp.full((G,), (key_t(1) << (nbits - 1)) if magnitude else 0, key_t)  # |x| >= +0.0
+    hi0 = jnp.full((G,), np.iinfo(np.dtype(key_t)).max, key_t)
+    result = lo0
+    for idx in _by_signature(groups, small).values():  # whole groups sorted: exact at once
+        desc = _sorted_keys(groups, idx, magnitude, lambda ls: jnp.concatenate([x.ravel() for x in ls]))
+        pick = jnp.take_along_axis(desc, jnp.asarray(kn[idx].astype(np.int32) - 1)[:, None], axis=1)[:, 0]
+        result = result.at[np.asarray(idx)].set(pick)
+    if not counted:
+        return result, jnp.int32(0)
+
+    sub = [groups[g] for g in counted]
+    counter = _Counter(sub, magnitude)
+    Gc = len(counted)
+    k_arr = np.asarray([ks[g] for g in counted], np.int64)
+    k_hi = jnp.asarray(k_arr >> 16, jnp.int32)
+    k_lo = jnp.asarray(k_arr & (_HALF - 1), jnp.int32)
+    k_f = jnp.asarray(k_arr, float_t)
+    first = jnp.zeros((Gc, _D), key_t)
+    has_first = np.zeros((Gc,), bool)
+    pos = {g: i for i, g in enumerate(counted)}
+    for idx in _by_signature(groups, sampled).values():
+        n_g = int(ns[idx[0]])
+        desc = _sorted_keys(groups, idx, magnitude, lambda ls: _sample(ls, n_g))
+        rows = np.asarray([pos[g] for g in idx])
+        first = first.at[rows].set(_sample_candidates(desc, kn[idx], ns[idx]))
+        has_first[rows] = True
+    has_first_j = jnp.asarray(has_first)
+    lo_c, hi_c = lo0[:Gc], hi0[:Gc]
+    if _needs_extremes(kn[counted], ns[counted], has_first):  # a target beyond the sample's reach: bound the bracket
+        lo_c, hi_c = counter.extremes()
+
+    def update(state, cands):
+        it, lo, hi, c_lo, c_hi = state
+        cnt_hi, cnt_lo = counter.counts(cands)
+        ge = _ge_k(cnt_hi, cnt_lo, k_hi[:, None], k_lo[:, None])
+        approx = cnt_hi.astype(float_t) * _HALF + cnt_lo.astype(float_t)
+        up = ge & (cands > lo[:, None])
+        down = ~ge & (cands <= hi[:, None])
+        new_lo = jnp.maximum(lo, jnp.max(jnp.where(up, cands, lo[:, None]), axis=1))
+        new_hi = jnp.minimum(hi, jnp.min(jnp.where(down, cands - 1, hi[:, None]), axis=1))
+        new_c_lo = jnp.minimum(c_lo, jnp.min(jnp.where(up, approx, jnp.inf), axis=1))
+        new_c_hi = jnp.maximum(c_hi, jnp.max(jnp.where(down, approx, -jnp.inf), axis=1))
+        return it + 1, new_lo, new_hi, new_c_lo, new_c_hi
+
+    def interp(state, layout):
+        return _interp_candidates(*state[1:], k_f, float_t, layout)
+
+    def cond(state):
+        it, lo, hi = state[:3]
+        return (it < 2 * nbits) & jnp.any(lo < hi)
+
+    state = (jnp.int32(0), lo_c, hi_c, jnp.asarray(ns[counted], float_t), jnp.zeros((Gc,), float_t))
+    if has_first.any():  # the sampled pass (16 candidates; unsampled groups get 16 interpolated ones)
+        state = update(state, jnp.where(has_first_j[:, None], first, interp(state, _LAYOUT_WIDE)))
+    layout = _layout()
+    passes, lo, hi, _, _ = lax.while_loop(cond, lambda st: update(st, interp(st, layout)), state)
+    return result.at[np.asarray(counted)].set(lo), passes
+
+
+def _check_ranks(groups, ks) -> None:
+    for g, k in zip(groups, ks):
+        n = sum(int(x.size) for x in g)
+        if not 1 <= k <= n:
+            raise ValueError(f"k must be in [1, {n}] (the number of entries), got {k}")
+
+
+def kth_largest_groups_with_passes(
+    groups: Sequence[Sequence[jax.Array]],
+    ks: Sequence[int],
+    *,
+    radix_bits: int | None = DEFAULT_RADIX_BITS,
+    magnitude: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`kth_largest_groups` and the number of counting passes over the data it took (int32 scalar)."""
+    groups = [[jnp.asarray(x) for x in g] for g in groups]
+    ks = [int(k) for k in ks]
+    _check_ranks(groups, ks)
+    if radix_bits is None:
+        return _bracket_search(groups, ks, magnitude)
+    counter = _Counter(groups, magnitude)
+    k_arr = np.asarray(ks, np.int64)
+    k_hi, k_lo = jnp.asarray(k_arr >> 16, jnp.int32), jnp.asarray(k_arr & (_HALF - 1), jnp.int32)
+
+    def enough(cands: list[jax.Array]) -> list[jax.Array]:
+        hi, lo = counter.counts(jnp.stack(cands, axis=1))
+        ge = _ge_k(hi, lo, k_hi[:, None], k_lo[:, None])
+        return [ge[:, d] for d in range(len(cands))]
+
+    keys = _radix_select(enough, jnp.zeros((len(groups),), counter.key_t), counter.nbits, radix_bits)
+    return keys, jnp.int32(counter.nbits // radix_bits)
 
 
 def kth_largest_groups(
@@ -162,27 +495,14 @@ def kth_largest_groups(
     Args:
       groups: G lists of float arrays; a group's entries are all its leaves' entries taken together.
       ks: static ranks, 1 <= k_g <= n_g (1 = the maximum).
-      radix_bits: bits decided per pass; a float32 threshold takes 32 / radix_bits passes.
+      radix_bits: None for the bracketing search (module docstring); 1, 2, 4 or 8 for the radix select with that
+        many bits per pass (32 / radix_bits passes for float32).
       magnitude: select on |x| (computed inside each pass; no copy of |x| is kept).
 
     Returns:
       uint keys of shape [G]; ``ordered_key(x) >= t[g]`` selects group g's top k (and every tie at the threshold).
     """
-    groups = [[jnp.asarray(x) for x in g] for g in groups]
-    for g, k in zip(groups, ks):
-        n = sum(int(x.size) for x in g)
-        if not 1 <= k <= n:
-            raise ValueError(f"k must be in [1, {n}] (the number of entries), got {k}")
-    key_t, _, nbits = _key_spec(jnp.result_type(*[x for g in groups for x in g]))
-
-    def enough(cands: list[jax.Array]) -> list[jax.Array]:
-        flags = []  # [G][D]: group g has at least k_g keys >= candidate d
-        for gi, (g, k) in enumerate(zip(groups, ks)):
-            per_leaf = count_ge(g, [c[gi] for c in cands], magnitude=magnitude)  # one read per leaf
-            flags.append([_total_ge([_split_count(pl[d]) for pl in per_leaf], k) for d in range(len(cands))])
-        return [jnp.stack([f[d] for f in flags]) for d in range(len(cands))]
-
-    return _radix_select(enough, jnp.zeros((len(groups),), key_t), nbits, radix_bits)
+    return kth_largest_groups_with_passes(groups, ks, radix_bits=radix_bits, magnitude=magnitude)[0]
 
 
 def kth_largest(leaves: Sequence[jax.Array], k: int, *, radix_bits: int | None = DEFAULT_RADIX_BITS) -> jax.Array:
@@ -209,7 +529,7 @@ def kth_largest_per_row(
 
     ``k`` may be a scalar or an int32 array broadcastable to that shape; rows with k=0 get the largest key
     (use a separate ``k > 0`` test to select nothing there). Counts are per row, so a sharded last axis needs only
-    an all-reduce of per-row counts.
+    an all-reduce of per-row counts. Always the radix select (``radix_bits=None``: :func:`default_radix_bits`).
     """
     x = jnp.asarray(x)
     key_t, _, nbits = _key_spec(x.dtype)
