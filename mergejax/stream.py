@@ -24,6 +24,7 @@ the finished shards and the global statistics; rerunning the same merge into the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -252,3 +253,245 @@ def merge_tensors(
     finally:
         if inputs is None:
             inp.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mergejax methods over checkpoints
+
+from mergejax.merge import Merger, _average_jit, chain  # noqa: E402
+from mergejax.ops.breadcrumbs import BreadcrumbsMask  # noqa: E402
+from mergejax.ops.dare import DareDrop, drop_and_rescale  # noqa: E402
+from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Mean, Sum, WeightedSum  # noqa: E402
+from mergejax.ops.base import leaf_keys, rank_from_fraction  # noqa: E402
+from mergejax.ops.sign import ElectSign, keep_agreeing, sign_mass  # noqa: E402
+from mergejax.ops.trim import Trim  # noqa: E402
+from mergejax.tree import _leaf_apply, _leaf_task_vector  # noqa: E402
+
+_PER_LEAF = (BreadcrumbsMask, Sum, Mean, DisjointMean, DisjointSum, DisjointMax, WeightedSum)
+_DEFAULT_SCALE = {"task_arithmetic": 1.0, "ties": 1.0, "dare": 1.0, "breadcrumbs": 1.0}
+
+
+def _named_chain(method: str, hp: dict[str, Any]) -> Merger:
+    """The chain of a named method with the same stages and defaults as ``mergejax.<method>``."""
+    hp = dict(hp)
+    if method == "task_arithmetic":
+        stages: tuple = (Sum(),)
+    elif method == "ties":
+        from mergejax.merge import _disjoint
+
+        stages = (Trim(hp.pop("density", 0.2), hp.pop("scope", "global")), ElectSign(hp.pop("sign_method", "sum")),
+                  _disjoint(hp.pop("reduce", "mean")))
+    elif method == "dare":
+        drop = DareDrop(hp.pop("drop_rate", 0.9), hp.pop("rescale", "inverse"))
+        combine = hp.pop("combine", "task_arithmetic")
+        density, scope = hp.pop("density", 0.2), hp.pop("scope", "global")
+        if combine == "task_arithmetic":
+            stages = (drop, Sum())
+        elif combine == "ties":
+            stages = (drop, Trim(density, scope), ElectSign(), DisjointMean())
+        else:
+            raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
+    elif method == "breadcrumbs":
+        stages = (BreadcrumbsMask(hp.pop("beta", 0.15), hp.pop("gamma", 0.006)), Sum())
+    else:
+        raise ValueError(
+            f"method {method!r} cannot stream; use one of average, task_arithmetic, ties, dare, breadcrumbs or a "
+            "mergejax.chain(...) of per-tensor stages (PCB and LiNeS need whole-model quantities)"
+        )
+    if hp:
+        raise ValueError(f"method {method} does not take: {', '.join(sorted(hp))}")
+    return chain(*stages)
+
+
+def _check_streamable(m: Merger) -> None:
+    for s in m.stages:
+        if not isinstance(s, (Trim, ElectSign, DareDrop, *_PER_LEAF)):
+            raise ValueError(
+                f"stage {type(s).__name__} cannot stream (streaming supports Trim, ElectSign, DareDrop, "
+                "BreadcrumbsMask and the Sum/Mean/Disjoint*/WeightedSum reductions)"
+            )
+
+
+def _apply_stage(s: Any, si: int, tvs: tuple, stats: dict, i: jax.Array, key: jax.Array | None) -> tuple:
+    """Stage ``si`` of the chain on the one-leaf task vectors ``tvs``, with the whole-model statistics ``stats``."""
+    skey = None if key is None else jax.random.fold_in(key, si)  # as mergejax.merge._run
+    if isinstance(s, Trim) and s.scope == "global":
+        t = stats[f"trim{si}"]
+        return tuple({n: jnp.where(jnp.abs(x) >= t[j].astype(x.dtype), x, jnp.zeros_like(x)) for n, x in tv.items()}
+                     for j, tv in enumerate(tvs))
+    if isinstance(s, ElectSign):
+        (name,) = tvs[0]
+        raw = jnp.sign(sign_mass([tv[name] for tv in tvs], s.method))
+        sign = jnp.where(raw == 0, stats[f"sign{si}"].astype(raw.dtype), raw)
+        return keep_agreeing(tvs, {name: sign})
+    if isinstance(s, DareDrop):
+        return tuple({n: drop_and_rescale(x, leaf_keys(skey, t, i), s.drop_rate, s.rescale) for n, x in tv.items()}
+                     for t, tv in enumerate(tvs))
+    return s(tvs, skey)
+
+
+_LEAF = "leaf"  # the one-leaf trees' key (a constant, so every tensor of a shape shares one compiled program)
+
+
+def _prefix_impl(m: Merger, upto: int, stats: dict, i, base, fts, key) -> tuple:
+    tvs = tuple({_LEAF: _leaf_task_vector(ft, base)} for ft in fts)
+    for si, s in enumerate(m.stages[:upto]):
+        tvs = _apply_stage(s, si, tvs, stats, i, key)
+    return tvs
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _prefix(m: Merger, upto: int, stats: dict, i, base, fts, key) -> list:
+    """The T per-task leaves entering stage ``upto`` of the chain (for the statistic passes)."""
+    return [tv[_LEAF] for tv in _prefix_impl(m, upto, stats, i, base, fts, key)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _merge_leaf(m: Merger, stats: dict, i, base, fts, key, scale):
+    """theta_0 + scale * (the chain on one tensor), in the base's dtype: the in-memory merge's per-leaf program."""
+    (merged,) = _prefix_impl(m, len(m.stages), stats, i, base, fts, key)
+    return _leaf_apply(base, merged[_LEAF], scale)
+
+
+def _hist_select(counts: np.ndarray, k: int) -> tuple[int, int]:
+    """(bin, rank within it) of the k-th largest entry given per-bin counts (bin = high bits, larger bin = larger)."""
+    above = np.cumsum(counts[::-1])  # above[j] = entries in the top j+1 bins
+    j = int(np.searchsorted(above, k))  # first j with above[j] >= k
+    b = len(counts) - 1 - j
+    return b, k - (int(above[j - 1]) if j > 0 else 0)
+
+
+def merge(
+    base: str | os.PathLike[str],
+    finetuned: Sequence[str | os.PathLike[str]],
+    method: str | Merger,
+    out: str | os.PathLike[str],
+    *,
+    scale: float | None = None,
+    key: jax.Array | None = None,
+    max_shard_size: int | str = "5GB",
+    progress: bool = True,
+    **hyperparameters: Any,
+) -> Path:
+    """Streams a merge of checkpoints on disk into a sharded safetensors checkpoint ``out``, tensor by tensor.
+
+    Args:
+      base: the pre-trained checkpoint (a safetensors file, a directory, or a sharded directory with an index);
+        ignored by ``method="average"``, which averages ``finetuned``.
+      finetuned: the fine-tuned checkpoints, with the base's tensor names and shapes.
+      method: ``"average"``, ``"task_arithmetic"``, ``"ties"``, ``"dare"``, ``"breadcrumbs"`` (the stages and
+        paper defaults of ``mergejax.<method>``), or a :class:`mergejax.Merger` of per-tensor stages.
+      out: output directory; rerunning the same merge into it resumes an interrupted run.
+      scale: lambda (default: the named method's, 1.0).
+      key: ``jax.random`` key (DARE).
+      max_shard_size: shard size limit of the output ("5GB" or bytes).
+      progress: tqdm bars over the bytes read, with throughput (process 0).
+      **hyperparameters: the named method's keywords (density, scope, drop_rate, beta, ...).
+
+    Returns:
+      ``out``. The tensors equal ``method`` applied in memory to the dict ``{name: tensor}`` of each checkpoint.
+    """
+    if method == "average":
+        if hyperparameters or scale is not None:
+            raise ValueError("method average takes no hyperparameters")
+
+        def avg(name: str, b: Any, fts: list[np.ndarray]) -> np.ndarray:
+            return np.asarray(_average_jit(tuple({name: jnp.asarray(x)} for x in fts))[name])
+
+        return merge_tensors(avg, None, finetuned, out, fingerprint="average", max_shard_size=max_shard_size,
+                             progress=progress)
+    if isinstance(method, Merger):
+        if hyperparameters:
+            raise ValueError(f"hyperparameters {sorted(hyperparameters)} apply to named methods only")
+        m, fp_name = method, repr(method)
+    else:
+        m, fp_name = _named_chain(method, hyperparameters), method
+    _check_streamable(m)
+    m._check_key(key)
+    lam = jnp.asarray(1.0 if scale is None else scale, jnp.float32)
+    raw_key = None if key is None else jax.random.key_data(key)
+    fingerprint = json.dumps([fp_name, repr(m), float(lam), None if raw_key is None else np.asarray(raw_key).tolist()])
+    stats: dict[str, jax.Array] = {}
+    index = {}
+
+    def run_passes(state: _State, inp: _Inputs) -> None:
+        index.update({n: j for j, n in enumerate(inp.names)})
+        names = [n for n in inp.names if _is_float(inp.infos[n].dtype)]
+
+        def leaves(name: str, upto: int) -> list[np.ndarray]:
+            b, fts = inp.read(name)
+            return [np.asarray(x) for x in _prefix(m, upto, dict(stats), jnp.int32(index[name]),
+                                                   jnp.asarray(b), tuple(jnp.asarray(x) for x in fts), key)]
+
+        for si, s in enumerate(m.stages):  # in chain order: a statistic's pass uses the earlier ones
+            if isinstance(s, Trim) and s.scope == "global":
+                k = rank_from_fraction(s.density, sum(int(np.prod(inp.infos[n].shape)) for n in names))
+                value = state.stat(f"trim{si}", lambda: _global_thresholds(
+                    lambda n: leaves(n, si), names, inp, k, len(inp.sources) - 1, progress, f"trim (stage {si})"))
+                stats[f"trim{si}"] = jnp.asarray(value, jnp.float32)
+            elif isinstance(s, ElectSign):
+                value = state.stat(f"sign{si}", lambda: _majority_sign(
+                    lambda n: leaves(n, si), names, inp, s.method, progress, f"sign (stage {si})"))
+                stats[f"sign{si}"] = jnp.asarray(value, jnp.int32)
+
+    def fn(name: str, b: np.ndarray | None, fts: list[np.ndarray]) -> np.ndarray:
+        if not _is_float(b.dtype):
+            return b
+        return np.asarray(_merge_leaf(m, dict(stats), jnp.int32(index[name]), jnp.asarray(b),
+                                      tuple(jnp.asarray(x) for x in fts), key, lam))
+
+    return merge_tensors(fn, base, finetuned, out, fingerprint=fingerprint, max_shard_size=max_shard_size,
+                         progress=progress, state_hook=run_passes)
+
+
+def _mag_bits(x: np.ndarray, name: str) -> np.ndarray:
+    if x.dtype != np.float32:
+        raise ValueError(f"tensor {name!r}: streaming global trim supports float32 task vectors, got {x.dtype}")
+    return np.abs(x).reshape(-1).view(np.uint32)
+
+
+def _bar(names: list[str], inp: _Inputs, enabled: bool, desc: str):
+    bar = _progress(sum(inp.infos[n].nbytes for n in names) * len(inp.sources), enabled, desc)
+    for n in names:
+        yield n
+        if bar is not None:
+            bar.update(inp.infos[n].nbytes * len(inp.sources))
+    if bar is not None:
+        bar.close()
+
+
+def _global_thresholds(leaves: Callable[[str], list[np.ndarray]], names: list[str], inp: _Inputs, k: int, T: int,
+                       progress: bool, desc: str) -> list[float]:
+    """Per task, the exact k-th largest |x| over every float tensor: two histogram passes over the float32 bits.
+
+    The bits of a non-negative float32 order like the float, so the high 16 bits (pass 1) find the bin holding the
+    k-th largest and the low 16 bits of that bin's entries (pass 2) finish it; k = 0 gives +inf (nothing kept).
+    """
+    if k == 0:
+        return [float("inf")] * T
+    hi = np.zeros((T, 1 << 16), np.int64)
+    for name in _bar(names, inp, progress, f"{desc} pass 1/2"):
+        for t, x in enumerate(leaves(name)):
+            hi[t] += np.bincount(_mag_bits(x, name) >> 16, minlength=1 << 16)
+    sel = [_hist_select(hi[t], k) for t in range(T)]
+    lo = np.zeros((T, 1 << 16), np.int64)
+    for name in _bar(names, inp, progress, f"{desc} pass 2/2"):
+        for t, x in enumerate(leaves(name)):
+            bits = _mag_bits(x, name)
+            lo[t] += np.bincount(bits[(bits >> 16) == sel[t][0]] & 0xFFFF, minlength=1 << 16)
+    out = []
+    for t in range(T):
+        low, _ = _hist_select(lo[t], sel[t][1])
+        out.append(float(np.array([(sel[t][0] << 16) | low], np.uint32).view(np.float32)[0]))
+    return out
+
+
+def _majority_sign(leaves: Callable[[str], list[np.ndarray]], names: list[str], inp: _Inputs, method: str,
+                   progress: bool, desc: str) -> int:
+    """sgn(#positive - #negative elected signs) over the whole model: ElectSign's rule for zero sums."""
+    pos = neg = 0
+    for name in _bar(names, inp, progress, desc):
+        s = np.sign(np.asarray(sign_mass(leaves(name), method)))
+        pos += int(np.count_nonzero(s > 0))
+        neg += int(np.count_nonzero(s < 0))
+    return int(np.sign(pos - neg))
