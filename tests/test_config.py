@@ -170,3 +170,23 @@ def test_bf16_dtype_casts_inputs_and_output(in_fixtures):
     for name, x in merged.items():
         assert x.dtype.name == "bfloat16"
         np.testing.assert_array_equal(np.asarray(x), np.asarray(ref[name]).astype(ml_dtypes.bfloat16))
+
+
+@pytest.mark.parametrize("case", ["ties", "breadcrumbs_ties"])
+def test_config_on_a_mesh_matches_mergekit(case, in_fixtures, mesh8):
+    """The same config on arrays sharded over 8 devices: same tensors, outputs stay sharded."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    cfg = mc.load_config(FIX / "configs" / f"{case}.yaml").resolve()
+    base, fts = _inputs(cfg)
+
+    def place(tree):
+        return {k: jax.device_put(v, NamedSharding(mesh8, P("x") if v.shape and v.shape[0] % 8 == 0 else P()))
+                for k, v in tree.items()}
+
+    merged = mc.merge_in_memory(cfg, place(base), [place(t) for t in fts])
+    want = _read(FIX / "outputs" / f"{case}.safetensors")
+    emb = merged["model.embed_tokens.weight"]
+    assert len(emb.sharding.device_set) == 8
+    for name in want:
+        np.testing.assert_allclose(np.asarray(merged[name]), want[name], rtol=2e-6, atol=2e-7, err_msg=name)
