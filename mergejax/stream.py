@@ -39,7 +39,7 @@ import numpy as np
 
 from mergejax.convert.io import SAFE_INDEX, LazyTensor, TensorInfo, open_checkpoint, parse_size, write_safetensors
 
-__all__ = ["merge", "merge_tensors", "STATE_FILE", "COPIED_FILES"]
+__all__ = ["merge", "merge_tensors", "OrbaxSource", "open_source", "STATE_FILE", "COPIED_FILES"]
 
 STATE_FILE = ".mergejax-stream.json"
 COPIED_FILES = (
@@ -62,6 +62,71 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
+class OrbaxSource:
+    """An orbax ``StandardCheckpointer`` directory read one leaf at a time (orbax partial restore), as a TensorSource.
+
+    Tensor names are the leaves' paths (``"params/Dense_0/kernel"``), listed in JAX's flattening order; only trees of
+    nested dicts are supported.
+    """
+
+    ordered = True  # keys() is already the in-memory flattening order
+
+    def __init__(self, path: str | os.PathLike[str]):
+        import orbax.checkpoint as ocp
+
+        from mergejax.tree import path_str
+
+        self.path = Path(path).resolve()
+        meta = ocp.StandardCheckpointer().metadata(self.path)
+        meta = getattr(meta, "item_metadata", meta)
+        tree = getattr(meta, "tree", meta)
+        self._keys: dict[str, tuple[str, ...]] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if not all(isinstance(k, jax.tree_util.DictKey) for k in keypath):
+                raise ValueError(f"{self.path}: leaf {path_str(keypath)!r} is not in a tree of dicts")
+            name = path_str(keypath)
+            self._keys[name] = tuple(k.key for k in keypath)
+            self._infos[name] = TensorInfo(tuple(leaf.shape), np.dtype(leaf.dtype))
+        self._ckpt = ocp.PyTreeCheckpointer()
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def info(self, key: str) -> TensorInfo:
+        return self._infos[key]
+
+    def read(self, key: str) -> np.ndarray:
+        import orbax.checkpoint as ocp
+
+        def nest(value: Any) -> dict:
+            for k in reversed(self._keys[key]):
+                value = {k: value}
+            return value
+
+        item = nest(0)
+        args = ocp.args.PyTreeRestore(item=item, restore_args=nest(ocp.RestoreArgs(restore_type=np.ndarray)),
+                                      partial_restore=True)
+        out = self._ckpt.restore(self.path, args=args)
+        for k in self._keys[key]:
+            out = out[k]
+        return np.asarray(out)
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self.read(key)[index]
+
+    def close(self) -> None:
+        pass
+
+
+def open_source(path: str | os.PathLike[str]):
+    """A checkpoint for tensor-by-tensor reading: an orbax directory, or what ``convert.io.open_checkpoint`` opens."""
+    p = Path(path)
+    if p.is_dir() and ((p / "_CHECKPOINT_METADATA").exists() or (p / "manifest.ocdbt").exists()):
+        return OrbaxSource(p)
+    return open_checkpoint(p)
+
+
 class _Inputs:
     """The base (optional) and the fine-tuned checkpoints, checked to hold the same names, shapes and dtypes."""
 
@@ -70,9 +135,9 @@ class _Inputs:
             raise ValueError("finetuned is empty: need at least one checkpoint")
         self.paths = [base, *finetuned] if base is not None else list(finetuned)
         self.has_base = base is not None
-        self.sources = [open_checkpoint(p) for p in self.paths]
+        self.sources = [open_source(p) for p in self.paths]
         ref = self.sources[0]
-        self.names = sorted(ref.keys())
+        self.names = list(ref.keys()) if getattr(ref, "ordered", False) else sorted(ref.keys())
         self.infos = {n: ref.info(n) for n in self.names}
         for path, src in zip(self.paths[1:], self.sources[1:]):
             missing = sorted(set(self.names) - set(src.keys()))

@@ -238,3 +238,30 @@ def test_peak_rss_bound_on_model_larger_than_bound(tmp_path):
         model_kib = 48 * leaf_kib * (T + 1)
         assert peak - const < 3 * (T + 2) * leaf_kib, (method, peak, const)
         assert peak < model_kib, (method, peak, model_kib)
+
+
+def test_orbax_inputs(tmp_path):
+    import orbax.checkpoint as ocp
+
+    rng = np.random.default_rng(1)
+    base = {"params": {"dense": {"kernel": rng.normal(size=(16, 8)).astype(np.float32),
+                                 "bias": rng.normal(size=(8,)).astype(np.float32)},
+                       "dense-2": {"kernel": rng.normal(size=(8, 4)).astype(np.float32)}},
+            "step": np.int32(7)}
+    fts = [jax.tree_util.tree_map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype)
+                                  if x.dtype == np.float32 else x, base) for _ in range(2)]
+    ckpt = ocp.StandardCheckpointer()
+    for name, tree in [("base", base), ("a", fts[0]), ("b", fts[1])]:
+        ckpt.save(tmp_path / name, tree)
+    ckpt.wait_until_finished()
+    key = jax.random.key(2)
+    out = stream.merge(tmp_path / "base", [tmp_path / "a", tmp_path / "b"], "dare", tmp_path / "out",
+                       drop_rate=0.5, combine="ties", key=key, progress=False)
+    want = mj.dare(jax.tree_util.tree_map(jnp.asarray, base), [jax.tree_util.tree_map(jnp.asarray, f) for f in fts],
+                   drop_rate=0.5, combine="ties", key=key)
+    got = _read(out)
+    from mergejax.tree import paths_and_leaves
+
+    assert sorted(got) == sorted(p for p, _ in paths_and_leaves(want))
+    for path, leaf in paths_and_leaves(want):
+        np.testing.assert_array_equal(got[path], np.asarray(leaf), err_msg=path)
