@@ -39,7 +39,7 @@ import numpy as np
 
 from mergejax.convert.io import SAFE_INDEX, LazyTensor, TensorInfo, open_checkpoint, parse_size, write_safetensors
 
-__all__ = ["merge", "merge_tensors", "OrbaxSource", "open_source", "STATE_FILE", "COPIED_FILES"]
+__all__ = ["merge", "merge_tensors", "load_sharded", "OrbaxSource", "open_source", "STATE_FILE", "COPIED_FILES"]
 
 STATE_FILE = ".mergejax-stream.json"
 COPIED_FILES = (
@@ -560,3 +560,49 @@ def _majority_sign(leaves: Callable[[str], list[np.ndarray]], names: list[str], 
         pos += int(np.count_nonzero(s > 0))
         neg += int(np.count_nonzero(s < 0))
     return int(np.sign(pos - neg))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sharded loading (one process or many)
+
+
+def load_sharded(
+    path: str | os.PathLike[str],
+    shardings: Callable[[str, TensorInfo], jax.sharding.Sharding] | jax.sharding.Mesh,
+) -> dict[str, jax.Array]:
+    """A checkpoint as global ``jax.Array`` s, each process reading only the slices its own devices hold.
+
+    Every tensor is built with ``jax.make_array_from_callback``: the callback reads one device's index with
+    ``read_slice`` (safetensors: only that tensor's byte range is mapped), so with ``jax.distributed`` a process
+    never reads the other processes' shards. Call it in every process with the same arguments.
+
+    Args:
+      path: a safetensors file or directory (sharded or not), or an orbax directory (read whole per leaf).
+      shardings: ``fn(name, info) -> Sharding``, or a mesh (each leaf sharded by ``mergejax.sharding.default_rules``
+        along the mesh's first axis).
+
+    Returns:
+      name -> global array, in the checkpoint's flattening order (sorted names for safetensors).
+    """
+    from mergejax.sharding import default_rules
+
+    if isinstance(shardings, jax.sharding.Mesh):
+        mesh = shardings
+        axis = mesh.axis_names[0]
+
+        def pick(name: str, info: TensorInfo) -> jax.sharding.Sharding:
+            return default_rules(jax.ShapeDtypeStruct(info.shape, info.dtype), mesh, axis)
+
+        shardings = pick
+    src = open_source(path)
+    try:
+        names = list(src.keys()) if getattr(src, "ordered", False) else sorted(src.keys())
+        out = {}
+        for name in names:
+            info = src.info(name)
+            out[name] = jax.make_array_from_callback(
+                info.shape, shardings(name, info), lambda idx, n=name: src.read_slice(n, idx), dtype=info.dtype
+            )
+        return out
+    finally:
+        src.close()

@@ -265,3 +265,39 @@ def test_orbax_inputs(tmp_path):
     assert sorted(got) == sorted(p for p, _ in paths_and_leaves(want))
     for path, leaf in paths_and_leaves(want):
         np.testing.assert_array_equal(got[path], np.asarray(leaf), err_msg=path)
+
+
+@pytest.mark.multihost
+@pytest.mark.parametrize("nproc, local", [(2, 4)])
+def test_multihost_sharded_load_equals_single_process(tmp_path, nproc, local):
+    """2 local jax.distributed processes (gloo) x 4 CPU devices, each reading only its own slices: bit for bit the
+    single-process merge (in memory and streamed)."""
+    from tests.test_multihost import _free_port, _worker_env
+
+    shapes = {"model.embed_tokens.weight": (64, 16), "model.layers.0.up.weight": (32, 24),
+              "model.norm.weight": (16,), "model.position_ids": (1, 8), "scale": ()}
+    base, fts, bpath, fpaths = _write_models(tmp_path / "ckpt", shapes=shapes, T=3)
+    port = _free_port()
+    worker = ROOT / "tests" / "_stream_multihost_worker.py"
+    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(nproc), str(i), str(local),
+                               str(tmp_path / "ckpt"), str(tmp_path / "out")], cwd=ROOT, env=_worker_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(nproc)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i, (p, o) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and "WORKER_OK" in o, f"process {i}:\n{o[-4000:]}"
+    b, f = _as_jax(base), [_as_jax(x) for x in fts]
+    want = {"ties": mj.ties(b, f, density=0.3),
+            "dare": mj.dare(b, f, drop_rate=0.5, combine="ties", density=0.4, key=jax.random.key(4))}
+    streamed = _read(stream.merge(bpath, fpaths, "ties", tmp_path / "s", density=0.3, progress=False))
+    for name, w in want.items():
+        src = stream.OrbaxSource(tmp_path / "out" / name)  # restored as numpy, whatever topology saved it
+        for k in shapes:
+            np.testing.assert_array_equal(src.read(k), np.asarray(w[k]), err_msg=f"{name} {k}")
+            if name == "ties":
+                np.testing.assert_array_equal(streamed[k], np.asarray(w[k]), err_msg=k)
