@@ -324,7 +324,8 @@ def _in_dtype(cfg: MergeConfig, x: Any) -> Any:
     """An input cast to the config's ``dtype`` (what mergekit's loader does); unchanged without one."""
     if cfg.dtype is None:
         return x
-    return x.astype(_DTYPES[cfg.dtype]) if isinstance(x, np.ndarray) else jnp.asarray(x, _DTYPES[cfg.dtype])
+    dt = _DTYPES[cfg.dtype]
+    return x.astype(dt, copy=False) if isinstance(x, np.ndarray) else jnp.asarray(x, dt)
 
 
 def out_dtype(cfg: MergeConfig, stored: np.dtype) -> np.dtype:
