@@ -14,8 +14,9 @@ Operators with a whole-model quantity are computed exactly in streaming passes b
 - ``ElectSign``'s zero-sum rule (the sign of the model-wide total of elected signs): one counting pass.
 
 The merged tensors equal :func:`mergejax.chain` on the whole model loaded in memory (float32 task vectors), bit for
-bit for the deterministic methods and for DARE (its masks are keyed by (task, leaf index) in both, leaves taken in
-sorted name order, which is how JAX flattens a dict).
+bit, DARE included (its masks are keyed by (task, float-leaf index) in both, leaves taken in sorted name order, which
+is how JAX flattens a dict). One exception: DARE's ``rescale="l1"`` sums each tensor's |tau| in another order than the
+in-memory merge (which batches same-shaped tensors with ``vmap``), so its rescale factor may differ in the last bit.
 
 Interruptions: shards are written under a temporary name and renamed when complete, and a small state file records
 the finished shards and the global statistics; rerunning the same merge into the same directory skips them. Progress
@@ -398,23 +399,24 @@ def _apply_stage(s: Any, si: int, tvs: tuple, stats: dict, i: jax.Array, key: ja
 _LEAF = "leaf"  # the one-leaf trees' key (a constant, so every tensor of a shape shares one compiled program)
 
 
-def _prefix_impl(m: Merger, upto: int, stats: dict, i, base, fts, key) -> tuple:
+def _prefix_impl(m: Merger, upto: int, stats: dict, i, base, fts, key, weights) -> tuple:
+    m = m.with_weights(weights)  # inside the jit, as the in-memory merge does
     tvs = tuple({_LEAF: _leaf_task_vector(ft, base)} for ft in fts)
     for si, s in enumerate(m.stages[:upto]):
         tvs = _apply_stage(s, si, tvs, stats, i, key)
     return tvs
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _prefix(m: Merger, upto: int, stats: dict, i, base, fts, key) -> list:
+@functools.partial(jax.jit, static_argnums=1)  # the chain is a pytree: its data fields are traced, as in memory
+def _prefix(m: Merger, upto: int, stats: dict, i, base, fts, key, weights) -> list:
     """The T per-task leaves entering stage ``upto`` of the chain (for the statistic passes)."""
-    return [tv[_LEAF] for tv in _prefix_impl(m, upto, stats, i, base, fts, key)]
+    return [tv[_LEAF] for tv in _prefix_impl(m, upto, stats, i, base, fts, key, weights)]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _merge_leaf(m: Merger, stats: dict, i, base, fts, key, scale):
+@jax.jit
+def _merge_leaf(m: Merger, stats: dict, i, base, fts, key, weights, scale):
     """theta_0 + scale * (the chain on one tensor), in the base's dtype: the in-memory merge's per-leaf program."""
-    (merged,) = _prefix_impl(m, len(m.stages), stats, i, base, fts, key)
+    (merged,) = _prefix_impl(m, len(m.stages), stats, i, base, fts, key, weights)
     return _leaf_apply(base, merged[_LEAF], scale)
 
 
@@ -433,6 +435,7 @@ def merge(
     out: str | os.PathLike[str],
     *,
     scale: float | None = None,
+    weights: Sequence[float] | None = None,
     key: jax.Array | None = None,
     max_shard_size: int | str = "5GB",
     progress: bool = True,
@@ -448,6 +451,7 @@ def merge(
         paper defaults of ``mergejax.<method>``), or a :class:`mergejax.Merger` of per-tensor stages.
       out: output directory; rerunning the same merge into it resumes an interrupted run.
       scale: lambda (default: the named method's, 1.0).
+      weights: T per-task weights, as ``weights=`` of the in-memory methods (each stage's ``with_weights``).
       key: ``jax.random`` key (DARE).
       max_shard_size: shard size limit of the output ("5GB" or bytes).
       progress: tqdm bars over the bytes read, with throughput (process 0).
@@ -475,18 +479,24 @@ def merge(
     m._check_key(key)
     lam = jnp.asarray(1.0 if scale is None else scale, jnp.float32)
     raw_key = None if key is None else jax.random.key_data(key)
-    fingerprint = json.dumps([fp_name, repr(m), float(lam), None if raw_key is None else np.asarray(raw_key).tolist()])
+    if weights is not None:
+        weights = [float(w) for w in weights]
+        if len(weights) != len(finetuned):
+            raise ValueError(f"weights has {len(weights)} entries for {len(finetuned)} fine-tuned models")
+    fingerprint = json.dumps([fp_name, repr(m), float(lam), weights,
+                              None if raw_key is None else np.asarray(raw_key).tolist()])
     stats: dict[str, jax.Array] = {}
     index = {}
 
     def run_passes(state: _State, inp: _Inputs) -> None:
-        index.update({n: j for j, n in enumerate(inp.names)})
         names = [n for n in inp.names if _is_float(inp.infos[n].dtype)]
+        index.update({n: j for j, n in enumerate(names)})  # the float-leaf index keying DARE's masks in memory
 
         def leaves(name: str, upto: int) -> list[np.ndarray]:
             b, fts = inp.read(name)
             return [np.asarray(x) for x in _prefix(m, upto, dict(stats), jnp.int32(index[name]),
-                                                   jnp.asarray(b), tuple(jnp.asarray(x) for x in fts), key)]
+                                                   jnp.asarray(b), tuple(jnp.asarray(x) for x in fts), key,
+                                                   weights)]
 
         for si, s in enumerate(m.stages):  # in chain order: a statistic's pass uses the earlier ones
             if isinstance(s, Trim) and s.scope == "global":
@@ -503,7 +513,7 @@ def merge(
         if not _is_float(b.dtype):
             return b
         return np.asarray(_merge_leaf(m, dict(stats), jnp.int32(index[name]), jnp.asarray(b),
-                                      tuple(jnp.asarray(x) for x in fts), key, lam))
+                                      tuple(jnp.asarray(x) for x in fts), key, weights, lam))
 
     return merge_tensors(fn, base, finetuned, out, fingerprint=fingerprint, max_shard_size=max_shard_size,
                          progress=progress, state_hook=run_passes)

@@ -98,11 +98,27 @@ def test_streaming_equals_in_memory(tmp_path, method, hp, ref, dtype):
     for name in want:
         w = np.asarray(want[name])
         assert got[name].dtype == w.dtype, name
-        np.testing.assert_array_equal(got[name], w, err_msg=f"{method}: {name}")
+        if hp.get("rescale") == "l1":  # in memory, vmap over same-shaped leaves sums each L1 norm in another order
+            np.testing.assert_array_equal(got[name] == base[name], w == base[name], err_msg=f"{method}: {name}")
+            np.testing.assert_allclose(got[name], w, rtol=2e-6, atol=1e-7, err_msg=f"{method}: {name}")
+        else:
+            np.testing.assert_array_equal(got[name], w, err_msg=f"{method}: {name}")
     assert json.loads((out / "config.json").read_text())["name"] == "base"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(SHAPES)
     assert not (out / stream.STATE_FILE).exists() and not list(out.glob("*.partial"))
+
+
+@pytest.mark.xfail(raises=TypeError, strict=False,
+                   reason="weights= fails in memory on main 7a6fc79 (dataclasses.replace on a stage without a field)")
+@pytest.mark.parametrize("method, hp", [("task_arithmetic", {}), ("ties", {"density": 0.3})])
+def test_streaming_weights_equal_in_memory(tmp_path, method, hp):
+    base, fts, bpath, fpaths = _write_models(tmp_path)
+    w = [0.5, -0.25, 2.0]
+    want = getattr(mj, method)(_as_jax(base), [_as_jax(f) for f in fts], weights=w, **hp)
+    got = _read(stream.merge(bpath, fpaths, method, tmp_path / "out", weights=w, progress=False, **hp))
+    for name in want:
+        np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
 
 
 def test_average_and_custom_chain(tmp_path):
