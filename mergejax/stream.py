@@ -328,7 +328,7 @@ from mergejax.merge import Merger, _average_jit, chain  # noqa: E402
 from mergejax.ops.breadcrumbs import BreadcrumbsMask  # noqa: E402
 from mergejax.ops.dare import DareDrop, drop_and_rescale  # noqa: E402
 from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Mean, Sum, WeightedSum  # noqa: E402
-from mergejax.ops.base import leaf_keys, rank_from_fraction  # noqa: E402
+from mergejax.ops.base import leaf_keys, per_leaf_weights, rank_from_fraction  # noqa: E402
 from mergejax.ops.sign import ElectSign, keep_agreeing, sign_mass  # noqa: E402
 from mergejax.ops.trim import Trim  # noqa: E402
 from mergejax.tree import _leaf_apply, _leaf_task_vector  # noqa: E402
@@ -378,6 +378,15 @@ def _check_streamable(m: Merger) -> None:
             )
 
 
+_LEAF = "leaf"  # the one-leaf trees' key (a constant, so every tensor of a shape shares one compiled program)
+
+
+def _raw_sign(s: ElectSign, tvs: tuple) -> jax.Array:
+    """sgn(sum_t w_t tau_t) (or of the sign count) of one leaf, before the zero-sum rule (ElectSign's election)."""
+    w = None if s.weights is None else per_leaf_weights(s.weights, tvs[0], len(tvs))[_LEAF]
+    return jnp.sign(sign_mass([tv[_LEAF] for tv in tvs], s.method, w))
+
+
 def _apply_stage(s: Any, si: int, tvs: tuple, stats: dict, i: jax.Array, key: jax.Array | None) -> tuple:
     """Stage ``si`` of the chain on the one-leaf task vectors ``tvs``, with the whole-model statistics ``stats``."""
     skey = None if key is None else jax.random.fold_in(key, si)  # as mergejax.merge._run
@@ -386,17 +395,15 @@ def _apply_stage(s: Any, si: int, tvs: tuple, stats: dict, i: jax.Array, key: ja
         return tuple({n: jnp.where(jnp.abs(x) >= t[j].astype(x.dtype), x, jnp.zeros_like(x)) for n, x in tv.items()}
                      for j, tv in enumerate(tvs))
     if isinstance(s, ElectSign):
-        (name,) = tvs[0]
-        raw = jnp.sign(sign_mass([tv[name] for tv in tvs], s.method))
+        raw = _raw_sign(s, tvs)
         sign = jnp.where(raw == 0, stats[f"sign{si}"].astype(raw.dtype), raw)
-        return keep_agreeing(tvs, {name: sign})
+        return keep_agreeing(tvs, {_LEAF: sign})
     if isinstance(s, DareDrop):
         return tuple({n: drop_and_rescale(x, leaf_keys(skey, t, i), s.drop_rate, s.rescale) for n, x in tv.items()}
                      for t, tv in enumerate(tvs))
     return s(tvs, skey)
 
 
-_LEAF = "leaf"  # the one-leaf trees' key (a constant, so every tensor of a shape shares one compiled program)
 
 
 def _prefix_impl(m: Merger, upto: int, stats: dict, i, base, fts, key, weights) -> tuple:
@@ -411,6 +418,13 @@ def _prefix_impl(m: Merger, upto: int, stats: dict, i, base, fts, key, weights) 
 def _prefix(m: Merger, upto: int, stats: dict, i, base, fts, key, weights) -> list:
     """The T per-task leaves entering stage ``upto`` of the chain (for the statistic passes)."""
     return [tv[_LEAF] for tv in _prefix_impl(m, upto, stats, i, base, fts, key, weights)]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _prefix_sign(m: Merger, upto: int, stats: dict, i, base, fts, key, weights) -> jax.Array:
+    """The raw elected sign of one leaf at ElectSign stage ``upto`` (for the majority pass)."""
+    tvs = _prefix_impl(m, upto, stats, i, base, fts, key, weights)
+    return _raw_sign(m.with_weights(weights).stages[upto], tvs)
 
 
 @jax.jit
@@ -492,21 +506,24 @@ def merge(
         names = [n for n in inp.names if _is_float(inp.infos[n].dtype)]
         index.update({n: j for j, n in enumerate(names)})  # the float-leaf index keying DARE's masks in memory
 
-        def leaves(name: str, upto: int) -> list[np.ndarray]:
+        def inputs(name: str) -> tuple:
             b, fts = inp.read(name)
-            return [np.asarray(x) for x in _prefix(m, upto, dict(stats), jnp.int32(index[name]),
-                                                   jnp.asarray(b), tuple(jnp.asarray(x) for x in fts), key,
-                                                   weights)]
+            return (dict(stats), jnp.int32(index[name]), jnp.asarray(b), tuple(jnp.asarray(x) for x in fts), key,
+                    weights)
 
+        T = len(inp.sources) - 1
+        n_float = sum(int(np.prod(inp.infos[n].shape)) for n in names)
         for si, s in enumerate(m.stages):  # in chain order: a statistic's pass uses the earlier ones
             if isinstance(s, Trim) and s.scope == "global":
-                k = rank_from_fraction(s.density, sum(int(np.prod(inp.infos[n].shape)) for n in names))
+                dens = s.density if isinstance(s.density, (tuple, list)) else (s.density,) * T
+                ks = [rank_from_fraction(d, n_float) for d in dens]
                 value = state.stat(f"trim{si}", lambda: _global_thresholds(
-                    lambda n: leaves(n, si), names, inp, k, len(inp.sources) - 1, progress, f"trim (stage {si})"))
+                    lambda n: [np.asarray(x) for x in _prefix(m, si, *inputs(n))], names, inp, ks, progress,
+                    f"trim (stage {si})"))
                 stats[f"trim{si}"] = jnp.asarray(value, jnp.float32)
             elif isinstance(s, ElectSign):
                 value = state.stat(f"sign{si}", lambda: _majority_sign(
-                    lambda n: leaves(n, si), names, inp, s.method, progress, f"sign (stage {si})"))
+                    lambda n: np.asarray(_prefix_sign(m, si, *inputs(n))), names, inp, progress, f"sign (stage {si})"))
                 stats[f"sign{si}"] = jnp.asarray(value, jnp.int32)
 
     def fn(name: str, b: np.ndarray | None, fts: list[np.ndarray]) -> np.ndarray:
@@ -535,20 +552,21 @@ def _bar(names: list[str], inp: _Inputs, enabled: bool, desc: str):
         bar.close()
 
 
-def _global_thresholds(leaves: Callable[[str], list[np.ndarray]], names: list[str], inp: _Inputs, k: int, T: int,
+def _global_thresholds(leaves: Callable[[str], list[np.ndarray]], names: list[str], inp: _Inputs, ks: list[int],
                        progress: bool, desc: str) -> list[float]:
-    """Per task, the exact k-th largest |x| over every float tensor: two histogram passes over the float32 bits.
+    """Per task t, the exact k_t-th largest |x| over every float tensor: two histogram passes over the float32 bits.
 
     The bits of a non-negative float32 order like the float, so the high 16 bits (pass 1) find the bin holding the
     k-th largest and the low 16 bits of that bin's entries (pass 2) finish it; k = 0 gives +inf (nothing kept).
     """
-    if k == 0:
+    T = len(ks)
+    if not any(ks):
         return [float("inf")] * T
     hi = np.zeros((T, 1 << 16), np.int64)
     for name in _bar(names, inp, progress, f"{desc} pass 1/2"):
         for t, x in enumerate(leaves(name)):
             hi[t] += np.bincount(_mag_bits(x, name) >> 16, minlength=1 << 16)
-    sel = [_hist_select(hi[t], k) for t in range(T)]
+    sel = [_hist_select(hi[t], max(k, 1)) for t, k in enumerate(ks)]
     lo = np.zeros((T, 1 << 16), np.int64)
     for name in _bar(names, inp, progress, f"{desc} pass 2/2"):
         for t, x in enumerate(leaves(name)):
@@ -557,16 +575,17 @@ def _global_thresholds(leaves: Callable[[str], list[np.ndarray]], names: list[st
     out = []
     for t in range(T):
         low, _ = _hist_select(lo[t], sel[t][1])
-        out.append(float(np.array([(sel[t][0] << 16) | low], np.uint32).view(np.float32)[0]))
+        value = float(np.array([(sel[t][0] << 16) | low], np.uint32).view(np.float32)[0])
+        out.append(value if ks[t] > 0 else float("inf"))
     return out
 
 
-def _majority_sign(leaves: Callable[[str], list[np.ndarray]], names: list[str], inp: _Inputs, method: str,
-                   progress: bool, desc: str) -> int:
+def _majority_sign(raw_sign: Callable[[str], np.ndarray], names: list[str], inp: _Inputs, progress: bool,
+                   desc: str) -> int:
     """sgn(#positive - #negative elected signs) over the whole model: ElectSign's rule for zero sums."""
     pos = neg = 0
     for name in _bar(names, inp, progress, desc):
-        s = np.sign(np.asarray(sign_mass(leaves(name), method)))
+        s = raw_sign(name)
         pos += int(np.count_nonzero(s > 0))
         neg += int(np.count_nonzero(s < 0))
     return int(np.sign(pos - neg))

@@ -317,3 +317,12 @@ def test_multihost_sharded_load_equals_single_process(tmp_path, nproc, local):
             np.testing.assert_array_equal(src.read(k), np.asarray(w[k]), err_msg=f"{name} {k}")
             if name == "ties":
                 np.testing.assert_array_equal(streamed[k], np.asarray(w[k]), err_msg=k)
+
+
+def test_per_task_densities_global(tmp_path):
+    base, fts, bpath, fpaths = _write_models(tmp_path)
+    chain = mj.chain(mj.Trim((0.1, 0.5, 0.0), "global"), mj.ElectSign("count"), mj.DisjointMean())
+    got = _read(stream.merge(bpath, fpaths, chain, tmp_path / "o", progress=False))
+    want = chain(_as_jax(base), [_as_jax(f) for f in fts])
+    for name in want:
+        np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
