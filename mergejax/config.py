@@ -28,6 +28,10 @@ at a time whatever the model size. mergekit's semantics, followed here (they dif
   sum_i w_i (1 where |sum| < 1e-8); then ``lambda`` scales; theta = base + mixed delta;
 - ``linear`` is sum_i w_i theta_i / sum_i w_i (``normalize: true`` by default) over the listed models.
 
+The operator (:func:`merge_tensor`) is written per tensor on mergejax's exact selection and sign primitives rather
+than as a chain of the paper-faithful stages, because mergekit's rounding (k = max(1, int(d n)) on the float product),
+its density >= 1 shortcut, its zero-sum rule and its rescale epsilon all differ from them in edge cases.
+
 Differences that remain: mergejax accumulates in float32 whatever ``dtype`` says (mergekit computes in ``dtype``, so
 with bfloat16 its deltas are rounded to bfloat16 first); magnitude ties keep every entry tied at the threshold
 (mergekit's argsort keeps exactly k, by position); DARE's masks come from ``jax.random`` (threefry) keyed by

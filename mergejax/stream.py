@@ -18,6 +18,9 @@ bit, DARE included (its masks are keyed by (task, float-leaf index) in both, lea
 is how JAX flattens a dict). One exception: DARE's ``rescale="l1"`` sums each tensor's |tau| in another order than the
 in-memory merge (which batches same-shaped tensors with ``vmap``), so its rescale factor may differ in the last bit.
 
+Not streamed: PCB and LiNeS (whole-model order statistics / block structure; refused by name), per-task heads, and
+orbax *output* (orbax writes a tree at once: save the result of :func:`load_sharded` + an in-memory merge instead).
+
 Interruptions: shards are written under a temporary name and renamed when complete, and a small state file records
 the finished shards and the global statistics; rerunning the same merge into the same directory skips them. Progress
 (a tqdm bar over bytes read, with the read throughput) and logging come from process 0 only.
