@@ -49,9 +49,10 @@ STREAM_SCRIPT = """
 import sys, json, time
 from mergejax import stream
 hp = json.loads(sys.argv[4])
-t0 = time.perf_counter()
-stream.merge(sys.argv[1], sys.argv[2].split(","), sys.argv[3], sys.argv[5], progress=False, max_shard_size="1GB", **hp)
-print("WORK_SECONDS", time.perf_counter() - t0)
+for tag, out in (("WORK_SECONDS", sys.argv[5]), ("WARM_SECONDS", sys.argv[5] + "_warm")):
+    t0 = time.perf_counter()
+    stream.merge(sys.argv[1], sys.argv[2].split(","), sys.argv[3], out, progress=False, max_shard_size="1GB", **hp)
+    print(tag, time.perf_counter() - t0)  # the second run reuses the compiled per-shape programs
 """
 
 
@@ -98,8 +99,9 @@ def write_models(work: Path, size_mb: float, T: int, dtype: str) -> tuple[list[P
     return paths, nbytes
 
 
-def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, float | None]:
-    """Wall seconds, peak RSS (MiB, the child's ru_maxrss) and the work seconds it printed (None if it did not)."""
+def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, float | None, float | None]:
+    """Wall seconds, peak RSS (MiB, the child's ru_maxrss), and the work seconds of its first and second (warm,
+    compiled programs reused) runs where it printed them (else None)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
@@ -113,7 +115,8 @@ def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, float
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(argv[:4])} failed:\n{err[-3000:]}")
     work = [float(line.split()[1]) for line in out.splitlines() if line.startswith("WORK_SECONDS")]
-    return wall, usage.ru_maxrss / 1024, work[0] if work else None
+    warm = [float(line.split()[1]) for line in out.splitlines() if line.startswith("WARM_SECONDS")]
+    return wall, usage.ru_maxrss / 1024, work[0] if work else None, warm[0] if warm else None
 
 
 def main() -> None:
@@ -134,15 +137,17 @@ def main() -> None:
     py = sys.executable
     rows = []
 
-    def row(name: str, wall: float, rss: float, work: float | None, passes: int = 1) -> None:
-        rows.append({"run": name, "seconds": wall, "work_seconds": work, "passes": passes,
-                     "read_MBps": passes * inputs_mb / (work or wall), "peak_rss_MiB": rss})
+    def row(name: str, wall: float, rss: float, work: float | None, warm: float | None, passes: int = 1) -> None:
+        rows.append({"run": name, "seconds": wall, "work_seconds": work, "warm_seconds": warm, "passes": passes,
+                     "read_MBps": passes * inputs_mb / (work or wall), "peak_rss_MiB": rss,
+                     "warm_read_MBps": None if warm is None else passes * inputs_mb / warm})
 
     row("raw read", *timed([py, "-c", READ_SCRIPT, *map(str, paths)]))
     fts = ",".join(map(str, paths[1:]))
     for method, hp, passes in (("task_arithmetic", {"scale": 0.5}, 1), ("ties", {"density": 0.2}, 4)):
         out = work / f"out_stream_{method}"
         shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(f"{out}_warm", ignore_errors=True)
         row(f"stream.merge {method}", *timed([py, "-c", STREAM_SCRIPT, str(paths[0]), fts, method, json.dumps(hp),
                                               str(out)]), passes)
     configs = {
@@ -166,6 +171,7 @@ def main() -> None:
     raw = rows[0]["read_MBps"]
     for r in rows:
         r["vs_raw_read"] = r["read_MBps"] / raw
+        r["warm_vs_raw_read"] = None if r["warm_read_MBps"] is None else r["warm_read_MBps"] / raw
     by = {r["run"]: r for r in rows}
     for name in configs:
         mk, mj = by.get(f"mergekit-yaml {name}.yaml"), by[f"mergejax merge {name}.yaml"]
@@ -175,11 +181,13 @@ def main() -> None:
     print(f"{len(paths)} checkpoints x {model_bytes / 2**20:.0f} MiB ({args.dtype}), largest tensor "
           f"{8192 * 1024 * np.dtype(np.float32 if args.dtype == 'float32' else np.float16).itemsize / 2**20:.0f} MiB")
     print("MB/s: checkpoint bytes read (x passes) per second of work (in-process timing where printed, else wall)")
-    print(f"{'run':36s} {'wall s':>7s} {'work s':>7s} {'MB/s':>7s} {'x raw':>6s} {'RSS MiB':>8s} {'t/mk':>5s} "
-          f"{'rss/mk':>6s}")
+    print("warm: a second run in the same process (compiled per-shape programs reused, as for a large model)")
+    print(f"{'run':36s} {'wall s':>7s} {'work s':>7s} {'MB/s':>7s} {'x raw':>6s} {'warm x':>6s} {'RSS MiB':>8s} "
+          f"{'t/mk':>5s} {'rss/mk':>6s}")
     for r in rows:
         work = "-" if r["work_seconds"] is None else f"{r['work_seconds']:.2f}"
-        print(f"{r['run']:36s} {r['seconds']:7.2f} {work:>7s} {r['read_MBps']:7.0f} {r['vs_raw_read']:6.2f} "
+        warm = "-" if r["warm_vs_raw_read"] is None else f"{r['warm_vs_raw_read']:.2f}"
+        print(f"{r['run']:36s} {r['seconds']:7.2f} {work:>7s} {r['read_MBps']:7.0f} {r['vs_raw_read']:6.2f} {warm:>6s} "
               f"{r['peak_rss_MiB']:8.0f} {r.get('time_vs_mergekit', float('nan')):5.2f} "
               f"{r.get('rss_vs_mergekit', float('nan')):6.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

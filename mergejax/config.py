@@ -224,6 +224,13 @@ def parse_config(raw: Mapping[str, Any]) -> MergeConfig:
         models.append(ModelSpec(path, **resolved))
     if not models:
         raise ValueError("config has no model to merge besides the base model")
+    if method == "linear" and base is not None and all(
+        os.path.normpath(m.path) != os.path.normpath(base) for m in models
+    ):
+        raise ValueError(
+            "linear: base_model is not in models (mergekit then adds it as an input without a weight); "
+            "list it under models with a weight, or drop base_model"
+        )
     defaults = (True, False) if method == "linear" else _GTA[method][2:]
     shared = {k: _scalar(top[k], k, "parameters", bool if k != "lambda" else float) for k in _SHARED & set(top)}
     for key in ("dtype", "out_dtype"):

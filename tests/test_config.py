@@ -128,6 +128,7 @@ def _raw(**over):
         ({"models": [{"model": "./a", "parameters": {"weight": 1, "gamma": 0.1}}]}, "gamma"),
         ({"parameters": {"epsilon": 0.1}}, "epsilon"),
         ({"dtype": "int4"}, "int4"),
+        ({"merge_method": "linear"}, "linear: base_model"),
     ],
 )
 def test_refusals_name_the_option(over, match):
