@@ -252,6 +252,8 @@ def test_peak_rss_bound_on_model_larger_than_bound(tmp_path):
         peak = _peak_kib(big, tmp_path / f"o_big_{method}", method)
         leaf_kib = 4 * 1024
         model_kib = 48 * leaf_kib * (T + 1)
+        print(f"{method}: peak {peak / 1024:.0f} MiB, 1-leaf model {const / 1024:.0f} MiB, "
+              f"difference {(peak - const) / leaf_kib:.1f} leaves; inputs {model_kib / 1024:.0f} MiB")
         assert peak - const < 3 * (T + 2) * leaf_kib, (method, peak, const)
         assert peak < model_kib, (method, peak, model_kib)
 
