@@ -553,11 +553,13 @@ def merge(
     m._check_key(key)
     lam = jnp.asarray(1.0 if scale is None else scale, jnp.float32)
     raw_key = None if key is None else jax.random.key_data(key)
+    fp_weights = None
     if weights is not None:
-        weights = [float(w) for w in weights]
-        if len(weights) != len(finetuned):
-            raise ValueError(f"weights has {len(weights)} entries for {len(finetuned)} fine-tuned models")
-    fingerprint = json.dumps([fp_name, repr(m), float(lam), weights,
+        fp_weights = [float(w) for w in weights]
+        if len(fp_weights) != len(finetuned):
+            raise ValueError(f"weights has {len(fp_weights)} entries for {len(finetuned)} fine-tuned models")
+        weights = jnp.asarray(fp_weights, jnp.float32)  # as the in-memory merge passes them (a [T] float32 array)
+    fingerprint = json.dumps([fp_name, repr(m), float(lam), fp_weights,
                               None if raw_key is None else np.asarray(raw_key).tolist()])
     stats: dict[str, jax.Array] = {}
     index = {}

@@ -109,8 +109,6 @@ def test_streaming_equals_in_memory(tmp_path, method, hp, ref, dtype):
     assert not (out / stream.STATE_FILE).exists() and not list(out.glob("*.partial"))
 
 
-@pytest.mark.xfail(raises=TypeError, strict=False,
-                   reason="weights= fails in memory on main 7a6fc79 (dataclasses.replace on a stage without a field)")
 @pytest.mark.parametrize("method, hp", [("task_arithmetic", {}), ("ties", {"density": 0.3})])
 def test_streaming_weights_equal_in_memory(tmp_path, method, hp):
     base, fts, bpath, fpaths = _write_models(tmp_path)
