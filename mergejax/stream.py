@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import functools
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
 import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,14 @@ from mergejax.convert.io import (
     parse_size,
     write_safetensors,
 )
+from mergejax.merge import Merger, _average_jit, chain
+from mergejax.ops.base import leaf_keys, per_leaf_weights, rank_from_fraction
+from mergejax.ops.breadcrumbs import BreadcrumbsMask
+from mergejax.ops.dare import DareDrop, drop_and_rescale
+from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Mean, Sum, WeightedSum
+from mergejax.ops.sign import ElectSign, keep_agreeing, sign_mass
+from mergejax.ops.trim import Trim
+from mergejax.tree import _leaf_apply, _leaf_task_vector
 
 __all__ = ["merge", "merge_tensors", "load_sharded", "OrbaxSource", "open_source", "STATE_FILE", "COPIED_FILES"]
 
@@ -381,17 +389,8 @@ def merge_tensors(
 # ---------------------------------------------------------------------------------------------------------------
 # mergejax methods over checkpoints
 
-from mergejax.merge import Merger, _average_jit, chain  # noqa: E402
-from mergejax.ops.breadcrumbs import BreadcrumbsMask  # noqa: E402
-from mergejax.ops.dare import DareDrop, drop_and_rescale  # noqa: E402
-from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Mean, Sum, WeightedSum  # noqa: E402
-from mergejax.ops.base import leaf_keys, per_leaf_weights, rank_from_fraction  # noqa: E402
-from mergejax.ops.sign import ElectSign, keep_agreeing, sign_mass  # noqa: E402
-from mergejax.ops.trim import Trim  # noqa: E402
-from mergejax.tree import _leaf_apply, _leaf_task_vector  # noqa: E402
 
 _PER_LEAF = (BreadcrumbsMask, Sum, Mean, DisjointMean, DisjointSum, DisjointMax, WeightedSum)
-_DEFAULT_SCALE = {"task_arithmetic": 1.0, "ties": 1.0, "dare": 1.0, "breadcrumbs": 1.0}
 
 
 def _named_chain(method: str, hp: dict[str, Any]) -> Merger:

@@ -6,7 +6,6 @@ checkpoints, mergekit-yaml run offline in its own virtualenv).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import jax
