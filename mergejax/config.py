@@ -467,8 +467,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config)
-    except ValueError as e:
-        raise SystemExit(f"{args.config}: {e}") from None
+    except ValueError as e:  # the CLI prints it as one line (exit status 2)
+        raise ValueError(f"{args.config}: {e}") from None
     out = run_config(cfg, args.out, seed=args.seed, max_shard_size=args.max_shard_size, progress=not args.no_progress)
     print(f"{cfg.method} of {len(cfg.models)} models -> {out}")
     return 0

@@ -190,3 +190,13 @@ def test_config_on_a_mesh_matches_mergekit(case, in_fixtures, mesh8):
     assert len(emb.sharding.device_set) == 8
     for name in want:
         np.testing.assert_allclose(np.asarray(merged[name]), want[name], rtol=2e-6, atol=2e-7, err_msg=name)
+
+
+def test_cli_refuses_unsupported_config_in_one_line(tmp_path, capsys):
+    from mergejax.cli import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "slerp", "models": [{"model": "./a"}]}))
+    assert main(["merge", str(cfg), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "slerp" in err[0] and not (tmp_path / "out").exists()
