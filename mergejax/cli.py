@@ -274,6 +274,10 @@ def _check_result(merged: Any, reference: Any, method: str) -> None:
 
 def run_merge(argv: list[str]) -> int:
     """``merge``: restore, merge with the named method, save. Returns the exit status."""
+    if argv and argv[0].endswith((".yaml", ".yml")):  # mergekit style: merge CONFIG.yaml OUT (mergejax.config)
+        from mergejax.config import main as config_main
+
+        return config_main(argv)
     import jax
 
     from mergejax import fsutil

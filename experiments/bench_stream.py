@@ -1,0 +1,201 @@
+"""Streaming-merge benchmark: merge throughput against the raw read speed of the same files, peak RSS, and mergekit.
+
+    PYTHONPATH=$PWD python experiments/bench_stream.py [--size-mb 256] [--models 2] [--dtype float32]
+        [--mergekit /tmp/mkvenv/bin/mergekit-yaml]     # from experiments/peers/mergekit_venv.sh
+
+Writes T + 1 Llama-shaped sharded safetensors checkpoints (about ``--size-mb`` each) and, each in a fresh process:
+  1. raw read: every tensor of every checkpoint read once with the same reader (``SafetensorsFile``);
+  2. ``mergejax.stream.merge`` (task_arithmetic; ties with the paper's global trim: 3 statistic passes + the merge);
+  3. ``python -m mergejax merge CONFIG.yaml OUT`` on mergekit YAML configs (task_arithmetic, ties), and the same
+     configs through ``mergekit-yaml`` when its virtualenv is given.
+Throughput is checkpoint bytes read per second of wall time (ties reads each checkpoint 4 times, the mergekit-style
+configs once); peak RSS is the child's ``ru_maxrss`` (= VmHWM). The files are read from the page cache in every row
+(they were just written), so the ratio to the raw read is the merge's own overhead. Prints a table and writes
+results/bench_stream.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mergejax.convert.io import write_sharded_safetensors  # noqa: E402
+
+READ_SCRIPT = """
+import sys, time
+from mergejax.convert.io import open_checkpoint
+t0, n = time.perf_counter(), 0
+for p in sys.argv[1:]:
+    src = open_checkpoint(p)
+    for k in src.keys():
+        n += src.read(k).nbytes
+    src.close()
+print("WORK_SECONDS", time.perf_counter() - t0)
+"""
+
+STREAM_SCRIPT = """
+import sys, json, time
+from mergejax import stream
+hp = json.loads(sys.argv[4])
+for tag, out in (("WORK_SECONDS", sys.argv[5]), ("WARM_SECONDS", sys.argv[5] + "_warm")):
+    t0 = time.perf_counter()
+    stream.merge(sys.argv[1], sys.argv[2].split(","), sys.argv[3], out, progress=False, max_shard_size="1GB", **hp)
+    print(tag, time.perf_counter() - t0)  # the second run reuses the compiled per-shape programs
+"""
+
+
+def llama_shapes(hidden: int, inter: int, vocab: int, layers: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{n}.weight"] = (hidden, hidden)
+        for n, s in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
+            shapes[p + f"mlp.{n}.weight"] = s
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    return shapes
+
+
+def write_models(work: Path, size_mb: float, T: int, dtype: str) -> tuple[list[Path], int]:
+    import ml_dtypes
+
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    hidden, inter, vocab = 1024, 2816, 8192
+    per_layer = (4 * hidden * hidden + 3 * hidden * inter) * np.dtype(np_dtype).itemsize
+    fixed = 2 * vocab * hidden * np.dtype(np_dtype).itemsize
+    layers = max(1, int(round((size_mb * 2**20 - fixed) / per_layer)))
+    shapes = llama_shapes(hidden, inter, vocab, layers)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
+           "num_key_value_heads": 16, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+           "tie_word_embeddings": False, "torch_dtype": dtype}
+    rng = np.random.default_rng(0)
+    paths = []
+    for m in range(T + 1):
+        d = work / ("base" if m == 0 else f"ft{m}")
+        tensors = {}
+        for name, s in shapes.items():
+            x = rng.standard_normal(s, dtype=np.float32) * (0.02 if m == 0 else 0.002)
+            tensors[name] = x.astype(np_dtype)
+        write_sharded_safetensors(d, tensors, max_shard_size="200MB")
+        (d / "config.json").write_text(json.dumps(cfg))
+        del tensors
+        paths.append(d)
+    nbytes = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
+    return paths, nbytes
+
+
+def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, float | None, float | None]:
+    """Wall seconds, peak RSS (MiB, the child's ru_maxrss), and the work seconds of its first and second (warm,
+    compiled programs reused) runs where it printed them (else None)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+                                 "HF_HUB_OFFLINE": "1", **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    out = proc.stdout.read().decode(errors="replace")
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stdout.close()
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])} failed:\n{err[-3000:]}")
+    work = [float(line.split()[1]) for line in out.splitlines() if line.startswith("WORK_SECONDS")]
+    warm = [float(line.split()[1]) for line in out.splitlines() if line.startswith("WARM_SECONDS")]
+    return wall, usage.ru_maxrss / 1024, work[0] if work else None, warm[0] if warm else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size-mb", type=float, default=256, help="size of each checkpoint")
+    p.add_argument("--models", type=int, default=2, help="fine-tuned models T")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--mergekit", help="mergekit-yaml of a mergekit virtualenv (experiments/peers/mergekit_venv.sh)")
+    p.add_argument("--workdir", help="where to write the checkpoints (default: a temporary directory)")
+    p.add_argument("--out", default=str(ROOT / "results" / "bench_stream.json"))
+    args = p.parse_args()
+    import yaml
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_stream_"))
+    work.mkdir(parents=True, exist_ok=True)
+    paths, model_bytes = write_models(work, args.size_mb, args.models, args.dtype)
+    inputs_mb = model_bytes * len(paths) / 2**20
+    py = sys.executable
+    rows = []
+
+    def row(name: str, wall: float, rss: float, work: float | None, warm: float | None, passes: int = 1) -> None:
+        rows.append({"run": name, "seconds": wall, "work_seconds": work, "warm_seconds": warm, "passes": passes,
+                     "read_MBps": passes * inputs_mb / (work or wall), "peak_rss_MiB": rss,
+                     "warm_read_MBps": None if warm is None else passes * inputs_mb / warm})
+
+    row("raw read", *timed([py, "-c", READ_SCRIPT, *map(str, paths)]))
+    fts = ",".join(map(str, paths[1:]))
+    for method, hp, passes in (("task_arithmetic", {"scale": 0.5}, 1), ("ties", {"density": 0.2}, 4)):
+        out = work / f"out_stream_{method}"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(f"{out}_warm", ignore_errors=True)
+        row(f"stream.merge {method}", *timed([py, "-c", STREAM_SCRIPT, str(paths[0]), fts, method, json.dumps(hp),
+                                              str(out)]), passes)
+    configs = {
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(paths[0]),
+                            "models": [{"model": str(q), "parameters": {"weight": 0.5}} for q in paths[1:]]},
+        "ties": {"merge_method": "ties", "base_model": str(paths[0]),
+                 "models": [{"model": str(q), "parameters": {"weight": 1.0, "density": 0.2}} for q in paths[1:]]},
+    }
+    for name, cfg in configs.items():
+        cfg = {**cfg, "dtype": args.dtype}
+        cfg_path = work / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        out = work / f"out_cfg_{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        row(f"mergejax merge {name}.yaml", *timed([py, "-m", "mergejax", "merge", str(cfg_path), str(out),
+                                                   "--no-progress"]))
+        if args.mergekit:
+            out = work / f"out_mergekit_{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            row(f"mergekit-yaml {name}.yaml", *timed([args.mergekit, str(cfg_path), str(out), "--quiet"]))
+    raw = rows[0]["read_MBps"]
+    for r in rows:
+        r["vs_raw_read"] = r["read_MBps"] / raw
+        r["warm_vs_raw_read"] = None if r["warm_read_MBps"] is None else r["warm_read_MBps"] / raw
+    by = {r["run"]: r for r in rows}
+    for name in configs:
+        mk, mj = by.get(f"mergekit-yaml {name}.yaml"), by[f"mergejax merge {name}.yaml"]
+        if mk:
+            mj["time_vs_mergekit"] = mj["seconds"] / mk["seconds"]
+            mj["rss_vs_mergekit"] = mj["peak_rss_MiB"] / mk["peak_rss_MiB"]
+    print(f"{len(paths)} checkpoints x {model_bytes / 2**20:.0f} MiB ({args.dtype}), largest tensor "
+          f"{8192 * 1024 * np.dtype(np.float32 if args.dtype == 'float32' else np.float16).itemsize / 2**20:.0f} MiB")
+    print("MB/s: checkpoint bytes read (x passes) per second of work (in-process timing where printed, else wall)")
+    print("warm: a second run in the same process (compiled per-shape programs reused, as for a large model)")
+    print(f"{'run':36s} {'wall s':>7s} {'work s':>7s} {'MB/s':>7s} {'x raw':>6s} {'warm x':>6s} {'RSS MiB':>8s} "
+          f"{'t/mk':>5s} {'rss/mk':>6s}")
+    for r in rows:
+        work = "-" if r["work_seconds"] is None else f"{r['work_seconds']:.2f}"
+        warm = "-" if r["warm_vs_raw_read"] is None else f"{r['warm_vs_raw_read']:.2f}"
+        print(f"{r['run']:36s} {r['seconds']:7.2f} {work:>7s} {r['read_MBps']:7.0f} {r['vs_raw_read']:6.2f} {warm:>6s} "
+              f"{r['peak_rss_MiB']:8.0f} {r.get('time_vs_mergekit', float('nan')):5.2f} "
+              f"{r.get('rss_vs_mergekit', float('nan')):6.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"models": len(paths), "model_MiB": model_bytes / 2**20,
+                                          "dtype": args.dtype, "rows": rows}, indent=1) + "\n")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

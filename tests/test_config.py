@@ -1,0 +1,202 @@
+"""mergekit YAML configs: parsing, refusals, and parity with tensors that real mergekit 0.1.5 wrote.
+
+The fixtures under tests/fixtures/mergekit were made by experiments/peers/make_mergekit_fixtures.py (tiny float32 Llama
+checkpoints, mergekit-yaml run offline in its own virtualenv).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from mergejax import config as mc
+from mergejax.convert.io import open_checkpoint
+
+FIX = Path(__file__).parent / "fixtures" / "mergekit"
+CASES = sorted(p.stem for p in (FIX / "configs").glob("*.yaml"))
+DETERMINISTIC = [c for c in CASES if c != "dare_linear_half"]
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    src = open_checkpoint(path)
+    try:
+        return {n: src.read(n) for n in src.keys()}
+    finally:
+        src.close()
+
+
+def _inputs(cfg: mc.MergeConfig):
+    base = None if cfg.base_model is None else _read(Path(cfg.base_model))
+    return base, [_read(Path(m.path)) for m in cfg.models]
+
+
+@pytest.fixture
+def in_fixtures(monkeypatch):
+    monkeypatch.chdir(FIX)  # model paths in the configs are relative to the working directory, as for mergekit
+
+
+@pytest.mark.parametrize("case", DETERMINISTIC)
+def test_in_memory_matches_mergekit(case, in_fixtures):
+    cfg = mc.load_config(FIX / "configs" / f"{case}.yaml").resolve()
+    expected = _read(FIX / "outputs" / f"{case}.safetensors")
+    base, fts = _inputs(cfg)
+    merged = mc.merge_in_memory(cfg, base, fts)
+    assert sorted(merged) == sorted(expected)
+    for name, want in expected.items():
+        got = np.asarray(merged[name])
+        assert got.dtype == want.dtype, name
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-7, err_msg=f"{case}: {name}")
+
+
+def test_sparsified_cases_really_sparsify(in_fixtures):
+    """The fixtures exercise the trims: a TIES output differs from plain weighted task arithmetic."""
+    cfg = mc.load_config(FIX / "configs" / "ties.yaml").resolve()
+    base, fts = _inputs(cfg)
+    out = _read(FIX / "outputs" / "ties.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    delta = out[name] - base[name]
+    dense = sum(m.weight * (ft[name] - base[name]) for m, ft in zip(cfg.models, fts))
+    assert np.mean(delta == 0) > 0.2 and not np.allclose(delta, dense)
+
+
+def test_dare_statistics_match_mergekit(in_fixtures):
+    """dare_linear, density 0.5, one model: both keep about half the entries and each tensor's weighted L1 norm."""
+    cfg = mc.load_config(FIX / "configs" / "dare_linear_half.yaml").resolve()
+    base, fts = _inputs(cfg)
+    theirs = _read(FIX / "outputs" / "dare_linear_half.safetensors")
+    ours = {k: np.asarray(v) for k, v in mc.merge_in_memory(cfg, base, fts, key=jax.random.key(3)).items()}
+    w = cfg.models[0].weight
+    for merged in (theirs, ours):
+        kept = total = 0
+        for name, b in base.items():
+            d = merged[name].astype(np.float64) - b
+            ref = w * np.abs(fts[0][name].astype(np.float64) - b).sum()
+            np.testing.assert_allclose(np.abs(d).sum(), ref, rtol=1e-5, err_msg=name)
+            kept += int(np.count_nonzero(d))
+            total += d.size
+        assert 0.42 < kept / total < 0.58
+    again = mc.merge_in_memory(cfg, base, fts, key=jax.random.key(3))
+    assert all(np.array_equal(np.asarray(again[k]), ours[k]) for k in ours)
+    with pytest.raises(ValueError, match="key"):
+        mc.merge_in_memory(cfg, base, fts)
+
+
+@pytest.mark.parametrize("case", ["ties", "breadcrumbs_ties", "linear"])
+def test_run_config_writes_checkpoint(case, in_fixtures, tmp_path):
+    out = mc.run_config(FIX / "configs" / f"{case}.yaml", tmp_path / "out", progress=False)
+    assert (out / "config.json").is_file()
+    got, want = _read(out), _read(FIX / "outputs" / f"{case}.safetensors")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-6, atol=2e-7, err_msg=name)
+
+
+def test_cli_positional_config(in_fixtures, tmp_path):
+    from mergejax.cli import main
+
+    assert main(["merge", str(FIX / "configs" / "task_arithmetic.yaml"), str(tmp_path / "m"), "--no-progress"]) == 0
+    got, want = _read(tmp_path / "m"), _read(FIX / "outputs" / "task_arithmetic.safetensors")
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-6, atol=2e-7)
+
+
+def _raw(**over):
+    raw = {"merge_method": "ties", "base_model": "./b", "models": [{"model": "./a", "parameters": {"weight": 1.0}}]}
+    raw.update(over)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"slices": [{"sources": []}]}, "slices"),
+        ({"tokenizer_source": "union"}, "tokenizer_source"),
+        ({"chat_template": "chatml"}, "chat_template"),
+        ({"merge_method": "slerp"}, "slerp"),
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"base_model": None}, "base_model"),
+        ({"models": [{"model": "./a", "parameters": {"weight": [0.1, 0.9]}}]}, "gradient"),
+        ({"models": [{"model": "./a", "parameters": {"weight": [{"filter": "mlp", "value": 1}]}}]}, "gradient"),
+        ({"models": [{"model": "./a"}]}, "weight"),
+        ({"models": [{"model": "./a+./lora", "parameters": {"weight": 1}}]}, "LoRA"),
+        ({"models": [{"model": "./a", "parameters": {"weight": 1, "density": 1.5}}]}, "density"),
+        ({"models": [{"model": "./a", "parameters": {"weight": 1, "gamma": 0.1}}]}, "gamma"),
+        ({"parameters": {"epsilon": 0.1}}, "epsilon"),
+        ({"dtype": "int4"}, "int4"),
+        ({"merge_method": "linear"}, "linear: base_model"),
+    ],
+)
+def test_refusals_name_the_option(over, match):
+    with pytest.raises(ValueError, match=match):
+        mc.parse_config(_raw(**over))
+
+
+def test_parameter_resolution_and_defaults():
+    cfg = mc.parse_config(_raw(
+        merge_method="dare_ties",
+        parameters={"density": 0.3, "weight": 0.5, "lambda": 2},
+        models=[{"model": "./b"}, {"model": "./a"}, {"model": "./c", "parameters": {"density": 0.9}}],
+    ))
+    assert [(m.path, m.weight, m.density) for m in cfg.models] == [("./a", 0.5, 0.3), ("./c", 0.5, 0.9)]
+    assert (cfg.normalize, cfg.rescale, cfg.lambda_) == (False, True, 2.0)
+    ties = mc.parse_config(_raw())
+    assert (ties.normalize, ties.rescale, ties.models[0].density) == (True, False, 1.0)
+
+
+def test_shape_mismatch_names_tensor(in_fixtures, tmp_path):
+    cfg = mc.load_config(FIX / "configs" / "task_arithmetic.yaml").resolve()
+    base, fts = _inputs(cfg)
+    fts[1]["lm_head.weight"] = fts[1]["lm_head.weight"][:3]
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        mc.merge_in_memory(cfg, base, fts)
+
+
+def test_bf16_dtype_casts_inputs_and_output(in_fixtures):
+    """dtype: bfloat16 rounds the inputs on load (as mergekit does), accumulates in float32, writes bfloat16."""
+    import ml_dtypes
+
+    raw = yaml.safe_load((FIX / "configs" / "ties.yaml").read_text())
+    raw["dtype"] = "bfloat16"
+    cfg = mc.parse_config(raw).resolve()
+    base, fts = _inputs(cfg)
+    merged = mc.merge_in_memory(cfg, base, fts)
+    f32 = mc.parse_config({**raw, "dtype": "float32"}).resolve()
+    rounded = lambda t: {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in t.items()}  # noqa: E731
+    ref = mc.merge_in_memory(f32, rounded(base), [rounded(t) for t in fts])
+    for name, x in merged.items():
+        assert x.dtype.name == "bfloat16"
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(ref[name]).astype(ml_dtypes.bfloat16))
+
+
+@pytest.mark.parametrize("case", ["ties", "breadcrumbs_ties"])
+def test_config_on_a_mesh_matches_mergekit(case, in_fixtures, mesh8):
+    """The same config on arrays sharded over 8 devices: same tensors, outputs stay sharded."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    cfg = mc.load_config(FIX / "configs" / f"{case}.yaml").resolve()
+    base, fts = _inputs(cfg)
+
+    def place(tree):
+        return {k: jax.device_put(v, NamedSharding(mesh8, P("x") if v.shape and v.shape[0] % 8 == 0 else P()))
+                for k, v in tree.items()}
+
+    merged = mc.merge_in_memory(cfg, place(base), [place(t) for t in fts])
+    want = _read(FIX / "outputs" / f"{case}.safetensors")
+    emb = merged["model.embed_tokens.weight"]
+    assert len(emb.sharding.device_set) == 8
+    for name in want:
+        np.testing.assert_allclose(np.asarray(merged[name]), want[name], rtol=2e-6, atol=2e-7, err_msg=name)
+
+
+def test_cli_refuses_unsupported_config_in_one_line(tmp_path, capsys):
+    from mergejax.cli import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "slerp", "models": [{"model": "./a"}]}))
+    assert main(["merge", str(cfg), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "slerp" in err[0] and not (tmp_path / "out").exists()
