@@ -74,6 +74,9 @@ __all__ = [
     "breadcrumbs",
     "pcb",
     "task_vectors_of",
+    "ties_chain",
+    "dare_chain",
+    "breadcrumbs_chain",
 ]
 
 Heads = Any  # a path regex, a boolean mask tree with the base's structure, or None
@@ -570,8 +573,14 @@ def ties(
       >>> mj.ties(base, fts, density=0.5)["w"].tolist()  # k=2 per task; coordinate 1: +2 vs -2 -> majority sign
       [1.0, 2.0, 0.0, 3.0]
     """
-    stages = (Trim(density, scope), ElectSign(sign_method), _disjoint(reduce))
-    return chain(*stages)(base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)
+    return ties_chain(density=density, scope=scope, sign_method=sign_method, reduce=reduce)(
+        base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)
+
+
+def ties_chain(*, density: float | Sequence[float] = 0.2, scope: Scope = "global", sign_method: SignMethod = "sum",
+               reduce: Literal["mean", "sum", "max"] = "mean") -> Merger:
+    """The chain :func:`ties` runs: ``chain(Trim(density, scope), ElectSign(sign_method), Disjoint<reduce>())``."""
+    return chain(Trim(density, scope), ElectSign(sign_method), _disjoint(reduce))
 
 
 def dare(
@@ -605,15 +614,20 @@ def dare(
       heads: leaves kept per task.
       check_finite: report NaN/Inf inputs by path.
     """
+    m = dare_chain(drop_rate=drop_rate, rescale=rescale, combine=combine, density=density, scope=scope)
+    return m(base, finetuned, scale=scale, weights=weights, heads=heads, key=key, check_finite=check_finite)
+
+
+def dare_chain(*, drop_rate: float = 0.9, rescale: Rescale = "inverse",
+               combine: Literal["task_arithmetic", "ties"] = "task_arithmetic", density: float | Sequence[float] = 0.2,
+               scope: Scope = "global") -> Merger:
+    """The chain :func:`dare` runs: DARE drop, then a sum or TIES' trim, election and disjoint mean."""
     drop = DareDrop(drop_rate, rescale)
     if combine == "task_arithmetic":
-        stages = (drop, Sum())
-    elif combine == "ties":
-        stages = (drop, Trim(density, scope), ElectSign(), DisjointMean())
-    else:
-        raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
-    return chain(*stages)(base, finetuned, scale=scale, weights=weights, heads=heads, key=key,
-                          check_finite=check_finite)
+        return chain(drop, Sum())
+    if combine == "ties":
+        return chain(drop, Trim(density, scope), ElectSign(), DisjointMean())
+    raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
 
 
 def breadcrumbs(
@@ -642,8 +656,13 @@ def breadcrumbs(
       heads: leaves kept per task.
       check_finite: report NaN/Inf inputs by path.
     """
-    return chain(BreadcrumbsMask(beta, gamma), Sum())(base, finetuned, scale=scale, weights=weights, heads=heads,
-                                                      check_finite=check_finite)
+    return breadcrumbs_chain(beta=beta, gamma=gamma)(base, finetuned, scale=scale, weights=weights, heads=heads,
+                                                     check_finite=check_finite)
+
+
+def breadcrumbs_chain(*, beta: float = 0.15, gamma: float = 0.006) -> Merger:
+    """The chain :func:`breadcrumbs` runs: ``chain(BreadcrumbsMask(beta, gamma), Sum())``."""
+    return chain(BreadcrumbsMask(beta, gamma), Sum())
 
 
 def pcb(

@@ -29,6 +29,7 @@ the finished shards and the global statistics; rerunning the same merge into the
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import shutil
@@ -52,7 +53,7 @@ from mergejax.convert.io import (
     parse_size,
     write_safetensors,
 )
-from mergejax.merge import Merger, _average_jit, chain
+from mergejax.merge import Merger, _average_jit, breadcrumbs_chain, chain, dare_chain, ties_chain
 from mergejax.ops.base import leaf_keys, per_leaf_weights, rank_from_fraction
 from mergejax.ops.breadcrumbs import BreadcrumbsMask
 from mergejax.ops.dare import DareDrop, drop_and_rescale
@@ -396,33 +397,18 @@ _PER_LEAF = (BreadcrumbsMask, Sum, Mean, DisjointMean, DisjointSum, DisjointMax,
 def _named_chain(method: str, hp: dict[str, Any]) -> Merger:
     """The chain of a named method with the same stages and defaults as ``mergejax.<method>``."""
     hp = dict(hp)
-    if method == "task_arithmetic":
-        stages: tuple = (Sum(),)
-    elif method == "ties":
-        from mergejax.merge import _disjoint
-
-        stages = (Trim(hp.pop("density", 0.2), hp.pop("scope", "global")), ElectSign(hp.pop("sign_method", "sum")),
-                  _disjoint(hp.pop("reduce", "mean")))
-    elif method == "dare":
-        drop = DareDrop(hp.pop("drop_rate", 0.9), hp.pop("rescale", "inverse"))
-        combine = hp.pop("combine", "task_arithmetic")
-        density, scope = hp.pop("density", 0.2), hp.pop("scope", "global")
-        if combine == "task_arithmetic":
-            stages = (drop, Sum())
-        elif combine == "ties":
-            stages = (drop, Trim(density, scope), ElectSign(), DisjointMean())
-        else:
-            raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
-    elif method == "breadcrumbs":
-        stages = (BreadcrumbsMask(hp.pop("beta", 0.15), hp.pop("gamma", 0.006)), Sum())
-    else:
+    factories = {"task_arithmetic": lambda: chain(Sum()), "ties": ties_chain, "dare": dare_chain,
+                 "breadcrumbs": breadcrumbs_chain}
+    if method not in factories:
         raise ValueError(
             f"method {method!r} cannot stream; use one of average, task_arithmetic, ties, dare, breadcrumbs or a "
             "mergejax.chain(...) of per-tensor stages (PCB and LiNeS need whole-model quantities)"
         )
-    if hp:
-        raise ValueError(f"method {method} does not take: {', '.join(sorted(hp))}")
-    return chain(*stages)
+    params = inspect.signature(factories[method]).parameters
+    unknown = sorted(set(hp) - set(params))
+    if unknown:
+        raise ValueError(f"method {method} does not take: {', '.join(unknown)}")
+    return factories[method](**hp)
 
 
 def _check_streamable(m: Merger) -> None:
