@@ -67,10 +67,24 @@ class Coefficients:
         self.granularity = granularity
 
     def tree_flatten_with_keys(self):
+        """``lambdas`` as the only child; the paths and granularity as static treedef data.
+
+        Returns:
+            ((GetAttrKey("lambdas"), lambdas),) and (paths, granularity).
+        """
         return ((jax.tree_util.GetAttrKey("lambdas"), self.lambdas),), (self.paths, self.granularity)
 
     @classmethod
     def tree_unflatten(cls, aux: Any, children: Sequence[Any]) -> "Coefficients":
+        """Rebuilds coefficients from :meth:`tree_flatten_with_keys` output without re-validating them.
+
+        Args:
+            aux: (paths, granularity).
+            children: (lambdas,).
+
+        Returns:
+            The coefficients.
+        """
         obj = object.__new__(cls)
         obj.lambdas, (obj.paths, obj.granularity) = children[0], aux
         return obj
@@ -79,7 +93,11 @@ class Coefficients:
         return f"Coefficients({self.granularity}, lambdas shape {tuple(np.shape(self.lambdas))})"
 
     def per_leaf(self) -> dict[str, jax.Array]:
-        """``{path: [T] coefficients}`` for every merged leaf (what a chain takes as ``weights=``)."""
+        """``{path: [T] coefficients}`` for every merged leaf (what a chain takes as ``weights=``).
+
+        Returns:
+            {leaf path: lambda^l [T]}: one column per leaf (layer-wise, Eq. 6) or the same ``[T]`` for all (Eq. 5).
+        """
         lam = jnp.asarray(self.lambdas)
         if self.granularity == "task":
             return {p: lam for p in self.paths}
@@ -87,7 +105,14 @@ class Coefficients:
 
 
 def entropy(logits: jax.Array) -> jax.Array:
-    """Shannon entropy of softmax(logits) per row, in float32 (AdaMerging Eq. 7's H)."""
+    """Shannon entropy of softmax(logits) per row, in float32 (AdaMerging Eq. 7's H).
+
+    Args:
+        logits: ``[..., classes]`` logits.
+
+    Returns:
+        H = -sum_c p_c log p_c over the last axis, float32 ``[...]``.
+    """
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
@@ -358,6 +383,21 @@ def apply_coefficients(
     Pass the same models (or task vectors), ``heads`` and ``chain``/``plus_plus``/``transform`` as at training; for a
     random chain (DARE) also the ``key`` that was given to :func:`adamerging` (the chain's key is derived the same way).
 
+    Args:
+        base: the pre-trained model theta_0.
+        finetuned: T fine-tuned models (or None with ``task_vectors``).
+        coefficients: learned coefficients, from :func:`adamerging` or :func:`load_coefficients`.
+        task_vectors: T task vectors instead of ``finetuned``.
+        chain: the merge chain whose reduction was weighted at training.
+        transform: the ``transform`` used at training.
+        plus_plus: AdaMerging++ (TIES trim and sign election before the weighted sum).
+        density: the AdaMerging++ trim density.
+        heads: leaves kept per task (regex or bool mask).
+        key: the ``jax.random`` key given to :func:`adamerging`, for a random chain.
+
+    Returns:
+        The merged model theta_0 + sum_t lambda_t^l tau_t^l (Eq. 5/6), in the base's dtypes.
+
     Raises:
         ValueError: when the coefficients' leaf paths or task count do not match the models, or more than one of
             ``chain``, ``plus_plus`` and ``transform`` are given.
@@ -376,7 +416,12 @@ def apply_coefficients(
 
 
 def save_coefficients(path: str | os.PathLike, coefficients: Coefficients) -> None:
-    """Saves coefficients with orbax to the new directory ``path`` (array item + JSON metadata item)."""
+    """Saves coefficients with orbax to the new directory ``path`` (array item + JSON metadata item).
+
+    Args:
+        path: a directory that does not exist yet.
+        coefficients: the coefficients to save.
+    """
     import orbax.checkpoint as ocp
 
     meta = {"paths": list(coefficients.paths), "granularity": coefficients.granularity}
@@ -391,7 +436,14 @@ def save_coefficients(path: str | os.PathLike, coefficients: Coefficients) -> No
 
 
 def load_coefficients(path: str | os.PathLike) -> Coefficients:
-    """Loads coefficients saved by :func:`save_coefficients`."""
+    """Loads coefficients saved by :func:`save_coefficients`.
+
+    Args:
+        path: the directory written by :func:`save_coefficients`.
+
+    Returns:
+        The coefficients, with their leaf paths and granularity.
+    """
     import orbax.checkpoint as ocp
 
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:

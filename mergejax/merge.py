@@ -144,7 +144,15 @@ def _validate_entries(base: PyTree, entries: Sequence[Any], what: str = "finetun
 
 
 def task_vectors_of(base: PyTree, entries: Sequence[Any]) -> TaskVectors:
-    """The dense task vectors of ``entries`` (models, TaskVectors or compressed ones) as plain trees, validated."""
+    """The dense task vectors of ``entries`` (models, TaskVectors or compressed ones) as plain trees, validated.
+
+    Args:
+      base: the pre-trained model theta_0.
+      entries: T fine-tuned models, :class:`TaskVector` s or compressed task vectors.
+
+    Returns:
+      T plain trees tau_t = theta_t - theta_0 (Ilharco et al., 2023, Eq. 1), in the accumulation dtype.
+    """
     entries = _validate_entries(base, entries)
     return _task_vectors_jit(base, entries)
 
@@ -221,6 +229,16 @@ def assemble(base: PyTree, merged: PyTree, tvs: TaskVectors, flags: tuple[bool, 
     """theta_0 + scale * tau_m in the base's dtypes; head leaves get base + sum_t tau_t, non-float leaves the base's.
 
     ``merged`` has None at head positions (it was computed on :func:`_without_heads` trees).
+
+    Args:
+      base: the pre-trained model theta_0.
+      merged: the merged task vector tau_m, None at head leaves.
+      tvs: the T task vectors (their head leaves are summed).
+      flags: per leaf of ``base``, whether it is a head leaf.
+      scale: lambda (traced).
+
+    Returns:
+      The merged model, with the base's structure and dtypes.
     """
     b_leaves, treedef = jax.tree_util.tree_flatten(base)
     m_leaves = jax.tree_util.tree_flatten(merged, is_leaf=lambda x: x is None)[0]
@@ -269,10 +287,24 @@ class Merger:
         self.stages = stages
 
     def tree_flatten_with_keys(self):
+        """The stages as children keyed by position; their count as the treedef's auxiliary data.
+
+        Returns:
+          ((SequenceKey(i), stage_i), ...) and the number of stages.
+        """
         return tuple((jax.tree_util.SequenceKey(i), s) for i, s in enumerate(self.stages)), len(self.stages)
 
     @classmethod
     def tree_unflatten(cls, aux: Any, children: Sequence[Any]) -> "Merger":
+        """Rebuilds a chain from :meth:`tree_flatten_with_keys` output without re-validating it.
+
+        Args:
+          aux: the number of stages (unused).
+          children: the stages.
+
+        Returns:
+          The chain.
+        """
         obj = object.__new__(cls)
         obj.stages = tuple(children)
         return obj
@@ -288,16 +320,31 @@ class Merger:
 
     @property
     def split(self) -> int:
-        """Index of the reduction stage."""
+        """Index of the reduction stage.
+
+        Returns:
+          The position of the one stage whose ``reduces`` is true.
+        """
         return next(i for i, s in enumerate(self.stages) if s.reduces)
 
     @property
     def needs_key(self) -> bool:
-        """True when a stage draws random numbers (DARE)."""
+        """Whether a stage draws random numbers (DARE).
+
+        Returns:
+          True when some stage has ``needs_key``.
+        """
         return any(s.needs_key for s in self.stages)
 
     def with_weights(self, weights: Weights) -> "Merger":
-        """The chain with per-task ``weights`` given to every stage (``Stage.with_weights``)."""
+        """The chain with per-task ``weights`` given to every stage (``Stage.with_weights``).
+
+        Args:
+          weights: T per-task weights w_t (traced), or None.
+
+        Returns:
+          A new chain (this one when ``weights`` is None).
+        """
         if weights is None:
             return self
         return Merger(tuple(s.with_weights(weights) for s in self.stages))
@@ -316,13 +363,27 @@ class Merger:
     def transform(self, tvs: Sequence[Any], key: jax.Array | None = None) -> TaskVectors:
         """The per-task vectors after the stages before the reduction (e.g. TIES-trimmed, sign-agreeing vectors).
 
-        ``tvs`` are task vectors (plain trees, :class:`TaskVector` s or compressed ones); returns plain trees.
+        Args:
+          tvs: T task vectors (plain trees, :class:`TaskVector` s or compressed ones).
+          key: ``jax.random`` key, required when a stage draws random numbers (DARE).
+
+        Returns:
+          The T transformed task vectors, as plain trees.
         """
         return _transform_jit(self, self._task_vector_inputs(tvs, key), key)
 
     def merge_task_vectors(self, tvs: Sequence[Any], key: jax.Array | None = None, *, weights: Weights = None
                            ) -> PyTree:
-        """The merged task vector tau_m (a plain tree) of the given task vectors."""
+        """The merged task vector tau_m (a plain tree) of the given task vectors.
+
+        Args:
+          tvs: T task vectors (plain trees, :class:`TaskVector` s or compressed ones).
+          key: ``jax.random`` key, required when a stage draws random numbers (DARE).
+          weights: T per-task weights w_t (traced), or None.
+
+        Returns:
+          tau_m, a plain tree with the task vectors' structure.
+        """
         tvs = self._task_vector_inputs(tvs, key)
         _check_weights(weights, len(tvs))
         return _merge_tvs_jit(self, tvs, _as_weights(weights), key)
@@ -394,7 +455,20 @@ def _merge_tvs_jit(m: Merger, tvs: tuple, weights, key):
 
 def merge_body(m: Merger, base: PyTree, tvs: TaskVectors, scale: Any, weights: Weights, key: Any,
                flags: tuple[bool, ...]) -> PyTree:
-    """The traced merge: stages on the head-free task vectors, then :func:`assemble` (for use inside a ``jit``)."""
+    """The traced merge: stages on the head-free task vectors, then :func:`assemble` (for use inside a ``jit``).
+
+    Args:
+      m: the merge chain.
+      base: the pre-trained model theta_0.
+      tvs: the T dense task vectors.
+      scale: lambda (traced).
+      weights: T per-task weights (traced), or None.
+      key: ``jax.random`` key for stages that draw random numbers, or None.
+      flags: per leaf of ``base``, whether it is a head leaf.
+
+    Returns:
+      The merged model, with the base's structure and dtypes.
+    """
     body = tuple(_without_heads(tv, flags) for tv in tvs)
     (merged,) = _run(m.with_weights(weights).stages, body, key)
     return assemble(base, merged, tvs, flags, scale)
@@ -432,6 +506,16 @@ def _merge_models_jit(m: Merger, base: PyTree, entries: tuple, scale, weights, k
 
 def chain(*stages: Stage) -> Merger:
     """Composes per-task stages and one reduction into a merge method (like ``optax.chain``).
+
+    Args:
+      *stages: :class:`Transform` s and exactly one :class:`Reduction`, applied in order.
+
+    Returns:
+      The :class:`Merger`, callable as ``merger(base, finetuned, ...)``.
+
+    Raises:
+      TypeError: an argument is not a stage.
+      ValueError: the chain does not hold exactly one reduction.
 
     Example::
 
@@ -472,6 +556,9 @@ def average(models: Sequence[PyTree], *, weights: Sequence[float] | jax.Array | 
         :func:`task_arithmetic`).
       weights: M non-negative weights (mergekit's ``linear`` with ``normalize``), traced.
       check_finite: report NaN/Inf leaves by model and path.
+
+    Returns:
+      The averaged model, with the first model's structure and dtypes.
     """
     models = _check_sequence(models, "models")
     for i, m in enumerate(models):
@@ -510,6 +597,9 @@ def task_arithmetic(
       weights: per-task weights w_t (default 1).
       heads: leaves kept per task (see :meth:`Merger.__call__`).
       check_finite: report NaN/Inf inputs by path.
+
+    Returns:
+      The merged model, with the base's structure and dtypes.
 
     Example:
       >>> import jax.numpy as jnp, mergejax as mj
@@ -566,6 +656,9 @@ def ties(
       heads: leaves kept per task.
       check_finite: report NaN/Inf inputs by path.
 
+    Returns:
+      The merged model, with the base's structure and dtypes.
+
     Example:
       >>> import jax.numpy as jnp, mergejax as mj
       >>> base = {"w": jnp.zeros(4)}
@@ -613,6 +706,9 @@ def dare(
       weights: per-task weights, as in :func:`task_arithmetic` / :func:`ties`.
       heads: leaves kept per task.
       check_finite: report NaN/Inf inputs by path.
+
+    Returns:
+      The merged model, with the base's structure and dtypes.
     """
     m = dare_chain(drop_rate=drop_rate, rescale=rescale, combine=combine, density=density, scope=scope)
     return m(base, finetuned, scale=scale, weights=weights, heads=heads, key=key, check_finite=check_finite)
@@ -655,6 +751,9 @@ def breadcrumbs(
       weights: per-task weights w_t.
       heads: leaves kept per task.
       check_finite: report NaN/Inf inputs by path.
+
+    Returns:
+      The merged model, with the base's structure and dtypes.
     """
     return breadcrumbs_chain(beta=beta, gamma=gamma)(base, finetuned, scale=scale, weights=weights, heads=heads,
                                                      check_finite=check_finite)
@@ -685,5 +784,8 @@ def pcb(
       weights: per-task weights, applied to the task vectors before balancing (PCB has none of its own).
       heads: leaves kept per task.
       check_finite: report NaN/Inf inputs by path.
+
+    Returns:
+      The merged model, with the base's structure and dtypes.
     """
     return chain(PCB(ratio))(base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)

@@ -18,7 +18,19 @@ __all__ = ["breadcrumbs_mask", "BreadcrumbsMask"]
 
 
 def breadcrumbs_mask(x: jax.Array, beta: float = 0.15, gamma: float = 0.006) -> jax.Array:
-    """Boolean mask of the kept band: rank in (k_top, k_end] by |x| within each row of the last axis."""
+    """Boolean mask of the kept band: rank in (k_top, k_end] by |x| within each row of the last axis.
+
+    Davari and Belilovsky (2024), Sec. 3: k_top = floor(gamma * m) outliers and everything below rank
+    k_end = floor((gamma + beta) * m) are masked out.
+
+    Args:
+      x: one task-vector leaf (a vector is one row, a scalar a row of one).
+      beta: kept fraction of each row.
+      gamma: fraction of each row's largest magnitudes dropped as outliers.
+
+    Returns:
+      A bool array shaped like ``x``.
+    """
     a = jnp.abs(x).reshape(jnp.shape(x) if jnp.ndim(x) else (1,))
     m = a.shape[-1]
     k_top = rank_from_fraction(gamma, m)

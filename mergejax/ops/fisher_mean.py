@@ -25,6 +25,17 @@ def fisher_weighted_mean(xs: Sequence[jax.Array], fs: Sequence[jax.Array], floor
     """sum_t w_t F~_t x_t / sum_t w_t F~_t for one leaf, F~ = F + floor (``mode="add"``) or max(F, floor) ("max").
 
     Where the denominator is 0 (every F~ is 0, only possible with floor 0) the plain (weighted) mean is returned.
+    Matena and Raffel (2022), Eq. 2, on task vectors.
+
+    Args:
+      xs: the T task vectors' values of one leaf.
+      fs: the T Fisher diagonals of that leaf, shaped like ``xs``.
+      floor: added to each F (``"add"``) or its lower bound (``"max"``); traced.
+      mode: "add" or "max".
+      w: ``[T]`` per-task weights, or None (all 1).
+
+    Returns:
+      The Fisher-weighted mean, shaped like ``xs[0]`` in its dtype.
     """
     dt = xs[0].dtype
     floor = jnp.asarray(floor, dt)
@@ -65,6 +76,14 @@ class FisherMean(Reduction):
         object.__setattr__(self, "fishers", tuple(self.fishers))
 
     def with_weights(self, weights: Any) -> "FisherMean":
+        """This stage with per-task ``weights`` (set by a merge's ``weights=``): sum_t w_t F_t tau_t / sum_t w_t F_t.
+
+        Args:
+          weights: per-task weights, ``[T]`` or ``{path: [T]}`` (traced data), or None.
+
+        Returns:
+          A copy of this stage with ``weights`` set.
+        """
         return dataclasses.replace(self, weights=weights)
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:

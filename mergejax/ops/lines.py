@@ -21,7 +21,18 @@ __all__ = ["blocks_from_regex", "lines_coefficient", "LiNeS", "lines"]
 
 
 def blocks_from_regex(tree: PyTree, pattern: str) -> dict[str, int]:
-    """{path: block} for every float leaf whose path matches ``pattern``; group 1 is the block number."""
+    """{path: block} for every float leaf whose path matches ``pattern``; group 1 is the block number.
+
+    Args:
+      tree: a model or task-vector tree.
+      pattern: a regex searched in each leaf path, whose group 1 is the block index l (e.g. ``r"layers_(\\d+)/"``).
+
+    Returns:
+      {leaf path: block index} for the matching float leaves.
+
+    Raises:
+      ValueError: the pattern matches no float leaf.
+    """
     rx = re.compile(pattern)
     out = {}
     for path, leaf in paths_and_leaves(tree):
@@ -34,7 +45,17 @@ def blocks_from_regex(tree: PyTree, pattern: str) -> dict[str, int]:
 
 
 def lines_coefficient(block: int | None, num_blocks: int, alpha: float, beta: float) -> float:
-    """alpha + beta * l / (L - 1) (alpha alone for leaves outside the blocks, or when L = 1)."""
+    """alpha + beta * l / (L - 1) (alpha alone for leaves outside the blocks, or when L = 1); LiNeS Eq. 3.
+
+    Args:
+      block: the leaf's block index l, or None outside every block.
+      num_blocks: the number of blocks L.
+      alpha: the coefficient of the shallowest block (traced).
+      beta: the increase up to the deepest block (traced).
+
+    Returns:
+      The leaf's scale lambda(l).
+    """
     if block is None or num_blocks <= 1:
         return alpha
     return alpha + beta * block / (num_blocks - 1)
@@ -44,6 +65,12 @@ class LiNeS(Transform):
     """Chain stage: scale every float leaf of each tree by its LiNeS coefficient. Build it with :func:`lines`.
 
     ``alpha`` and ``beta`` are traced data (a sweep does not recompile); the block map is static.
+
+    Args:
+      alpha: the coefficient of the shallowest block (Wang et al., 2025, Eq. 3).
+      beta: the increase up to the deepest block.
+      blocks: sorted ``(leaf path, block)`` pairs.
+      num_blocks: the number of blocks L.
     """
 
     alpha: float
@@ -63,7 +90,20 @@ class LiNeS(Transform):
 
 
 def lines(alpha: float, beta: float, blocks: Mapping[str, int], num_blocks: int | None = None) -> LiNeS:
-    """Makes a :class:`LiNeS` stage from {leaf path: block}; L defaults to max(block) + 1."""
+    """Makes a :class:`LiNeS` stage from {leaf path: block}; L defaults to max(block) + 1.
+
+    Args:
+      alpha: the coefficient of the shallowest block (Wang et al., 2025, Eq. 3).
+      beta: the increase up to the deepest block.
+      blocks: {leaf path: block index l >= 0}, e.g. from :func:`blocks_from_regex`.
+      num_blocks: the number of blocks L (default max(block) + 1).
+
+    Returns:
+      The :class:`LiNeS` stage.
+
+    Raises:
+      ValueError: an empty map, a negative block, or a block >= ``num_blocks``.
+    """
     if not blocks:
         raise ValueError("LiNeS needs at least one leaf path -> block entry")
     if any(b < 0 for b in blocks.values()):

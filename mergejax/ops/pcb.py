@@ -25,7 +25,16 @@ __all__ = ["order_statistics", "PCB"]
 
 def order_statistics(groups: list[list[jax.Array]], js: list[int], *, magnitude: bool = False) -> list[jax.Array]:
     """Per group, the value at 0-based position j of the ascending sort of all its entries (of |x| if
-    ``magnitude``); no sort is done."""
+    ``magnitude``); no sort is done.
+
+    Args:
+      groups: lists of arrays; each group is ranked as one flat row (PCB's whole-model quantiles).
+      js: per group, the 0-based ascending position j.
+      magnitude: rank |x| instead of x.
+
+    Returns:
+      Per group, the float32 scalar at position j.
+    """
     ns = [sum(int(x.size) for x in g) for g in groups]
     keys = kth_largest_groups(groups, [n - j for n, j in zip(ns, js)], magnitude=magnitude)
     return [key_to_float(keys[i]) for i in range(len(groups))]
@@ -41,6 +50,10 @@ class PCB(Reduction):
 
     Memory: beyond the T task vectors, two float32 copies of one task vector per task (the clamped vector and its
     weights) live at once.
+
+    Args:
+      ratio: kept fraction of each task's balancing weights beta_i (Du et al., 2024, Eq. 5-6), in (0, 1]. Static.
+      clamp_ratio: r, the quantile at which |tau_i| is clamped below and (1 - r) above (reference code). Static.
     """
 
     ratio: float = static_field(0.05)

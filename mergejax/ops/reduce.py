@@ -39,12 +39,27 @@ __all__ = [
 
 
 def sum_leaves(xs: Sequence[jax.Array]) -> jax.Array:
-    """x_1 + ... + x_T as a chain of elementwise adds (XLA fuses it; no stacked [T, ...] copy)."""
+    """x_1 + ... + x_T as a chain of elementwise adds (XLA fuses it; no stacked [T, ...] copy).
+
+    Args:
+      xs: T arrays of one shape.
+
+    Returns:
+      Their sum.
+    """
     return sum(xs[1:], xs[0])
 
 
 def nonzero_mean(xs: Sequence[jax.Array], w: jax.Array | None = None) -> jax.Array:
-    """sum_t w_t x_t / max(sum_{t : x_t != 0} w_t, 1 if none) (w = 1: the disjoint mean of TIES Eq. 3)."""
+    """sum_t w_t x_t / max(sum_{t : x_t != 0} w_t, 1 if none) (w = 1: the disjoint mean of TIES Eq. 3).
+
+    Args:
+      xs: T arrays of one shape (sign-agreeing task-vector entries, zero elsewhere).
+      w: ``[T]`` per-task weights, or None (all 1).
+
+    Returns:
+      The disjoint mean, shaped like ``xs[0]`` (0 where every x_t is 0).
+    """
     if w is None:
         count = sum_leaves([(x != 0).astype(x.dtype) for x in xs])
         return sum_leaves(xs) / jnp.maximum(count, 1)
@@ -55,7 +70,14 @@ def nonzero_mean(xs: Sequence[jax.Array], w: jax.Array | None = None) -> jax.Arr
 
 
 def max_magnitude(xs: Sequence[jax.Array]) -> jax.Array:
-    """The entry of largest |x| over tasks (first task wins ties): the disjoint max after sign election."""
+    """The entry of largest |x| over tasks (first task wins ties): the disjoint max after sign election.
+
+    Args:
+      xs: T arrays of one shape.
+
+    Returns:
+      Per coordinate, the x_t of largest magnitude.
+    """
     out = xs[0]
     for x in xs[1:]:
         out = jnp.where(jnp.abs(x) > jnp.abs(out), x, out)
@@ -70,11 +92,22 @@ class WeightableReduction(Reduction):
     """A reduction with an optional ``weights`` data field: ``combine(xs, w)`` gets the leaf's ``[T]`` weights or None.
 
     Subclass it and implement ``combine(self, xs, w=None)``; ``with_weights`` fills the field.
+
+    Args:
+      weights: per-task weights, ``[T]`` or ``{path: [T]}`` (traced data), or None (all 1).
     """
 
     weights: Any = None
 
     def with_weights(self, weights: Any) -> "WeightableReduction":
+        """This stage with per-task ``weights`` (set by a merge's ``weights=``).
+
+        Args:
+          weights: per-task weights, ``[T]`` or ``{path: [T]}`` (traced data), or None.
+
+        Returns:
+          A copy of this stage with ``weights`` set.
+        """
         return dataclasses.replace(self, weights=weights)
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
@@ -88,6 +121,15 @@ class Sum(WeightableReduction):
     """Reduction: sum_t w_t tau_t (task arithmetic, Ilharco et al., 2023, Eq. 2, w = 1; Breadcrumbs; DARE)."""
 
     def combine(self, xs, w=None):
+        """sum_t w_t x_t (Ilharco et al., 2023, Eq. 2).
+
+        Args:
+          xs: the T task vectors' values of one float leaf (or a stack of same-shaped leaves).
+          w: that leaf's ``[T]`` per-task weights, or None (all 1).
+
+        Returns:
+          The reduced leaf, shaped like ``xs[0]``.
+        """
         return sum_leaves(xs if w is None else _weighted(xs, w))
 
 
@@ -95,6 +137,15 @@ class Mean(WeightableReduction):
     """Reduction: sum_t w_t tau_t / sum_t w_t ((1/T) sum_t tau_t without weights: weight averaging at scale 1)."""
 
     def combine(self, xs, w=None):
+        """sum_t w_t x_t / sum_t w_t.
+
+        Args:
+          xs: the T task vectors' values of one float leaf (or a stack of same-shaped leaves).
+          w: that leaf's ``[T]`` per-task weights, or None (all 1).
+
+        Returns:
+          The reduced leaf, shaped like ``xs[0]``.
+        """
         if w is None:
             return sum_leaves(xs) / len(xs)
         return sum_leaves(_weighted(xs, w)) / jnp.sum(w).astype(xs[0].dtype)
@@ -107,6 +158,15 @@ class DisjointMean(WeightableReduction):
     """
 
     def combine(self, xs, w=None):
+        """The disjoint mean (TIES Eq. 3), see :func:`nonzero_mean`.
+
+        Args:
+          xs: the T task vectors' values of one float leaf (or a stack of same-shaped leaves).
+          w: that leaf's ``[T]`` per-task weights, or None (all 1).
+
+        Returns:
+          The reduced leaf, shaped like ``xs[0]``.
+        """
         return nonzero_mean(xs, w)
 
 
@@ -118,6 +178,15 @@ class DisjointMax(WeightableReduction):
     """Reduction: the sign-agreeing entry of largest magnitude per coordinate (of w_t tau_t with weights)."""
 
     def combine(self, xs, w=None):
+        """The entry of largest magnitude of w_t x_t, see :func:`max_magnitude`.
+
+        Args:
+          xs: the T task vectors' values of one float leaf (or a stack of same-shaped leaves).
+          w: that leaf's ``[T]`` per-task weights, or None (all 1).
+
+        Returns:
+          The reduced leaf, shaped like ``xs[0]``.
+        """
         return max_magnitude(xs if w is None else _weighted(xs, w))
 
 

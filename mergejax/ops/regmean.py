@@ -21,7 +21,15 @@ __all__ = ["RegMean", "regmean_kernel", "scale_off_diagonal"]
 
 
 def scale_off_diagonal(g: jax.Array, alpha: Any) -> jax.Array:
-    """alpha * G + (1 - alpha) * diag(G): off-diagonals times alpha (RegMean Sec. 3.2)."""
+    """alpha * G + (1 - alpha) * diag(G): off-diagonals times alpha (RegMean Sec. 3.2).
+
+    Args:
+      g: a Gram matrix ``[in, in]``.
+      alpha: the off-diagonal scale in [0, 1] (traced).
+
+    Returns:
+      The scaled matrix, shaped like ``g``.
+    """
     return alpha * g + (1.0 - alpha) * jnp.diag(jnp.diag(g))
 
 
@@ -32,6 +40,14 @@ def regmean_kernel(grams: Sequence[jax.Array], kernels: Sequence[jax.Array], rco
     ``rcond * max eigenvalue`` (no task's inputs reach them, e.g. pixels that are always 0) take the plain average of
     the kernels instead of an undefined value; with S well conditioned this is exactly S^-1 sum_i G_i W_i.
     Memory: a few ``in x in`` matrices.
+
+    Args:
+      grams: T (alpha-scaled, weighted) Gram matrices G_i ``[in, in]``.
+      kernels: T kernels (or kernel task vectors) W_i ``[in, out]``.
+      rcond: relative eigenvalue cut-off (traced).
+
+    Returns:
+      W* ``[in, out]`` in ``kernels[0]``'s dtype.
     """
     dt = acc_dtype(kernels[0].dtype)
     s = sum(g.astype(dt) for g in grams)
@@ -71,6 +87,14 @@ class RegMean(Reduction):
         object.__setattr__(self, "grams", tuple(self.grams))
 
     def with_weights(self, weights: Any) -> "RegMean":
+        """This stage with per-task ``weights`` (set by a merge's ``weights=``): G_i -> w_i G_i, and a weighted mean elsewhere.
+
+        Args:
+          weights: per-task weights, ``[T]`` or ``{path: [T]}`` (traced data), or None.
+
+        Returns:
+          A copy of this stage with ``weights`` set.
+        """
         return dataclasses.replace(self, weights=weights)
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:

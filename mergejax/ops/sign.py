@@ -24,7 +24,18 @@ SignMethod = Literal["sum", "count"]
 
 
 def sign_mass(leaves: Sequence[jax.Array], method: SignMethod = "sum", weights: jax.Array | None = None) -> jax.Array:
-    """sum_t w_t tau_t (``"sum"``) or sum_t sgn(w_t tau_t) (``"count"``) of one coordinate block (w = 1 by default)."""
+    """sum_t w_t tau_t (``"sum"``) or sum_t sgn(w_t tau_t) (``"count"``) of one coordinate block (w = 1 by default).
+
+    The sign of this mass is TIES's elected sign (Eq. 2).
+
+    Args:
+      leaves: the T task vectors' values of one leaf (or of a stack of same-shaped leaves).
+      method: "sum" or "count".
+      weights: ``[T]`` per-task weights, or None.
+
+    Returns:
+      The mass, shaped like ``leaves[0]``.
+    """
     if weights is not None:
         leaves = [weights[t].astype(x.dtype) * x for t, x in enumerate(leaves)]
     if method == "sum":
@@ -62,7 +73,8 @@ def elect_sign(tvs: Sequence[PyTree], method: SignMethod = "sum", weights: Any =
       method: "sum" (sign of the total mass) or "count" (majority of signs).
       weights: optional per-task weights (``[T]`` or ``{path: [T]}``): elect on w_t tau_t (mergekit's TIES).
 
-    Returns a tree of float leaves in {-1, 0, +1} (non-float positions: the first tree's leaf).
+    Returns:
+      A tree of float leaves in {-1, 0, +1} (non-float positions: the first tree's leaf).
     """
     if weights is None:
         raw = map_float_leaves(lambda xs, i: [jnp.sign(sign_mass(xs, method))], tvs, out_count=1)[0]
@@ -77,7 +89,15 @@ def elect_sign(tvs: Sequence[PyTree], method: SignMethod = "sum", weights: Any =
 
 
 def keep_agreeing(tvs: Sequence[PyTree], sign: PyTree) -> TaskVectors:
-    """Each task vector with the entries whose sign differs from the elected sign set to 0 (TIES Eq. 3's set A^p)."""
+    """Each task vector with the entries whose sign differs from the elected sign set to 0 (TIES Eq. 3's set A^p).
+
+    Args:
+      tvs: T task-vector trees.
+      sign: the elected sign tree (from :func:`elect_sign`).
+
+    Returns:
+      The T task vectors, zero wherever sgn(tau_t) != gamma_m.
+    """
     def leaf(cols, i):
         *xs, s = cols
         return [jnp.where(jnp.sign(x) == s, x, jnp.zeros_like(x)) for x in xs]
@@ -99,6 +119,14 @@ class ElectSign(Transform):
     weights: Any = None
 
     def with_weights(self, weights: Any) -> "ElectSign":
+        """This stage with per-task ``weights`` (set by a merge's ``weights=``): the election uses w_t tau_t.
+
+        Args:
+          weights: per-task weights, ``[T]`` or ``{path: [T]}`` (traced data), or None.
+
+        Returns:
+          A copy of this stage with ``weights`` set.
+        """
         return dataclasses.replace(self, weights=weights)
 
     def __post_init__(self):

@@ -49,8 +49,17 @@ def magnitude_thresholds_many(
 ) -> list[list[jax.Array]]:
     """Per task vector, the magnitude threshold t of each float leaf (one t for all leaves when ``scope="global"``).
 
-    t is the k-th largest |x| with k = floor(density * n); +inf when k = 0. ``density`` is one fraction or one per
-    task. All selections of all task vectors run in one loop of counting passes.
+    t is the k-th largest |x| with k = floor(density * n); +inf when k = 0 (TIES Sec. 3, step 1: keep the top-k%).
+    ``density`` is one fraction or one per task. All selections of all task vectors run in one loop of counting passes.
+
+    Args:
+      tvs: T task-vector trees with one structure.
+      density: kept fraction k in [0, 1], or one per task.
+      scope: ``"global"`` (one threshold per task vector over all its float leaves) or ``"tensor"`` (one per leaf).
+      radix_bits: bits decided per counting pass; None: the backend's default.
+
+    Returns:
+      Per task vector, one float32 scalar threshold per float leaf (the same one for every leaf when global).
     """
     tvs = [as_tree(tv) for tv in tvs]
     dens = _densities(density, len(tvs))
@@ -87,7 +96,17 @@ def magnitude_thresholds_many(
 def magnitude_thresholds(
     tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int | None = DEFAULT_RADIX_BITS
 ) -> list[jax.Array]:
-    """The magnitude threshold of each float leaf of one task vector (see :func:`magnitude_thresholds_many`)."""
+    """The magnitude threshold of each float leaf of one task vector (see :func:`magnitude_thresholds_many`).
+
+    Args:
+      tv: one task-vector tree.
+      density: kept fraction k in [0, 1].
+      scope: ``"global"`` or ``"tensor"``.
+      radix_bits: bits decided per counting pass; None: the backend's default.
+
+    Returns:
+      One float32 scalar threshold per float leaf.
+    """
     return magnitude_thresholds_many([tv], density, scope=scope, radix_bits=radix_bits)[0]
 
 
@@ -109,13 +128,33 @@ def _apply_mask(tv: PyTree, mask: PyTree) -> PyTree:
 def magnitude_mask(
     tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int | None = DEFAULT_RADIX_BITS
 ) -> PyTree:
-    """Boolean tree: True where |x| >= t (TIES trim mask). Non-float leaves get an all-False mask of their shape."""
+    """Boolean tree: True where |x| >= t (TIES trim mask). Non-float leaves get an all-False mask of their shape.
+
+    Args:
+      tv: one task-vector tree.
+      density: kept fraction k in [0, 1].
+      scope: ``"global"`` or ``"tensor"``.
+      radix_bits: bits decided per counting pass; None: the backend's default.
+
+    Returns:
+      A bool tree with ``tv``'s structure and shapes.
+    """
     tv = as_tree(tv)
     return _mask_with(tv, magnitude_thresholds(tv, density, scope=scope, radix_bits=radix_bits))
 
 
 def trim(tv: PyTree, density: float, *, scope: Scope = "global", radix_bits: int | None = DEFAULT_RADIX_BITS) -> PyTree:
-    """The task vector with every entry below the magnitude threshold set to 0 (TIES Sec. 3, step 1)."""
+    """The task vector with every entry below the magnitude threshold set to 0 (TIES Sec. 3, step 1).
+
+    Args:
+      tv: one task-vector tree.
+      density: kept fraction k in [0, 1].
+      scope: ``"global"`` or ``"tensor"``.
+      radix_bits: bits decided per counting pass; None: the backend's default.
+
+    Returns:
+      The trimmed tree, with ``tv``'s structure and dtypes.
+    """
     tv = as_tree(tv)
     return _apply_mask(tv, magnitude_mask(tv, density, scope=scope, radix_bits=radix_bits))
 
