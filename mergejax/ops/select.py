@@ -11,17 +11,19 @@ Two searches share that counting pass:
 * **Bracketing search** (the default, ``radix_bits=None``): a Floyd-Rivest-style interpolation search. The answer is
   kept in a bracket ``[lo, hi]`` of keys with ``count(>= lo) >= k > count(>= hi + 1)``. The first pass counts 16
   candidates read off a sorted strided sample of the group (order statistics around rank ``k s / n``, spread by the
-  sample's binomial standard deviation); every later pass counts 16 candidates inside the bracket: ``lo + 1`` (an
-  exact hit when many entries tie at ``lo``), 7 evenly spaced ones (the guarantee: each pass shrinks the bracket at
-  least 8x in key space, so a float32 search always ends, within 11 passes) and 8 placed around the linear
-  interpolation of the counts at the bracket's ends, spread by the binomial error of that estimate. A bracket of at
-  most 16 keys is counted exhaustively. The loop stops when every bracket holds one key. On smooth data the first pass
-  leaves ~0.1% of the entries in the bracket and two or three interpolation passes finish (measured in
-  ``experiments/bench_merge.py``). Groups of at most :data:`SORT_MAX` entries are sorted outright (no pass at all).
-  A leaf that may be sharded (its abstract mesh has more than one device and its layout is not known to be
-  replicated) is never sampled, sorted or stacked: it is only counted, so counts stay the only cross-device traffic;
-  a group holding one starts from the interpolation passes (the "bracket miss" path of the search, which is the same
-  loop: nothing silent, only more passes).
+  sample's binomial standard deviation, plus the central one + 1 for an exact hit on a tied value). Every later pass
+  counts candidates inside the bracket: ``lo + 1`` and ``hi`` (exact hits when entries tie at an end), evenly spaced
+  ones (the guarantee: every pass at least halves the bracket in key space, so the search always ends) and the rest
+  around the linear interpolation of the counts at the bracket's ends, spread by the binomial error of that estimate;
+  a bracket of at most D keys is counted exhaustively. 8 candidates per pass on CPU (compute-bound there: a pass costs
+  about a quarter of a read per candidate), 16 elsewhere. The loop stops when every bracket holds one key. On smooth
+  data the sampled pass leaves ~0.1% of the entries in the bracket and two to four interpolation passes finish
+  (``experiments/bench_merge.py`` reports the passes); a rank in the extreme tails (beyond the sample's reach) first
+  takes one min/max pass. Groups of at most :data:`SORT_MAX` entries are sorted outright (no pass at all). A leaf
+  that may be sharded (its abstract mesh has more than one device and its layout is not known to be replicated) is
+  never sampled, sorted or stacked, only counted, so counts stay the only cross-device traffic; a group holding one
+  starts from the min/max pass and the interpolation passes (the bracket-miss path: the same loop, never silent, only
+  more passes).
 * **Radix select** (``radix_bits`` = 1, 2, 4 or 8): the answer is built ``radix_bits`` at a time from the most
   significant bit, counting the ``2**radix_bits - 1`` candidate prefixes per pass: exactly ``32 / radix_bits``
   passes for float32.
