@@ -28,8 +28,9 @@ Two searches share that counting pass:
   significant bit, counting the ``2**radix_bits - 1`` candidate prefixes per pass: exactly ``32 / radix_bits``
   passes for float32.
 
-Same-(shape, dtype) leaves of all groups are stacked and counted by one batched reduction, so the program holds one
-copy of the counting code per leaf *shape*, not per leaf. Counts are exact: int32 per leaf, summed as 16-bit
+Same-(shape, dtype) leaves of all groups (up to :data:`STACK_MAX` entries each) are stacked inside each pass and
+counted by one batched reduction, so the program holds one copy of the counting code per leaf *shape*, not per leaf;
+larger leaves are counted one by one (no stacked copy of the big kernels). Counts are exact: int32 per leaf, summed as 16-bit
 (hi, lo) halves, so group totals up to 2**47 compare exactly with k.
 
 The result is exact: the largest key ``t`` with ``#{x : key(x) >= t} >= k``, i.e. the k-th largest value with
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_RADIX_BITS",
     "SORT_MAX",
     "SAMPLE_SIZE",
+    "STACK_MAX",
     "default_radix_bits",
     "ordered_key",
     "key_to_float",
@@ -70,6 +72,10 @@ SORT_MAX = 1 << 14
 
 SAMPLE_SIZE = 1 << 14
 """About this many entries of a larger group are sampled (strided) to place the first pass's candidates."""
+
+STACK_MAX = 1 << 16
+"""Same-shaped leaves up to this size are stacked and counted by one batched reduction (one copy of the code per
+shape); larger ones are counted one by one, so no stacked copy of a model's big kernels is ever made."""
 
 _D = 16  # candidates counted per pass of the bracketing search
 
@@ -211,7 +217,8 @@ class _Counter:
         for gi, g in enumerate(groups):
             for x in g:
                 _check_leaf_size(x)
-                tag = ("alone", len(order)) if _maybe_sharded(x) else (x.shape, str(x.dtype))
+                alone = _maybe_sharded(x) or x.size > STACK_MAX
+                tag = ("alone", len(order)) if alone else (x.shape, str(x.dtype))
                 order.setdefault(tag, []).append((gi, x))
         self.buckets = []
         for members in order.values():
@@ -306,7 +313,13 @@ def _sample(leaves: Sequence[jax.Array], n: int) -> jax.Array:
     The stride is a prime, so it is coprime with (almost) every axis length: a kernel's columns are all visited.
     """
     stride = _next_prime(-(-n // SAMPLE_SIZE))
-    return jnp.concatenate([x.ravel()[stride // 2 :: stride] for x in leaves if x.size > stride // 2])
+    by_shape: dict = {}
+    for x in leaves:
+        if x.size > stride // 2:
+            by_shape.setdefault((x.shape, str(x.dtype)), []).append(x)
+    # one strided slice per leaf shape (same-shaped leaves stacked), not per leaf: small programs for big trees
+    return jnp.concatenate(
+        [_stack(xs).reshape(len(xs), -1)[:, stride // 2 :: stride].ravel() for xs in by_shape.values()])
 
 
 def _by_signature(groups: Sequence[Sequence[jax.Array]], idx: Sequence[int]) -> dict:
