@@ -233,6 +233,11 @@ class _Counter:
             # the barrier keeps each pass one fused read of the data: without it XLA merges the passes' key
             # computations and candidate arithmetic into the counting loops (measured ~10x slower on CPU)
             xs, c = lax.optimization_barrier((xs_, cands[gids]))  # c: [m, D]
+            if len(xs) == 1:  # a full reduction of one leaf (XLA:CPU splits it over its threads)
+                key = ordered_key(jnp.abs(xs[0]) if self.magnitude else xs[0])
+                flags = [key >= c[0, d] for d in range(cands.shape[1])]
+                out.append(jnp.stack(_sum_counts(flags, tuple(range(key.ndim))))[None])
+                continue
             stacked = _stack(xs)  # inside the pass, so XLA folds it into the counting loop (no stacked copy)
             key = ordered_key(jnp.abs(stacked) if self.magnitude else stacked)
             bshape = (len(gids),) + (1,) * (stacked.ndim - 1)
