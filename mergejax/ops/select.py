@@ -11,23 +11,26 @@ Two searches share that counting pass:
 * **Bracketing search** (the default, ``radix_bits=None``): a Floyd-Rivest-style interpolation search. The answer is
   kept in a bracket ``[lo, hi]`` of keys with ``count(>= lo) >= k > count(>= hi + 1)``. The first pass counts 16
   candidates read off a sorted strided sample of the group (order statistics around rank ``k s / n``, spread by the
-  sample's binomial standard deviation); every later pass counts 16 candidates inside the bracket: ``lo + 1`` (an
-  exact hit when many entries tie at ``lo``), 7 evenly spaced ones (the guarantee: each pass shrinks the bracket at
-  least 8x in key space, so a float32 search always ends, within 11 passes) and 8 placed around the linear
-  interpolation of the counts at the bracket's ends, spread by the binomial error of that estimate. A bracket of at
-  most 16 keys is counted exhaustively. The loop stops when every bracket holds one key. On smooth data the first pass
-  leaves ~0.1% of the entries in the bracket and two or three interpolation passes finish (measured in
-  ``experiments/bench_merge.py``). Groups of at most :data:`SORT_MAX` entries are sorted outright (no pass at all).
-  A leaf that may be sharded (its abstract mesh has more than one device and its layout is not known to be
-  replicated) is never sampled, sorted or stacked: it is only counted, so counts stay the only cross-device traffic;
-  a group holding one starts from the interpolation passes (the "bracket miss" path of the search, which is the same
-  loop: nothing silent, only more passes).
+  sample's binomial standard deviation, plus the central one + 1 for an exact hit on a tied value). Every later pass
+  counts candidates inside the bracket: ``lo + 1`` and ``hi`` (exact hits when entries tie at an end), evenly spaced
+  ones (the guarantee: every pass at least halves the bracket in key space, so the search always ends) and the rest
+  around the linear interpolation of the counts at the bracket's ends, spread by the binomial error of that estimate;
+  a bracket of at most D keys is counted exhaustively. 8 candidates per pass on CPU (compute-bound there: a pass costs
+  about a quarter of a read per candidate), 16 elsewhere. The loop stops when every bracket holds one key. On smooth
+  data the sampled pass leaves ~0.1% of the entries in the bracket and two to four interpolation passes finish
+  (``experiments/bench_merge.py`` reports the passes); a rank in the extreme tails (beyond the sample's reach) first
+  takes one min/max pass. Groups of at most :data:`SORT_MAX` entries are sorted outright (no pass at all). A leaf
+  that may be sharded (its abstract mesh has more than one device and its layout is not known to be replicated) is
+  never sampled, sorted or stacked, only counted, so counts stay the only cross-device traffic; a group holding one
+  starts from the min/max pass and the interpolation passes (the bracket-miss path: the same loop, never silent, only
+  more passes).
 * **Radix select** (``radix_bits`` = 1, 2, 4 or 8): the answer is built ``radix_bits`` at a time from the most
   significant bit, counting the ``2**radix_bits - 1`` candidate prefixes per pass: exactly ``32 / radix_bits``
   passes for float32.
 
-Same-(shape, dtype) leaves of all groups are stacked and counted by one batched reduction, so the program holds one
-copy of the counting code per leaf *shape*, not per leaf. Counts are exact: int32 per leaf, summed as 16-bit
+Same-(shape, dtype) leaves of all groups (up to :data:`STACK_MAX` entries each) are stacked inside each pass and
+counted by one batched reduction, so the program holds one copy of the counting code per leaf *shape*, not per leaf;
+larger leaves are counted one by one (no stacked copy of the big kernels). Counts are exact: int32 per leaf, summed as 16-bit
 (hi, lo) halves, so group totals up to 2**47 compare exactly with k.
 
 The result is exact: the largest key ``t`` with ``#{x : key(x) >= t} >= k``, i.e. the k-th largest value with
@@ -49,6 +52,7 @@ __all__ = [
     "DEFAULT_RADIX_BITS",
     "SORT_MAX",
     "SAMPLE_SIZE",
+    "STACK_MAX",
     "default_radix_bits",
     "ordered_key",
     "key_to_float",
@@ -68,6 +72,10 @@ SORT_MAX = 1 << 14
 
 SAMPLE_SIZE = 1 << 14
 """About this many entries of a larger group are sampled (strided) to place the first pass's candidates."""
+
+STACK_MAX = 1 << 16
+"""Same-shaped leaves up to this size are stacked and counted by one batched reduction (one copy of the code per
+shape); larger ones are counted one by one, so no stacked copy of a model's big kernels is ever made."""
 
 _D = 16  # candidates counted per pass of the bracketing search
 
@@ -209,7 +217,8 @@ class _Counter:
         for gi, g in enumerate(groups):
             for x in g:
                 _check_leaf_size(x)
-                tag = ("alone", len(order)) if _maybe_sharded(x) else (x.shape, str(x.dtype))
+                alone = _maybe_sharded(x) or x.size > STACK_MAX
+                tag = ("alone", len(order)) if alone else (x.shape, str(x.dtype))
                 order.setdefault(tag, []).append((gi, x))
         self.buckets = []
         for members in order.values():
@@ -224,6 +233,11 @@ class _Counter:
             # the barrier keeps each pass one fused read of the data: without it XLA merges the passes' key
             # computations and candidate arithmetic into the counting loops (measured ~10x slower on CPU)
             xs, c = lax.optimization_barrier((xs_, cands[gids]))  # c: [m, D]
+            if len(xs) == 1:  # a full reduction of one leaf (XLA:CPU splits it over its threads)
+                key = ordered_key(jnp.abs(xs[0]) if self.magnitude else xs[0])
+                flags = [key >= c[0, d] for d in range(cands.shape[1])]
+                out.append(jnp.stack(_sum_counts(flags, tuple(range(key.ndim))))[None])
+                continue
             stacked = _stack(xs)  # inside the pass, so XLA folds it into the counting loop (no stacked copy)
             key = ordered_key(jnp.abs(stacked) if self.magnitude else stacked)
             bshape = (len(gids),) + (1,) * (stacked.ndim - 1)
@@ -304,7 +318,13 @@ def _sample(leaves: Sequence[jax.Array], n: int) -> jax.Array:
     The stride is a prime, so it is coprime with (almost) every axis length: a kernel's columns are all visited.
     """
     stride = _next_prime(-(-n // SAMPLE_SIZE))
-    return jnp.concatenate([x.ravel()[stride // 2 :: stride] for x in leaves if x.size > stride // 2])
+    by_shape: dict = {}
+    for x in leaves:
+        if x.size > stride // 2:
+            by_shape.setdefault((x.shape, str(x.dtype)), []).append(x)
+    # one strided slice per leaf shape (same-shaped leaves stacked), not per leaf: small programs for big trees
+    return jnp.concatenate(
+        [_stack(xs).reshape(len(xs), -1)[:, stride // 2 :: stride].ravel() for xs in by_shape.values()])
 
 
 def _by_signature(groups: Sequence[Sequence[jax.Array]], idx: Sequence[int]) -> dict:
