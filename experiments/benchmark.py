@@ -191,6 +191,7 @@ class Run:
         self.experts: list[Any] = []
         self.stripped: list[Any] = []
         self.finetune_s = 0.0
+        self.last_coefficients: np.ndarray | None = None
 
     # ---------------------------------------------------------------- experts
     def train_experts(self) -> None:
@@ -289,7 +290,7 @@ class Run:
             steps=self.cfg.ada_steps if steps is None else steps, lr=self.cfg.ada_lr, batch_size=self.cfg.ada_batch,
             key=self.key(f"ada-{granularity}-{plus_plus}"), heads=backbones.HEADS, tasks=subset,
             progress=self.cfg.progress)
-        self._cache[("ada", granularity, plus_plus, tuple(subset))] = np.asarray(coef.lambdas)
+        self.last_coefficients = np.asarray(coef.lambdas)
         return merged
 
     def compeft(self, density: float) -> list[Any]:
@@ -333,6 +334,10 @@ def run_method(run: Run, method: Method, log: dict[str, Any]) -> dict[str, float
                            test=test, seconds=time.perf_counter() - t0)
     if method.key == "compeft_experts":
         log[method.key]["alphas"] = run._cache.get(("compeft_alpha", best["density"]))
+    if method.key.startswith("adamerging") and run.last_coefficients is not None:
+        lam = run.last_coefficients.reshape(len(run.last_coefficients), -1)  # learned; per task: mean, min, max
+        log[method.key]["coefficients"] = {"mean": lam.mean(1).tolist(), "min": lam.min(1).tolist(),
+                                           "max": lam.max(1).tolist()}
     del model
     return test
 

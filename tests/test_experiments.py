@@ -147,6 +147,8 @@ def test_quick_pipeline_every_method_and_protocol(pools, tmp_path):
     assert set(details["protocols"]) == {"num_tasks", "heldout", "density"}
     assert details["protocols"]["heldout"]["merged_tasks"] == ["wn_pos"]
     assert details["protocols"]["num_tasks"]["n"] == [2]
+    coef = details["per_seed"][0]["adamerging_layer"]["coefficients"]
+    assert len(coef["mean"]) == 2 and all(0.0 <= c <= 1.0 for c in coef["min"] + coef["max"])
     for name in ("table.md", "methods.png", "num_tasks.png", "density.png", "heldout.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
