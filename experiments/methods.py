@@ -6,7 +6,7 @@ follow the papers' sweeps, shortened (``Grids``); the runner picks the best poin
 
 Per-task heads are never merged. The data-free methods see task vectors whose head leaves are zero (the experts with
 the base's heads), and the expert heads are put back afterwards (:meth:`benchmark.Run.with_heads`).
-# TODO(issue 8): pass heads=HEADS to the named methods once the keyword lands on main, instead of stripping heads.
+# TODO(issue 8): heads= has landed on the named methods; pass heads=HEADS instead of stripping heads (same result).
 """
 
 from __future__ import annotations
