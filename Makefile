@@ -7,7 +7,12 @@ STAMP  := $(VENV)/.mergejax-installed
 WHEELS := $(wildcard /opt/wheels)
 FIND   := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: demo test test-all bench setup
+# Debian packages holding the benchmark's data sets (experiments/datasets.py); installed only when missing.
+APT_PACKAGES := wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-pl fortunes-cs fortunes-ru \
+	fortunes-eo dataset-fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo demo-toy data test test-all bench bench-text bench-vision setup
 
 setup: $(STAMP)
 
@@ -18,8 +23,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q $(FIND) -e '.[dev,experiments,torch]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+data:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install $$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+# The README's main command: the merging benchmark's --quick configuration on all-MiniLM-L6-v2 (minutes on 2 cores).
+demo: $(STAMP) data
+	$(BIN)/python -m experiments.benchmark --quick
+
+demo-toy: $(STAMP)
 	$(BIN)/python experiments/demo.py
+
+# The reference configurations (experiments/README.md), written to experiments/results/<suite>/.
+bench-text: $(STAMP) data
+	$(BIN)/python -m experiments.benchmark --suite text --out experiments/results/text
+
+bench-vision: $(STAMP) data
+	$(BIN)/python -m experiments.benchmark --suite vision --out experiments/results/vision
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -21,16 +21,20 @@ import importlib
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for experiments.*
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mergejax import fisher
-from mergejax.data import digits_tasks
+from experiments.toy_digits import digits_tasks
 from mergejax.models.mlp import HEAD_PATTERN, MultiHeadMLP, init_params, make_apply_fn
 
 # the module (mergejax.adamerging may be re-exported as the function of the same name in mergejax/__init__.py)

@@ -17,10 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for experiments.*
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +34,7 @@ from tqdm import tqdm
 
 import mergejax as mj
 from mergejax import fisher, ternary
-from mergejax.data import accuracy, build_toy_problem
+from experiments.toy_digits import accuracy, build_toy_problem
 from mergejax.tree import path_str
 
 console = Console(width=120)

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mergejax.adamerging import adamerging, apply_coefficients, entropy, load_coefficients, save_coefficients
-from mergejax.data import accuracy, build_toy_problem
+from experiments.toy_digits import accuracy, build_toy_problem
 
 TASKS = ("mirror/digit", "flip/digit")
 

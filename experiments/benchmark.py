@@ -1,0 +1,595 @@
+"""The multi-task merging benchmark on real pretrained models (issue 9), end to end and offline.
+
+For each seed: fine-tune one expert per task from the pretrained backbone (cached), merge the experts with every
+method of mergejax (hyperparameters picked on the validation split from small grids), and evaluate every model on
+every task's test split with each task's own expert head. Then the protocols (first seed): normalised accuracy against
+the number of merged tasks, held-out linear probes, accuracy against density and bits per parameter.
+
+Run ``python -m experiments.benchmark --quick`` (``make demo``) or ``python -m experiments.benchmark --suite text``
+(the reference configuration); ``--help`` lists every override. Outputs under ``--out`` (default
+``results/<suite>``; the committed reference results live in ``experiments/results/<suite>``): ``summary.json``
+(issue 9's format), ``details.json`` (chosen hyperparameters per seed, validation scores, protocols, wall times),
+``table.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import mergejax as mj
+from mergejax import fisher as mj_fisher
+from mergejax import ternary
+from mergejax.regmean import gram_matrices
+from mergejax.tree import path_str
+
+from experiments import backbones, datasets
+from experiments.finetune import FinetuneConfig, cached_finetune
+from experiments.methods import Grids, Method, by_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ============================================================================================ configuration
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a benchmark run depends on; every field is a command-line override (``--field value``)."""
+
+    suite: str = "text"
+    tasks: tuple[str, ...] = ()
+    """Task names (default: the suite's 7 text / 4 vision tasks)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    data_seed: int = 0
+    """Seeds the train/validation/test split (fixed across fine-tuning seeds)."""
+    n_train: int = 1024
+    n_val: int = 96
+    n_test: int = 256
+    max_len: int = 64
+    resolution: int = 64
+    finetune: FinetuneConfig = FinetuneConfig()
+    grids: Grids = Grids()
+    methods: tuple[str, ...] = ()
+    """Method keys to run (default: all)."""
+    ada_steps: int = 100
+    ada_batch: int = 8
+    ada_lr: float = 1e-3
+    fisher_examples: int = 64
+    fisher_mode: str = "empirical"
+    regmean_examples: int = 64
+    eval_batch: int = 64
+    protocols: bool = True
+    protocol_ada_steps: int = 50
+    heldout: tuple[str, ...] = ()
+    """Tasks held out of the merge for the linear-probe protocol (default: the last two tasks)."""
+    n_probe: int = 512
+    sweep_densities: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0)
+    cache: str = "results/cache"
+    out: str = ""
+    """Output directory (default results/<suite>, or results/quick-<suite> with --quick)."""
+    progress: bool = True
+    tiny: bool = False
+    """Replace the text backbone by a small random BERT (wiring tests only; results mean nothing)."""
+
+
+QUICK = dict(
+    tasks=("wn_pos", "sentiment", "fortune_lang"), seeds=(0,), n_train=512, n_val=48, n_test=96, max_len=32,
+    resolution=32, finetune=FinetuneConfig(steps=40, batch_size=16, lr=1e-4), ada_steps=15, ada_batch=4,
+    fisher_examples=16, regmean_examples=32, protocols=False,
+    grids=Grids(ta_scales=(0.3, 0.5, 1.0), ties_densities=(0.2,), ties_scales=(0.7, 1.0), dare_drops=(0.9,),
+                breadcrumbs_betas=(0.15,), pcb_ratios=(0.1,), pcb_scales=(1.2,), lines_alphas=(0.5,),
+                lines_betas=(0.5, 1.0), regmean_alphas=(0.9,), compeft_densities=(0.1,),
+                compeft_alphas=(1.0, 2.0, 4.0, 8.0)),
+)
+"""The ``--quick`` configuration of ``make demo`` (3 text tasks, 1 seed, 40 fine-tuning steps, short grids)."""
+
+QUICK_VISION_TASKS = ("fashion_mnist", "mnist", "animal_shape")
+
+
+def _parse(tp: Any, text: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (inner, *_) = typing.get_args(tp)
+        return tuple(_parse(inner, t) for t in text.split(",") if t.strip())
+    if tp is bool:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+    return tp(text)
+
+
+def _fields(cls: type, prefix: str = "") -> Iterable[tuple[str, str, Any, Any]]:
+    """(flag name, dotted field path, type, default) of every leaf field of a (nested) config dataclass."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _fields(tp, f"{prefix}{f.name}.")
+        else:
+            yield (prefix + f.name).replace(".", "-").replace("_", "-"), prefix + f.name, tp, f.default
+
+
+def _replace(cfg: Any, dotted: str, value: Any) -> Any:
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: _replace(getattr(cfg, head), rest, value)})
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """The :class:`Config` of the command line: ``--quick`` preset first, then every explicit ``--field value``."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the make-demo configuration (minutes on 2 CPU cores)")
+    for flag, dotted, tp, default in _fields(Config):
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        p.add_argument(f"--{flag}", dest=dotted, default=None, type=lambda t, tp=tp: _parse(tp, t),
+                       help=f"(default {shown})")
+    args = p.parse_args(argv)
+    cfg = Config()
+    explicit = {d: v for _, d, _, _ in _fields(Config) if (v := getattr(args, d)) is not None}
+    if args.quick:
+        suite = explicit.get("suite", "text")
+        cfg = dataclasses.replace(cfg, **QUICK)
+        if suite == "vision":
+            cfg = dataclasses.replace(cfg, tasks=QUICK_VISION_TASKS,
+                                      finetune=FinetuneConfig(steps=40, batch_size=32, lr=1e-3))
+    for dotted, value in explicit.items():
+        cfg = _replace(cfg, dotted, value)
+    if not cfg.out:
+        cfg = dataclasses.replace(cfg, out=f"results/{'quick-' if args.quick else ''}{cfg.suite}")
+    return cfg
+
+
+def suite_tasks(cfg: Config) -> tuple[str, ...]:
+    if cfg.tasks:
+        return cfg.tasks
+    return tuple(datasets.TEXT_TASKS if cfg.suite == "text" else datasets.VISION_TASKS)
+
+
+# ============================================================================================ one seed
+def _chunks(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    n = len(next(iter(batch.values())))
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+class Run:
+    """One seed of the benchmark: the backbone, the data, the experts, and caches shared by the methods."""
+
+    def __init__(self, cfg: Config, seed: int, pools: dict[str, datasets.Pool], splits: dict[str, datasets.Split]):
+        self.cfg, self.seed = cfg, seed
+        self.tasks = tuple(pools)
+        heads = [(t, pools[t].num_classes) for t in self.tasks]
+        self.backbone = backbones.build(cfg.suite, heads, jax.random.key(seed), max_len=cfg.max_len,
+                                        resolution=cfg.resolution, tiny=cfg.tiny)
+        self.data: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+        for t in self.tasks:
+            pool, sp = pools[t], splits[t]
+            self.data[t] = {}
+            for part in ("train", "val", "test"):
+                idx = getattr(sp, part)
+                inputs = [pool.inputs[i] for i in idx] if isinstance(pool.inputs, list) else pool.inputs[idx]
+                self.data[t][part] = {**self.backbone.encode(inputs), "y": pool.labels[idx]}
+        self._predict = jax.jit(self.backbone.apply_fn, static_argnums=2)
+        self._features = jax.jit(self.backbone.features)
+        self.chosen_hp: dict[str, dict[str, Any]] = {}
+        self._cache: dict[Any, Any] = {}
+        self.experts: list[Any] = []
+        self.stripped: list[Any] = []
+        self.finetune_s = 0.0
+        self.last_coefficients: np.ndarray | None = None
+
+    # ---------------------------------------------------------------- experts
+    def train_experts(self) -> None:
+        t0 = time.perf_counter()
+        description = dict(suite=self.cfg.suite, n_train=self.cfg.n_train, n_val=self.cfg.n_val,
+                           n_test=self.cfg.n_test, data_seed=self.cfg.data_seed, max_len=self.cfg.max_len,
+                           resolution=self.cfg.resolution, tasks=list(self.tasks))
+        for i, t in enumerate(tqdm(self.tasks, desc=f"experts (seed {self.seed})", disable=not self.cfg.progress)):
+            expert, _ = cached_finetune(self.backbone, i, self.data[t]["train"], self.cfg.finetune, seed=self.seed,
+                                        cache_dir=self.cfg.cache, description=description,
+                                        progress=self.cfg.progress)
+            self.experts.append(expert)
+        self.stripped = [self.strip_heads(e) for e in self.experts]
+        self.finetune_s = time.perf_counter() - t0
+
+    def strip_heads(self, tree: Any) -> Any:
+        """``tree`` with the base's heads: its task vector is zero on every head leaf."""
+        rx = re.compile(backbones.HEADS)
+        return jax.tree_util.tree_map_with_path(
+            lambda kp, x, b: b if rx.search(path_str(kp)) else x, tree, self.backbone.base)
+
+    def with_heads(self, merged: Any) -> Any:
+        """``merged`` with every task's head taken from that task's expert (heads are never merged)."""
+        rx = re.compile(backbones.HEADS + r"([^/]+)/")
+        index = {t: i for i, t in enumerate(self.tasks)}
+
+        def leaf(kp, m, *experts):
+            hit = rx.search(path_str(kp))
+            return experts[index[hit.group(1)]] if hit else m
+
+        return jax.tree_util.tree_map_with_path(leaf, merged, *self.experts)
+
+    def key(self, name: str) -> jax.Array:
+        return jax.random.fold_in(jax.random.key(self.seed), sum(map(ord, name)))
+
+    # ---------------------------------------------------------------- evaluation
+    def accuracy(self, params: Any, task: str, part: str = "test") -> float:
+        """Accuracy (%) of ``params`` (with head ``task``) on a split of ``task``, in fixed-size padded chunks."""
+        i, data, size = self.tasks.index(task), self.data[task][part], self.cfg.eval_batch
+        inputs = {k: v for k, v in data.items() if k != "y"}
+        n = len(data["y"])
+        correct = 0
+        for start in range(0, n, size):
+            chunk = {k: v[start:start + size] for k, v in inputs.items()}
+            m = min(size, n - start)
+            if m < size:  # pad to one compiled shape
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], size - m, 0)]) for k, v in chunk.items()}
+            logits = np.asarray(self._predict(params, {k: jnp.asarray(v) for k, v in chunk.items()}, i))
+            correct += int(np.sum(np.argmax(logits[:m], -1) == data["y"][start:start + m]))
+        return 100.0 * correct / n
+
+    def evaluate(self, model: Any, part: str = "test", tasks: Sequence[str] | None = None) -> dict[str, float]:
+        tasks = self.tasks if tasks is None else tasks
+        trees = model if isinstance(model, list) else [model] * len(self.tasks)
+        return {t: self.accuracy(trees[self.tasks.index(t)], t, part) for t in tasks}
+
+    def features(self, params: Any, task: str, part: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        data = self.data[task][part]
+        n = len(data["y"]) if limit is None else min(limit, len(data["y"]))
+        feats = [np.asarray(self._features(params, {k: jnp.asarray(v) for k, v in c.items()}))
+                 for c in _chunks({k: v[:n] for k, v in data.items() if k != "y"}, self.cfg.eval_batch)]
+        return np.concatenate(feats), data["y"][:n]
+
+    # ---------------------------------------------------------------- shared method state
+    def chosen(self, method: str, name: str, default: Any) -> Any:
+        return self.chosen_hp.get(method, {}).get(name, default)
+
+    def _batches(self, task: str, n: int, size: int = 16) -> list[dict[str, jax.Array]]:
+        data = self.data[task]["train"]
+        return [{k: jnp.asarray(v) for k, v in c.items()} for c in _chunks({k: v[:n] for k, v in data.items()}, size)]
+
+    def fishers(self) -> list[Any]:
+        if "fisher" not in self._cache:
+            self._cache["fisher"] = [
+                mj_fisher.diagonal(self.backbone.apply_fn, e, self._batches(t, self.cfg.fisher_examples, 8), task=i,
+                                   mode=self.cfg.fisher_mode, key=self.key(f"fisher{i}"))
+                for i, (t, e) in enumerate(tqdm(list(zip(self.tasks, self.experts)), desc="Fisher",
+                                                disable=not self.cfg.progress, leave=False))]
+        return self._cache["fisher"]
+
+    def grams(self) -> list[dict[str, jax.Array]]:
+        if "grams" not in self._cache:
+            self._cache["grams"] = [
+                gram_matrices(self.backbone.apply_fn, e, self._batches(t, self.cfg.regmean_examples), task=i)
+                for i, (t, e) in enumerate(zip(self.tasks, self.experts))]
+        return self._cache["grams"]
+
+    def adamerging(self, subset: Iterable[int], *, granularity: str, plus_plus: bool, steps: int | None = None) -> Any:
+        """AdaMerging on the test inputs of the tasks in ``subset`` (test-time adaptation, unlabeled, as the paper)."""
+        subset = list(subset)
+        unlabeled = [{k: v for k, v in self.data[self.tasks[i]]["test"].items() if k != "y"} for i in subset]
+        base = self.with_heads(self.backbone.base)
+        experts = [self.with_heads(self.stripped[i]) for i in subset]
+        merged, coef = mj.adamerging(
+            self.backbone.apply_fn, base, experts, unlabeled, granularity=granularity, plus_plus=plus_plus,
+            steps=self.cfg.ada_steps if steps is None else steps, lr=self.cfg.ada_lr, batch_size=self.cfg.ada_batch,
+            key=self.key(f"ada-{granularity}-{plus_plus}"), heads=backbones.HEADS, tasks=subset,
+            progress=self.cfg.progress)
+        self.last_coefficients = np.asarray(coef.lambdas)
+        return merged
+
+    def compeft(self, density: float) -> list[Any]:
+        """ComPEFT-compressed task vectors at ``density``, alpha chosen per expert on its validation split."""
+        if ("compeft", density) not in self._cache:
+            out, alphas = [], []
+            for i, t in enumerate(self.tasks):
+                tv = mj.task_vector(self.stripped[i], self.backbone.base)
+
+                def score(c, t=t):
+                    return self.accuracy(self.with_heads(ternary.apply(self.backbone.base, c)), t, "val")
+
+                search = ternary.choose_alpha(tv, score, grid=self.cfg.grids.compeft_alphas, density=density)
+                out.append(search.ttv)
+                alphas.append(search.alpha)
+            self._cache[("compeft", density)] = out
+            self._cache[("compeft_alpha", density)] = alphas
+        return self._cache[("compeft", density)]
+
+    def chosen_compeft_density(self) -> float:
+        return self.chosen("compeft_experts", "density", self.cfg.grids.compeft_densities[0])
+
+
+# ============================================================================================ selection
+def run_method(run: Run, method: Method, log: dict[str, Any]) -> dict[str, float]:
+    """Picks ``method``'s hyperparameters on validation, then returns its test accuracies per task."""
+    grid = method.grid(run.cfg.grids, run)
+    t0 = time.perf_counter()
+    val_scores = []
+    if len(grid) > 1:
+        for hp in tqdm(grid, desc=f"{method.key} grid", disable=not run.cfg.progress, leave=False):
+            accs = run.evaluate(method.build(run, hp), "val")
+            val_scores.append((hp, float(np.mean(list(accs.values())))))
+        best = max(val_scores, key=lambda s: s[1])[0]  # ties keep the earlier (smaller) setting
+    else:
+        best = grid[0]
+    run.chosen_hp[method.key] = best
+    model = method.build(run, best)
+    test = run.evaluate(model, "test")
+    log[method.key] = dict(hyperparameters=best, label=method.label(best), validation=val_scores,
+                           test=test, seconds=time.perf_counter() - t0)
+    if method.key == "compeft_experts":
+        log[method.key]["alphas"] = run._cache.get(("compeft_alpha", best["density"]))
+    if method.key.startswith("adamerging") and run.last_coefficients is not None:
+        lam = run.last_coefficients.reshape(len(run.last_coefficients), -1)  # learned; per task: mean, min, max
+        log[method.key]["coefficients"] = {"mean": lam.mean(1).tolist(), "min": lam.min(1).tolist(),
+                                           "max": lam.max(1).tolist()}
+    del model
+    return test
+
+
+# ============================================================================================ protocols
+def protocol_num_tasks(run: Run, expert_acc: dict[str, float]) -> dict[str, Any]:
+    """Average normalised test accuracy of TA, TIES and AdaMerging (layer-wise) merging tasks[:n], n = 2..T."""
+    out: dict[str, Any] = {"n": [], "task_arithmetic": [], "ties": [], "adamerging_layer": []}
+    ta_scale = run.chosen("task_arithmetic", "scale", 0.3)
+    ties_hp = run.chosen_hp.get("ties", {"density": 0.2, "scale": 1.0})
+    for n in tqdm(range(2, len(run.tasks) + 1), desc="protocol: number of tasks", disable=not run.cfg.progress):
+        idx, names = list(range(n)), list(run.tasks[:n])
+        sub = [run.stripped[i] for i in idx]
+        models = {
+            "task_arithmetic": lambda: run.with_heads(mj.task_arithmetic(run.backbone.base, sub, scale=ta_scale)),
+            "ties": lambda: run.with_heads(mj.ties(run.backbone.base, sub, **ties_hp)),
+            "adamerging_layer": lambda: run.adamerging(idx, granularity="layer", plus_plus=False,
+                                                       steps=run.cfg.protocol_ada_steps),
+        }
+        out["n"].append(n)
+        for name, build in models.items():
+            accs = run.evaluate(build(), "test", names)
+            out[name].append(float(np.mean([100 * accs[t] / expert_acc[t] for t in names])))
+    return out
+
+
+def _probe(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train[0])
+    clf = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(train[0]), train[1])
+    return 100.0 * float(np.mean(clf.predict(scaler.transform(test[0])) == test[1]))
+
+
+def protocol_heldout(run: Run) -> dict[str, Any]:
+    """Linear probes on frozen features of tasks left out of the merge: base vs merged (TA, TIES) encoders."""
+    held = list(run.cfg.heldout) or list(run.tasks[-2:])
+    merged_idx = [i for i, t in enumerate(run.tasks) if t not in held]
+    sub = [run.stripped[i] for i in merged_idx]
+    encoders = {
+        "base": run.backbone.base,
+        "task_arithmetic": mj.task_arithmetic(run.backbone.base, sub, scale=run.chosen("task_arithmetic", "scale", 0.3)),
+        "ties": mj.ties(run.backbone.base, sub, **run.chosen_hp.get("ties", {"density": 0.2, "scale": 1.0})),
+    }
+    out: dict[str, Any] = {"merged_tasks": [run.tasks[i] for i in merged_idx], "heldout": held, "probe": {}}
+    for name, params in tqdm(encoders.items(), desc="protocol: held-out probes", disable=not run.cfg.progress):
+        out["probe"][name] = {t: _probe(run.features(params, t, "train", run.cfg.n_probe),
+                                        run.features(params, t, "test")) for t in held}
+    return out
+
+
+def protocol_density(run: Run, expert_acc: dict[str, float]) -> dict[str, Any]:
+    """Normalised test accuracy against density: TIES, DARE + TA (density = 1 - p), ComPEFT experts (+ bits/param)."""
+    ties_scale = run.chosen("ties", "scale", 1.0)
+    ta_scale = run.chosen("dare_task_arithmetic", "scale", run.chosen("task_arithmetic", "scale", 0.3))
+
+    def norm(model: Any) -> float:
+        accs = run.evaluate(model, "test")
+        return float(np.mean([100 * accs[t] / expert_acc[t] for t in run.tasks]))
+
+    out: dict[str, Any] = {"density": list(run.cfg.sweep_densities), "ties": [], "dare_task_arithmetic": [],
+                           "compeft_experts": [], "compeft_bits_per_param": []}
+    for d in tqdm(run.cfg.sweep_densities, desc="protocol: density", disable=not run.cfg.progress):
+        out["ties"].append(norm(run.with_heads(mj.ties(run.backbone.base, run.stripped, density=d, scale=ties_scale))))
+        drop = min(1.0 - d, 0.999)
+        out["dare_task_arithmetic"].append(norm(run.with_heads(
+            mj.dare(run.backbone.base, run.stripped, key=run.key("dare-sweep"), drop_rate=drop, scale=ta_scale))))
+        ttvs = run.compeft(d)
+        out["compeft_experts"].append(norm([run.with_heads(ternary.apply(run.backbone.base, t)) for t in ttvs]))
+        out["compeft_bits_per_param"].append(float(np.mean([ternary.stats(t).bits_per_param for t in ttvs])))
+    return out
+
+
+# ============================================================================================ outputs
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarize(cfg: Config, backbone: str, tasks: Sequence[str], seeds: Sequence[int],
+              logs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 9's summary.json: per method, accuracy and normalised accuracy (%), mean/std over seeds."""
+    rows = []
+    for key in logs[0]:
+        per_seed_acc = [log[key]["test"] for log in logs]
+        per_seed_norm = [{t: 100 * a[t] / log["experts"]["test"][t] for t in tasks} for a, log in
+                         zip(per_seed_acc, logs)]
+        row = {"method": key, "label": logs[0][key]["label"], "hyperparameters": logs[0][key]["hyperparameters"]}
+        for name, per_seed in (("normalized", per_seed_norm), ("accuracy", per_seed_acc)):
+            mean, std = _mean_std([np.mean([s[t] for t in tasks]) for s in per_seed])
+            row[name] = {"mean": mean, "std": std,
+                         "per_task": {t: float(np.mean([s[t] for s in per_seed])) for t in tasks}}
+        rows.append(row)
+    return {"suite": cfg.suite, "backbone": backbone, "tasks": list(tasks), "seeds": list(seeds), "rows": rows}
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    tasks = summary["tasks"]
+    n_seeds = len(summary["seeds"])
+    head = ["method", *tasks, "avg acc", "avg norm."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["rows"]:
+        pm = (lambda d: f"{d['mean']:.1f} ± {d['std']:.1f}") if n_seeds > 1 else (lambda d: f"{d['mean']:.1f}")
+        cells = [r["label"], *(f"{r['accuracy']['per_task'][t]:.1f}" for t in tasks), pm(r["accuracy"]),
+                 pm(r["normalized"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(summary: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("method")
+    for t in summary["tasks"]:
+        table.add_column(t, justify="right")
+    table.add_column("avg acc", justify="right", style="bold")
+    table.add_column("avg norm.", justify="right", style="bold")
+    for r in summary["rows"]:
+        table.add_row(r["label"], *(f"{r['accuracy']['per_task'][t]:.1f}" for t in summary["tasks"]),
+                      f"{r['accuracy']['mean']:.1f}", f"{r['normalized']['mean']:.1f}")
+    Console(width=200).print(table)
+
+
+def plots(summary: dict[str, Any], protocols: dict[str, Any], out: Path) -> list[str]:
+    """PNG plots of the main table and the protocols; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = summary["rows"]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1))
+    ax.barh([r["label"] for r in rows][::-1], [r["normalized"]["mean"] for r in rows][::-1],
+            xerr=[r["normalized"]["std"] for r in rows][::-1], color="tab:blue")
+    ax.set_xlabel("average normalised accuracy (%)")
+    ax.set_title(f"{summary['backbone']}: {len(summary['tasks'])} tasks, seeds {summary['seeds']}")
+    fig.tight_layout()
+    fig.savefig(out / "methods.png", dpi=110)
+    plt.close(fig)
+    written.append("methods.png")
+    if "num_tasks" in protocols:
+        p = protocols["num_tasks"]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for k in ("task_arithmetic", "ties", "adamerging_layer"):
+            ax.plot(p["n"], p[k], marker="o", label=k)
+        ax.set_xlabel("number of merged tasks")
+        ax.set_ylabel("avg normalised accuracy (%)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "num_tasks.png", dpi=110)
+        plt.close(fig)
+        written.append("num_tasks.png")
+    if "density" in protocols:
+        p = protocols["density"]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for k in ("ties", "dare_task_arithmetic", "compeft_experts"):
+            a1.plot(p["density"], p[k], marker="o", label=k)
+        a1.set_xscale("log")
+        a1.set_xlabel("density (kept fraction)")
+        a1.set_ylabel("avg normalised accuracy (%)")
+        a1.legend()
+        a2.plot(p["compeft_bits_per_param"], p["compeft_experts"], marker="o", color="tab:green")
+        a2.set_xlabel("ComPEFT bits per parameter (entropy-coded)")
+        a2.set_ylabel("ComPEFT experts, avg normalised acc (%)")
+        fig.tight_layout()
+        fig.savefig(out / "density.png", dpi=110)
+        plt.close(fig)
+        written.append("density.png")
+    if "heldout" in protocols:
+        p = protocols["heldout"]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        names, held = list(p["probe"]), p["heldout"]
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            ax.bar(np.arange(len(held)) + j * width, [p["probe"][name][t] for t in held], width, label=name)
+        ax.set_xticks(np.arange(len(held)) + 0.4 - width / 2, held)
+        ax.set_ylabel("linear-probe test accuracy (%)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "heldout.png", dpi=110)
+        plt.close(fig)
+        written.append("heldout.png")
+    return written
+
+
+# ============================================================================================ main
+def prepare_data(cfg: Config) -> tuple[dict[str, datasets.Pool], dict[str, datasets.Split]]:
+    pools = {t: datasets.load(t) for t in suite_tasks(cfg)}
+    splits = {t: datasets.split(p.labels, cfg.n_train, cfg.n_val, cfg.n_test, seed=cfg.data_seed)
+              for t, p in pools.items()}
+    return pools, splits
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg = parse_args(argv)
+    t_start = time.perf_counter()
+    jax.config.update("jax_compilation_cache_dir", str(Path(cfg.cache).absolute() / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pools, splits = prepare_data(cfg)
+    methods = by_key(cfg.methods or None)
+    logs, protocols, walls = [], {}, {}
+    backbone_name = ""
+    for seed in cfg.seeds:
+        t_seed = time.perf_counter()
+        run = Run(cfg, seed, pools, splits)
+        backbone_name = run.backbone.name
+        run.train_experts()
+        log: dict[str, Any] = {}
+        for m in tqdm(methods, desc=f"methods (seed {seed})", disable=not cfg.progress):
+            run_method(run, m, log)
+        logs.append(log)
+        walls[f"seed_{seed}"] = {"finetune_s": run.finetune_s, "total_s": time.perf_counter() - t_seed,
+                                 "methods_s": {k: v["seconds"] for k, v in log.items()}}
+        if cfg.protocols and seed == cfg.seeds[0] and "experts" in log:
+            t_p = time.perf_counter()
+            protocols["num_tasks"] = protocol_num_tasks(run, log["experts"]["test"])
+            protocols["heldout"] = protocol_heldout(run)
+            protocols["density"] = protocol_density(run, log["experts"]["test"])
+            walls["protocols_s"] = time.perf_counter() - t_p
+        del run
+    if "experts" not in logs[0]:
+        raise ValueError("the method list must include 'experts' (normalised accuracy divides by it)")
+    summary = summarize(cfg, backbone_name, list(pools), cfg.seeds, logs)
+    walls["total_s"] = time.perf_counter() - t_start
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    details = {"config": dataclasses.asdict(cfg), "per_seed": logs, "protocols": protocols, "wall_s": walls,
+               "host": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "jax": jax.__version__,
+                        "devices": [str(d) for d in jax.devices()]},
+               "classes": {t: list(p.classes) for t, p in pools.items()},
+               "split_sizes": {t: {k: len(getattr(s, k)) for k in ("train", "val", "test")} for t, s in splits.items()}}
+    (out / "details.json").write_text(json.dumps(details, indent=1, default=_json_default))
+    (out / "table.md").write_text(markdown_table(summary))
+    written = plots(summary, protocols, out)
+    print_table(summary, f"{backbone_name}: test accuracy (%) per task, seeds {list(cfg.seeds)}, "
+                         f"{walls['total_s']:.0f} s")
+    print(f"wrote {out}/summary.json, details.json, table.md, {', '.join(written)}")
+    return summary
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.ndarray, np.generic)):
+        return x.tolist()
+    if isinstance(x, types.MappingProxyType):
+        return dict(x)
+    return str(x)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

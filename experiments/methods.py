@@ -1,0 +1,198 @@
+"""Every merging method of mergejax as a benchmark entry: a method key, a label, a small grid, and a builder.
+
+A builder maps ``(run, hyperparameters)`` to the model(s) to evaluate: one merged tree (every task evaluated on it with
+its own expert's head), or a list of T trees (``experts``, ``compeft_experts``: task t evaluated on tree t). Grids
+follow the papers' sweeps, shortened (``Grids``); the runner picks the best point on the validation split.
+
+Per-task heads are never merged. The data-free methods see task vectors whose head leaves are zero (the experts with
+the base's heads), and the expert heads are put back afterwards (:meth:`benchmark.Run.with_heads`).
+# TODO(issue 8): heads= has landed on the named methods; pass heads=HEADS instead of stripping heads (same result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import mergejax as mj
+from mergejax import ternary
+
+from experiments.backbones import HEADS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from experiments.benchmark import Run
+
+
+@dataclasses.dataclass(frozen=True)
+class Grids:
+    """Hyperparameter grids (validation split picks the best point)."""
+
+    ta_scales: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+    ties_densities: tuple[float, ...] = (0.1, 0.2)
+    ties_scales: tuple[float, ...] = (0.5, 0.7, 1.0, 1.3)
+    dare_drops: tuple[float, ...] = (0.5, 0.9)
+    breadcrumbs_betas: tuple[float, ...] = (0.1, 0.2)
+    pcb_ratios: tuple[float, ...] = (0.05, 0.1, 0.2)
+    pcb_scales: tuple[float, ...] = (0.8, 1.2, 1.6)
+    lines_alphas: tuple[float, ...] = (0.5, 1.0)
+    lines_betas: tuple[float, ...] = (0.5, 1.0)
+    regmean_alphas: tuple[float, ...] = (0.5, 0.9)
+    compeft_densities: tuple[float, ...] = (0.05, 0.1, 0.2)
+    compeft_alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row of the benchmark."""
+
+    key: str
+    label: Callable[[dict[str, Any]], str]
+    grid: Callable[[Grids, "Run"], list[dict[str, Any]]]
+    build: Callable[["Run", dict[str, Any]], Any]
+    data_informed: bool = False
+
+
+def _product(**axes: Sequence[Any]) -> list[dict[str, Any]]:
+    names = list(axes)
+    return [dict(zip(names, vals)) for vals in itertools.product(*(axes[n] for n in names))]
+
+
+def _none(g: Grids, run: "Run") -> list[dict[str, Any]]:
+    return [{}]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:g}%"
+
+
+# --------------------------------------------------------------------------------------------- builders
+def _base(run: "Run", hp: dict) -> Any:
+    return run.with_heads(run.backbone.base)
+
+
+def _experts(run: "Run", hp: dict) -> list[Any]:
+    return list(run.experts)
+
+
+def _average(run: "Run", hp: dict) -> Any:
+    return run.with_heads(mj.average(run.stripped))
+
+
+def _task_arithmetic(run: "Run", hp: dict) -> Any:
+    return run.with_heads(mj.task_arithmetic(run.backbone.base, run.stripped, scale=hp["scale"]))
+
+
+def _ties(run: "Run", hp: dict) -> Any:
+    return run.with_heads(mj.ties(run.backbone.base, run.stripped, density=hp["density"], scale=hp["scale"]))
+
+
+def _dare(combine: str) -> Callable[["Run", dict], Any]:
+    def build(run: "Run", hp: dict) -> Any:
+        extra = {"density": hp["density"]} if combine == "ties" else {}
+        return run.with_heads(mj.dare(run.backbone.base, run.stripped, key=run.key("dare"), drop_rate=hp["drop_rate"],
+                                      combine=combine, scale=hp["scale"], **extra))
+
+    return build
+
+
+def _breadcrumbs(run: "Run", hp: dict) -> Any:
+    return run.with_heads(mj.breadcrumbs(run.backbone.base, run.stripped, beta=hp["beta"], gamma=hp["gamma"],
+                                         scale=hp["scale"]))
+
+
+def _pcb(run: "Run", hp: dict) -> Any:
+    return run.with_heads(mj.pcb(run.backbone.base, run.stripped, ratio=hp["ratio"], scale=hp["scale"]))
+
+
+def _lines(run: "Run", hp: dict) -> Any:
+    lines = mj.lines(hp["alpha"], hp["beta"], run.backbone.blocks)
+    chain = mj.chain(mj.Trim(hp["density"]), mj.ElectSign(), mj.DisjointMean(), lines)
+    return run.with_heads(chain(run.backbone.base, run.stripped, scale=1.0))
+
+
+def _fisher(run: "Run", hp: dict) -> Any:
+    return run.with_heads(mj.fisher_merge(run.experts, run.fishers(), heads=HEADS, base=run.backbone.base))
+
+
+def _regmean(run: "Run", hp: dict) -> Any:
+    merged = mj.regmean(run.backbone.apply_fn, run.backbone.base, run.experts, (), grams=run.grams(),
+                        alpha=hp["alpha"], heads=HEADS)
+    return run.with_heads(merged)
+
+
+def _adamerging(granularity: str, plus_plus: bool) -> Callable[["Run", dict], Any]:
+    def build(run: "Run", hp: dict) -> Any:
+        return run.adamerging(range(len(run.tasks)), granularity=granularity, plus_plus=plus_plus)
+
+    return build
+
+
+def _compeft_experts(run: "Run", hp: dict) -> list[Any]:
+    ttvs = run.compeft(hp["density"])
+    return [run.with_heads(ternary.apply(run.backbone.base, t)) for t in ttvs]
+
+
+def _compeft_ta(run: "Run", hp: dict) -> Any:
+    return run.with_heads(mj.task_arithmetic(run.backbone.base, run.compeft(run.chosen_compeft_density()),
+                                             scale=hp["scale"]))
+
+
+def _compeft_ties(run: "Run", hp: dict) -> Any:
+    # the experts are already trimmed to ComPEFT's density: TIES keeps them all (density 1) and elects signs
+    return run.with_heads(mj.ties(run.backbone.base, run.compeft(run.chosen_compeft_density()), density=1.0,
+                                  scale=hp["scale"]))
+
+
+# --------------------------------------------------------------------------------------------- the table
+METHODS: tuple[Method, ...] = (
+    Method("base", lambda hp: "zero-shot base (expert heads)", _none, _base),
+    Method("experts", lambda hp: "individual experts", _none, _experts),
+    Method("average", lambda hp: "weight averaging", _none, _average),
+    Method("task_arithmetic", lambda hp: f"task arithmetic (lambda={hp['scale']:g})",
+           lambda g, r: _product(scale=g.ta_scales), _task_arithmetic),
+    Method("ties", lambda hp: f"TIES (k={_pct(hp['density'])}, lambda={hp['scale']:g})",
+           lambda g, r: _product(density=g.ties_densities, scale=g.ties_scales), _ties),
+    Method("dare_task_arithmetic", lambda hp: f"DARE + TA (p={hp['drop_rate']:g}, lambda={hp['scale']:g})",
+           lambda g, r: _product(drop_rate=g.dare_drops, scale=g.ta_scales), _dare("task_arithmetic")),
+    Method("dare_ties",
+           lambda hp: f"DARE + TIES (p={hp['drop_rate']:g}, k={_pct(hp['density'])}, lambda={hp['scale']:g})",
+           lambda g, r: _product(drop_rate=g.dare_drops, density=(r.chosen("ties", "density", 0.2),),
+                                 scale=g.ties_scales), _dare("ties")),
+    Method("breadcrumbs",
+           lambda hp: f"Breadcrumbs (beta={hp['beta']:g}, gamma={hp['gamma']:g}, lambda={hp['scale']:g})",
+           lambda g, r: _product(beta=g.breadcrumbs_betas, gamma=(0.006,), scale=g.ta_scales), _breadcrumbs),
+    Method("pcb", lambda hp: f"PCB (ratio={hp['ratio']:g}, lambda={hp['scale']:g})",
+           lambda g, r: _product(ratio=g.pcb_ratios, scale=g.pcb_scales), _pcb),
+    Method("lines", lambda hp: f"TIES + LiNeS (k={_pct(hp['density'])}, alpha={hp['alpha']:g}, beta={hp['beta']:g})",
+           lambda g, r: _product(density=(r.chosen("ties", "density", 0.2),), alpha=g.lines_alphas,
+                                 beta=g.lines_betas), _lines),
+    Method("fisher", lambda hp: "Fisher merging", _none, _fisher, data_informed=True),
+    Method("regmean", lambda hp: f"RegMean (alpha={hp['alpha']:g})",
+           lambda g, r: _product(alpha=g.regmean_alphas), _regmean, data_informed=True),
+    Method("adamerging_task", lambda hp: "AdaMerging (task-wise)", _none, _adamerging("task", False),
+           data_informed=True),
+    Method("adamerging_layer", lambda hp: "AdaMerging (layer-wise)", _none, _adamerging("layer", False),
+           data_informed=True),
+    Method("adamerging_plus_plus", lambda hp: "AdaMerging++ (layer-wise)", _none, _adamerging("layer", True),
+           data_informed=True),
+    Method("compeft_experts", lambda hp: f"ComPEFT experts alone (k={_pct(hp['density'])})",
+           lambda g, r: _product(density=g.compeft_densities), _compeft_experts),
+    Method("compeft_task_arithmetic", lambda hp: f"TA of ComPEFT experts (lambda={hp['scale']:g})",
+           lambda g, r: _product(scale=g.ta_scales), _compeft_ta),
+    Method("compeft_ties", lambda hp: f"TIES of ComPEFT experts (lambda={hp['scale']:g})",
+           lambda g, r: _product(scale=g.ties_scales), _compeft_ties),
+)
+METHOD_KEYS = tuple(m.key for m in METHODS)
+
+
+def by_key(keys: Sequence[str] | None = None) -> tuple[Method, ...]:
+    """The methods named by ``keys`` (all when None), in table order."""
+    if keys is None:
+        return METHODS
+    unknown = sorted(set(keys) - set(METHOD_KEYS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {list(METHOD_KEYS)}")
+    return tuple(m for m in METHODS if m.key in set(keys))
+

