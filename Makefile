@@ -44,10 +44,10 @@ bench-text: $(STAMP) data
 bench-vision: $(STAMP) data
 	$(BIN)/python -m experiments.benchmark --suite vision --out experiments/results/vision
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) data
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
