@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.ops.base import Stage, TaskVectors
+from mergejax.ops.base import Stage, TaskVectors, leaf_table
 from mergejax.ops.breadcrumbs import BreadcrumbsMask
 from mergejax.ops.dare import DareDrop, Rescale
 from mergejax.ops.pcb import PCB
@@ -189,12 +189,8 @@ def _check_weights(weights: Weights, n_tasks: int) -> None:
     """Per-task weights: T finite numbers, or per leaf ``[T]`` arrays of finite numbers (traced values unchecked)."""
     if weights is None or is_traced(weights):
         return
-    items = weights.items() if isinstance(weights, Mapping) and not any(isinstance(v, Mapping) for v in
-                                                                        weights.values()) else None
-    if items is None and np.ndim(weights) == 1:
-        items = [("", weights)]
-    elif items is None:
-        items = paths_and_leaves(weights)
+    vector = not isinstance(weights, Mapping) and np.ndim(weights) == 1
+    items = [("", weights)] if vector else list(leaf_table(weights).items())
     for path, w in items:
         arr = np.asarray(w, np.float64)
         where = f" at {path!r}" if path else ""
@@ -208,8 +204,9 @@ def _as_weights(weights: Weights) -> Weights:
     """Weights as float32 arrays (a Python list would become a list of tracers, and keys the cache by its length)."""
     if weights is None:
         return None
-    return jax.tree_util.tree_map(lambda w: jnp.asarray(w, jnp.float32), weights if isinstance(weights, Mapping) or
-                                  np.ndim(weights) != 1 else jnp.asarray(weights, jnp.float32))
+    if not isinstance(weights, Mapping) and np.ndim(weights) == 1:
+        return jnp.asarray(weights, jnp.float32)
+    return jax.tree_util.tree_map(lambda w: jnp.asarray(w, jnp.float32), weights)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
