@@ -43,6 +43,7 @@ __all__ = [
     "leaf_keys",
     "Transform",
     "Reduction",
+    "TakesWeights",
 ]
 
 TaskVectors = tuple[PyTree, ...]
@@ -134,6 +135,21 @@ class _StageBase:
     def with_weights(self, weights: Any) -> "_StageBase":
         """This stage with per-task weights (a ``[T]`` array or ``{path: [T]}``); transforms ignore them."""
         return self
+
+
+class TakesWeights:
+    """Mixin of stages with a ``weights`` data field: :meth:`with_weights` returns a copy with the field set."""
+
+    def with_weights(self, weights: Any):
+        """This stage with per-task ``weights`` (set by a merge's ``weights=``).
+
+        Args:
+          weights: per-task weights, ``[T]`` or ``{path: [T]}`` (traced data), or None.
+
+        Returns:
+          A copy of this stage with ``weights`` set.
+        """
+        return dataclasses.replace(self, weights=weights)
 
 
 class Transform(_StageBase):

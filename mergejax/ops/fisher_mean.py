@@ -8,13 +8,12 @@ TIES. Each F_t is floored so that coordinates no task cares about take the (weig
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from mergejax.ops.base import Reduction, TaskVectors, leaf_table, map_float_leaves, per_leaf_weights, static_field
+from mergejax.ops.base import TakesWeights, Reduction, TaskVectors, leaf_table, map_float_leaves, per_leaf_weights, static_field
 from mergejax.tree import is_float, is_traced, paths_and_leaves
 
 __all__ = ["FisherMean", "fisher_weighted_mean"]
@@ -47,7 +46,7 @@ def fisher_weighted_mean(xs: Sequence[jax.Array], fs: Sequence[jax.Array], floor
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), mean)
 
 
-class FisherMean(Reduction):
+class FisherMean(TakesWeights, Reduction):
     """Reduction: the Fisher-weighted mean sum_t (F_t + floor) tau_t / sum_t (F_t + floor) (Matena and Raffel, Eq. 2).
 
     Args:
@@ -75,16 +74,6 @@ class FisherMean(Reduction):
             raise ValueError("FisherMean needs a list of Fishers, one per task")
         object.__setattr__(self, "fishers", tuple(self.fishers))
 
-    def with_weights(self, weights: Any) -> "FisherMean":
-        """This stage with per-task ``weights`` (set by a merge's ``weights=``): sum_t w_t F_t tau_t / sum_t w_t F_t.
-
-        Args:
-          weights: per-task weights, ``[T]`` or ``{path: [T]}`` (traced data), or None.
-
-        Returns:
-          A copy of this stage with ``weights`` set.
-        """
-        return dataclasses.replace(self, weights=weights)
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         if len(self.fishers) != len(tvs):

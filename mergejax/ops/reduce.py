@@ -16,13 +16,12 @@ AdaMerging learns them) are traced data: new weights never recompile. With weigh
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from mergejax.ops.base import Reduction, TaskVectors, map_float_leaves, per_leaf_weights
+from mergejax.ops.base import TakesWeights, Reduction, TaskVectors, map_float_leaves, per_leaf_weights
 
 __all__ = [
     "sum_leaves",
@@ -88,7 +87,7 @@ def _weighted(xs: Sequence[jax.Array], w: jax.Array) -> list[jax.Array]:
     return [w[t].astype(x.dtype) * x for t, x in enumerate(xs)]
 
 
-class WeightableReduction(Reduction):
+class WeightableReduction(TakesWeights, Reduction):
     """A reduction with an optional ``weights`` data field: ``combine(xs, w)`` gets the leaf's ``[T]`` weights or None.
 
     Subclass it and implement ``combine(self, xs, w=None)``; ``with_weights`` fills the field.
@@ -99,16 +98,6 @@ class WeightableReduction(Reduction):
 
     weights: Any = None
 
-    def with_weights(self, weights: Any) -> "WeightableReduction":
-        """This stage with per-task ``weights`` (set by a merge's ``weights=``).
-
-        Args:
-          weights: per-task weights, ``[T]`` or ``{path: [T]}`` (traced data), or None.
-
-        Returns:
-          A copy of this stage with ``weights`` set.
-        """
-        return dataclasses.replace(self, weights=weights)
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         if self.weights is None:

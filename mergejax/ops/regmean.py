@@ -8,13 +8,12 @@ per-task stages. Leaves without Gram matrices (biases, norms, embeddings) take t
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from mergejax.ops.base import Reduction, TaskVectors, leaf_table, map_float_leaves, per_leaf_weights
+from mergejax.ops.base import TakesWeights, Reduction, TaskVectors, leaf_table, map_float_leaves, per_leaf_weights
 from mergejax.tree import acc_dtype, is_float, is_traced, paths_and_leaves
 
 __all__ = ["RegMean", "regmean_kernel", "scale_off_diagonal"]
@@ -61,7 +60,7 @@ def regmean_kernel(grams: Sequence[jax.Array], kernels: Sequence[jax.Array], rco
     return (solved + null).astype(kernels[0].dtype)
 
 
-class RegMean(Reduction):
+class RegMean(TakesWeights, Reduction):
     """Reduction: RegMean on every leaf that has Gram matrices, the mean elsewhere (Jin et al., 2023, Eq. 3).
 
     Args:
@@ -86,16 +85,6 @@ class RegMean(Reduction):
             raise ValueError("RegMean needs a list of Gram-matrix mappings, one per task")
         object.__setattr__(self, "grams", tuple(self.grams))
 
-    def with_weights(self, weights: Any) -> "RegMean":
-        """This stage with per-task ``weights`` (set by a merge's ``weights=``): G_i -> w_i G_i, and a weighted mean elsewhere.
-
-        Args:
-          weights: per-task weights, ``[T]`` or ``{path: [T]}`` (traced data), or None.
-
-        Returns:
-          A copy of this stage with ``weights`` set.
-        """
-        return dataclasses.replace(self, weights=weights)
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         if len(self.grams) != len(tvs):

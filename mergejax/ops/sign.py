@@ -9,13 +9,12 @@ if that total is 0 too, the coordinate elects 0 and merges to 0.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from mergejax.ops.base import TaskVectors, Transform, map_float_leaves, per_leaf_weights
+from mergejax.ops.base import TakesWeights, TaskVectors, Transform, map_float_leaves, per_leaf_weights
 from mergejax.tree import PyTree, float_leaves, stack_by_shape
 
 __all__ = ["SignMethod", "sign_mass", "elect_sign", "keep_agreeing", "ElectSign"]
@@ -105,7 +104,7 @@ def keep_agreeing(tvs: Sequence[PyTree], sign: PyTree) -> TaskVectors:
     return map_float_leaves(leaf, (*tvs, sign), out_count=len(tvs))
 
 
-class ElectSign(Transform):
+class ElectSign(TakesWeights, Transform):
     """Chain stage: elect a sign per coordinate and zero every disagreeing entry (TIES Eqs. 2-3).
 
     Follow it with :class:`~mergejax.ops.reduce.DisjointMean` (TIES), ``DisjointSum`` or ``DisjointMax``.
@@ -118,16 +117,6 @@ class ElectSign(Transform):
     method: SignMethod = "sum"
     weights: Any = None
 
-    def with_weights(self, weights: Any) -> "ElectSign":
-        """This stage with per-task ``weights`` (set by a merge's ``weights=``): the election uses w_t tau_t.
-
-        Args:
-          weights: per-task weights, ``[T]`` or ``{path: [T]}`` (traced data), or None.
-
-        Returns:
-          A copy of this stage with ``weights`` set.
-        """
-        return dataclasses.replace(self, weights=weights)
 
     def __post_init__(self):
         if self.method not in ("sum", "count"):
