@@ -109,4 +109,5 @@ class RegMean(TakesWeights, Reduction):
             scaled = [w[t] * scale_off_diagonal(jnp.asarray(g, xs[0].dtype), self.alpha) for t, g in enumerate(gs)]
             return [regmean_kernel(scaled, xs, self.rcond)]
 
-        return map_float_leaves(fn, tvs, out_count=1, extras=(per_path, weights))
+        # leaf by leaf: batched (vmapped) eigh/matmuls have been seen to wedge XLA:CPU's Eigen thread pool
+        return map_float_leaves(fn, tvs, out_count=1, extras=(per_path, weights), batch=False)
