@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.tree import PyTree, is_float, is_traced, leaf_spec, path_str, stack_by_shape
+from mergejax.tree import PyTree, is_float, is_traced, leaf_spec, path_str, paths_and_leaves, stack_by_shape
 
 __all__ = [
     "Stage",
@@ -200,7 +200,7 @@ def scale_tasks(tvs: TaskVectors, weights: Any) -> TaskVectors:
 
 def per_leaf_weights(weights: Any, tree: PyTree, T: int) -> dict[str, jax.Array]:
     """``{path: [T] float32}`` for every float leaf of ``tree`` from a ``[T]`` array, a mapping or a tree of ``[T]``."""
-    paths = [p for p, x in _items(tree) if is_float(x)]
+    paths = [p for p, x in paths_and_leaves(tree) if is_float(x)]
     if not isinstance(weights, Mapping) and np.ndim(weights) == 1:
         w = jnp.asarray(weights, jnp.float32)
         return {p: w for p in paths}
@@ -214,18 +214,13 @@ def per_leaf_weights(weights: Any, tree: PyTree, T: int) -> dict[str, jax.Array]
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _items(tree: PyTree) -> list[tuple[str, Any]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(path_str(p), x) for p, x in flat]
-
-
 def leaf_table(extra: Any) -> dict[str, Any]:
     """``{path: leaf}`` of a tree, or the mapping itself (paths as :func:`mergejax.tree.path_str` renders them)."""
     if extra is None:
         return {}
     if isinstance(extra, Mapping) and all(isinstance(k, str) for k in extra) and not _looks_like_tree(extra):
         return dict(extra)
-    return dict(_items(extra))
+    return dict(paths_and_leaves(extra))
 
 
 def _looks_like_tree(m: Mapping) -> bool:
