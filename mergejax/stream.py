@@ -28,6 +28,8 @@ the finished shards and the global statistics; rerunning the same merge into the
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import inspect
 import json
@@ -45,13 +47,12 @@ import numpy as np
 
 from mergejax.convert.io import (
     SAFE_INDEX,
-    LazyTensor,
     SafetensorsFile,
+    SafetensorsWriter,
     ShardedCheckpoint,
     TensorInfo,
     open_checkpoint,
     parse_size,
-    write_safetensors,
 )
 from mergejax.merge import Merger, _average_jit, breadcrumbs_chain, chain, dare_chain, ties_chain
 from mergejax.ops.base import leaf_keys, per_leaf_weights, rank_from_fraction
@@ -65,6 +66,8 @@ from mergejax.tree import _leaf_apply, _leaf_task_vector
 __all__ = ["merge", "merge_tensors", "load_sharded", "OrbaxSource", "open_source", "STATE_FILE", "COPIED_FILES"]
 
 STATE_FILE = ".mergejax-stream.json"
+READAHEAD = "256MB"  # default bound on the input bytes read ahead of the merge
+CHUNK = "16MiB"  # default flat chunk of the elementwise chains (bytes of one float32 input buffer)
 COPIED_FILES = (
     "config.json",
     "generation_config.json",
@@ -155,20 +158,21 @@ _ALIGN = 64  # XLA:CPU takes a 64-byte-aligned host buffer without copying it (j
 
 def _read_aligned(src: Any, key: str) -> np.ndarray:
     """One tensor read into a 64-byte-aligned buffer (safetensors: one positioned read), else ``src.read``."""
-    f = src._shard(key) if isinstance(src, ShardedCheckpoint) else src
+    f = src._shard(key) if isinstance(src, ShardedCheckpoint) else src  # noqa: SLF001
     if not isinstance(f, SafetensorsFile):
         return src.read(key)
-    info, offset, size = f._entries[key]  # noqa: SLF001  (io's own layout: info, file offset, byte size)
-    raw = np.empty(size + _ALIGN, np.uint8)
+    info = f.info(key)
+    buf = _aligned_empty(int(np.prod(info.shape, dtype=np.int64)), info.dtype)
+    f.read_into(key, 0, buf)
+    return buf.reshape(info.shape)
+
+
+def _aligned_empty(n: int, dtype: np.dtype) -> np.ndarray:
+    """A 64-byte-aligned 1-D buffer of ``n`` elements (XLA:CPU then takes it without a copy)."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(n * dtype.itemsize + _ALIGN, np.uint8)
     start = (-raw.ctypes.data) % _ALIGN
-    view = memoryview(raw[start : start + size])
-    done = 0
-    while done < size:
-        got = os.preadv(f._descriptor(), [view[done:]], offset + done)  # noqa: SLF001
-        if got <= 0:
-            raise OSError(f"{f.path}: file ends inside tensor {key!r}")
-        done += got
-    return raw[start : start + size].view(info.dtype).reshape(info.shape)
+    return raw[start : start + n * dtype.itemsize].view(dtype)
 
 
 def _dev(x: np.ndarray) -> jax.Array:
@@ -290,8 +294,10 @@ def merge_tensors(
     progress: bool = True,
     copy_from: str | os.PathLike[str] | None = None,
     prefetch: bool = True,
+    readahead: int | str = READAHEAD,
     inputs: _Inputs | None = None,
     state_hook: Callable[["_State", "_Inputs"], None] | None = None,
+    chunked: "_Chunked | None" = None,
 ) -> Path:
     """Writes ``fn(name, base_tensor, finetuned_tensors)`` for every tensor name, shard by shard, resumably.
 
@@ -305,9 +311,11 @@ def merge_tensors(
       max_shard_size: shard size limit of the output.
       progress: tqdm bar over the bytes read (process 0).
       copy_from: directory whose config.json / tokenizer files are copied to ``out`` (default: the base's).
-      prefetch: read the next tensor's T + 1 inputs in a thread while the current one merges (T + 1 more tensors
-        in memory, reading overlapped with compute and writing).
-      inputs, state_hook: internal (:func:`merge` runs its statistic passes in ``state_hook``).
+      prefetch: read the next tensors' inputs in a thread while the current one merges and is written.
+      readahead: at most this many bytes of inputs read ahead ("256MB" or bytes): peak host memory is about
+        (T + 2) x the largest tensor + ``readahead`` + a constant.
+      inputs, state_hook, chunked: internal (:func:`merge` runs its statistic passes in ``state_hook`` and its
+        elementwise chains over flat chunks).
 
     Returns:
       ``out`` as a Path.
@@ -326,46 +334,22 @@ def merge_tensors(
         todo = [i for i in range(len(plan)) if not state.done(i)]
         read_bytes = sum(inp.infos[n].nbytes for i in todo for n in plan[i]) * len(inp.sources)
         bar = _progress(read_bytes, progress, "merge")
-        t0, nbytes = time.perf_counter(), 0
-
-        order = [n for i in todo for n in plan[i]]
-        nxt = {a: b for a, b in zip(order, order[1:])}
-        pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
-        pending: dict[str, Future] = {}
-
-        def read(name: str) -> tuple:
-            if pool is None:
-                return inp.read(name)
-            got = pending.pop(name, None) or pool.submit(inp.read, name)
-            if name in nxt:  # read the next tensor (I/O, GIL released) while this one merges and is written
-                pending[nxt[name]] = pool.submit(inp.read, nxt[name])
-            return got.result()
-
-        def fetch(name: str) -> np.ndarray:
-            nonlocal nbytes
-            b, fts = read(name)
-            merged = np.asarray(fn(name, b, fts))
-            if merged.shape != infos[name].shape or merged.dtype != infos[name].dtype:
-                raise ValueError(
-                    f"tensor {name!r}: merge produced {merged.shape} {merged.dtype}, expected "
-                    f"{infos[name].shape} {infos[name].dtype}"
-                )
-            step = inp.infos[name].nbytes * len(inp.sources)
-            nbytes += step
-            if bar is not None:
-                bar.update(step)
-            return merged
-
-        for i in todo:
-            names = plan[i]
-            if jax.process_index() == 0:
-                tensors = [LazyTensor(n, infos[n], lambda n=n: fetch(n)) for n in names]
-                write_safetensors(out / _shard_name(i, len(plan)), tensors, metadata={"format": "pt"})
-            state.mark(i)
+        t0 = time.perf_counter()
+        budget = parse_size(readahead) if prefetch else 0
+        if jax.process_index() == 0:
+            sink = _ShardSink(out, plan, todo, infos, state)
+            try:
+                names = [n for i in todo for n in plan[i]]
+                if chunked is None:
+                    _per_tensor_pass(fn, names, inp, infos, sink, budget, bar)
+                else:
+                    _chunked_pass(chunked, names, inp, infos, sink, budget, bar)
+                sink.finish()
+            except BaseException:
+                sink.abort()
+                raise
         if bar is not None:
             bar.close()
-        if pool is not None:
-            pool.shutdown()
         if jax.process_index() == 0:
             if len(plan) > 1:
                 weight_map = {n: _shard_name(i, len(plan)) for i, names in enumerate(plan) for n in names}
@@ -378,13 +362,263 @@ def merge_tensors(
                     shutil.copyfile(src / name, out / name)
             state.path.unlink(missing_ok=True)
             dt = time.perf_counter() - t0
-            if nbytes:
-                _log(f"merged {len(inp.names)} tensors, read {nbytes / 2**20:.1f} MiB in {dt:.1f} s "
-                     f"({nbytes / 2**20 / max(dt, 1e-9):.1f} MiB/s) -> {out}")
+            if read_bytes:
+                _log(f"merged {len(inp.names)} tensors, read {read_bytes / 2**20:.1f} MiB in {dt:.1f} s "
+                     f"({read_bytes / 2**20 / max(dt, 1e-9):.1f} MiB/s) -> {out}")
         return out
     finally:
         if inputs is None:
             inp.close()
+
+
+def _per_tensor_pass(fn: Callable, names: list[str], inp: _Inputs, infos: dict[str, TensorInfo], sink: _ShardSink,
+                     budget: int, bar: Any) -> None:
+    """The merge pass one whole tensor at a time (``fn`` per tensor), reading ahead at most ``budget`` bytes."""
+    def size(name: str) -> int:
+        return inp.infos[name].nbytes * len(inp.sources)
+
+    for name, (b, fts) in _pipelined(names, inp.read, budget, size):
+        merged = np.asarray(fn(name, b, fts))
+        del b, fts
+        if merged.shape != infos[name].shape or merged.dtype != infos[name].dtype:
+            raise ValueError(
+                f"tensor {name!r}: merge produced {merged.shape} {merged.dtype}, expected "
+                f"{infos[name].shape} {infos[name].dtype}"
+            )
+        sink.put(name, merged.reshape(-1))
+        del merged
+        if bar is not None:
+            bar.update(size(name))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunked:
+    """An elementwise merge over flat chunks: ``compute(buffers)`` (the T + 1 inputs' flat buffers, or T without a
+    base) dispatches the merged flat chunk; ``whole(name)`` gives a tensor outside the chunks (non-float, empty)."""
+
+    compute: Callable[[list[np.ndarray]], jax.Array]
+    whole: Callable[[str], np.ndarray]
+    elements: int
+
+
+def _chunk_bytes(c: Any) -> int:
+    return sum(c.padded * dt.itemsize for dt in c.dtypes) if isinstance(c, _Chunk) else 0
+
+
+def _chunked_pass(ch: _Chunked, names: list[str], inp: _Inputs, infos: dict[str, TensorInfo], sink: _ShardSink,
+                  budget: int, bar: Any) -> None:
+    """The merge pass over flat chunks: while chunk k is computed (XLA's threads), chunk k - 1 is written and chunk
+    k + 1 read (one thread, at most ``budget`` bytes ahead)."""
+    items = _plan_chunks(names, inp, ch.elements)
+    reader = _ChunkReader(inp)
+    pending: tuple[_Chunk, jax.Array] | None = None
+
+    def drain() -> None:
+        chunk, merged = pending
+        host = np.asarray(merged)
+        pos = 0
+        for name, _, n in chunk.segments:
+            sink.put(name, host[pos : pos + n])
+            pos += n
+        if bar is not None:
+            bar.update(chunk.size * sum(dt.itemsize for dt in chunk.dtypes))
+
+    ahead = min(budget, max((_chunk_bytes(c) for c in items), default=0))
+    for item, bufs in _pipelined(items, lambda c: reader.read(c) if isinstance(c, _Chunk) else None, ahead,
+                                 _chunk_bytes):
+        if isinstance(item, _Whole):
+            if pending is not None:
+                drain()
+                pending = None
+            sink.put(item.name, np.asarray(ch.whole(item.name)).reshape(-1))
+            if bar is not None:
+                bar.update(inp.infos[item.name].nbytes * len(inp.sources))
+            continue
+        merged = ch.compute(bufs)  # dispatched asynchronously
+        del bufs
+        if pending is not None:
+            drain()
+        pending = (item, merged)
+    if pending is not None:
+        drain()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the chunked engine: elementwise chains over fixed-size flat chunks of many tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """A run of consecutive float tensors' elements with one input-dtype signature, as one flat buffer per input.
+
+    ``segments`` are ``(name, first element, count)`` in output order; ``padded`` is the buffer length (a power of
+    two >= ``size``, so a model compiles one program per signature and size bucket, not one per tensor shape).
+    """
+
+    dtypes: tuple[np.dtype, ...]
+    segments: tuple[tuple[str, int, int], ...]
+    size: int
+    padded: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Whole:
+    """A tensor outside the chunks (non-float, or empty), produced whole."""
+
+    name: str
+
+
+_MIN_BUCKET = 1 << 12
+
+
+def _bucket(n: int, limit: int) -> int:
+    return min(limit, max(_MIN_BUCKET, 1 << max(0, (n - 1).bit_length())))
+
+
+def _plan_chunks(names: Sequence[str], inp: "_Inputs", limit: int) -> list["_Chunk | _Whole"]:
+    """The float tensors of ``names`` (in order) cut into chunks of at most ``limit`` elements; other tensors whole.
+
+    A chunk holds consecutive tensors of one dtype signature (a tensor larger than ``limit`` spans several chunks;
+    a small one shares its chunk with its neighbours: one dispatch for many norms and biases).
+    """
+    items: list[_Chunk | _Whole] = []
+    segs: list[tuple[str, int, int]] = []
+    sig: tuple[np.dtype, ...] | None = None
+    fill = 0
+
+    def flush() -> None:
+        nonlocal segs, fill
+        if segs:
+            items.append(_Chunk(sig, tuple(segs), fill, _bucket(fill, limit)))
+        segs, fill = [], 0
+
+    for name in names:
+        info = inp.infos[name]
+        n = int(np.prod(info.shape, dtype=np.int64))
+        if not _is_float(info.dtype) or n == 0:
+            flush()
+            items.append(_Whole(name))
+            continue
+        s = tuple(np.dtype(src.info(name).dtype) for src in inp.sources)
+        if s != sig:
+            flush()
+            sig = s
+        start = 0
+        while start < n:
+            take = min(n - start, limit - fill)
+            segs.append((name, start, take))
+            start += take
+            fill += take
+            if fill == limit:
+                flush()
+    flush()
+    return items
+
+
+class _ChunkReader:
+    """Fills a chunk's flat input buffers: positioned reads straight into them for safetensors, else a copy from the
+    source's last whole tensor (orbax, torch: one tensor per source cached)."""
+
+    def __init__(self, inp: "_Inputs"):
+        self.inp = inp
+        self._cache: list[tuple[str, np.ndarray] | None] = [None] * len(inp.sources)
+
+    def _into(self, s: int, name: str, start: int, out: np.ndarray) -> None:
+        src = self.inp.sources[s]
+        f = src._shard(name) if isinstance(src, ShardedCheckpoint) else src  # noqa: SLF001
+        if isinstance(f, SafetensorsFile):
+            f.read_into(name, start, out)
+            return
+        cached = self._cache[s]
+        if cached is None or cached[0] != name:
+            cached = (name, np.ascontiguousarray(src.read(name)).reshape(-1))
+            self._cache[s] = cached
+        out[...] = cached[1][start : start + out.size]
+
+    def read(self, chunk: _Chunk) -> list[np.ndarray]:
+        bufs = []
+        for s, dt in enumerate(chunk.dtypes):
+            buf = _aligned_empty(chunk.padded, dt)
+            buf[chunk.size :] = 0
+            pos = 0
+            for name, start, n in chunk.segments:
+                self._into(s, name, start, buf[pos : pos + n])
+                pos += n
+            bufs.append(buf)
+        return bufs
+
+
+def _pipelined(items: Sequence[Any], read: Callable[[Any], Any], budget: int, size: Callable[[Any], int],
+               enabled: bool = True):
+    """Yields ``(item, read(item))`` in order, reading the next items in one thread while the caller works on this
+    one, with at most ``budget`` bytes (``size(item)``) read ahead; ``enabled=False`` reads in the caller's thread."""
+    if not enabled or budget <= 0:
+        for it in items:
+            yield it, read(it)
+        return
+    pool = ThreadPoolExecutor(max_workers=1)
+    pending: collections.deque[tuple[Future, int]] = collections.deque()  # items idx .. nxt - 1, in order
+    ahead, nxt = 0, 0
+    try:
+        for idx, it in enumerate(items):
+            if not pending:
+                pending.append((pool.submit(read, it), 0))
+                nxt = idx + 1
+            fut, held = pending.popleft()
+            ahead -= held
+            while nxt < len(items) and ahead + size(items[nxt]) <= budget:
+                b = size(items[nxt])
+                pending.append((pool.submit(read, items[nxt]), b))
+                ahead += b
+                nxt += 1
+            yield it, fut.result()
+    finally:
+        for fut, _ in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
+
+
+class _ShardSink:
+    """Writes the output shards ``todo`` of ``plan`` from pieces of their tensors, in order; each complete shard is
+    renamed into place and marked done in the state (an interrupted run leaves only ``.partial`` files)."""
+
+    def __init__(self, out: Path, plan: list[list[str]], todo: Sequence[int], infos: dict[str, TensorInfo],
+                 state: "_State"):
+        self.out, self.plan, self.infos, self.state = out, plan, infos, state
+        self.queue = collections.deque(todo)
+        self.writer: SafetensorsWriter | None = None
+        self._settle()
+
+    def _settle(self) -> None:
+        while self.queue:
+            if self.writer is None:
+                i = self.queue[0]
+                self.writer = SafetensorsWriter(self.out / _shard_name(i, len(self.plan)),
+                                                [(n, self.infos[n]) for n in self.plan[i]], {"format": "pt"})
+            if self.writer.current is not None:
+                return
+            self.writer.close()
+            self.writer = None
+            self.state.mark(self.queue.popleft())
+
+    def put(self, name: str, piece: np.ndarray) -> None:
+        """Appends the next elements of tensor ``name`` (a no-op for an empty piece)."""
+        if piece.size == 0:
+            return
+        if self.writer is None or self.writer.current != name:
+            raise ValueError(f"tensor {name!r} written out of order (expected "
+                             f"{None if self.writer is None else self.writer.current!r})")
+        self.writer.write(piece)
+        self._settle()
+
+    def finish(self) -> None:
+        if self.queue:
+            raise ValueError(f"shard {self.queue[0]} is incomplete at tensor {self.writer.current!r}")
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,6 +626,7 @@ def merge_tensors(
 
 
 _PER_LEAF = (BreadcrumbsMask, Sum, Mean, DisjointMean, DisjointSum, DisjointMax, WeightedSum)
+_ELEMENTWISE = (Sum, Mean, DisjointMean, DisjointSum, DisjointMax, WeightedSum, ElectSign)
 
 
 def _named_chain(method: str, hp: dict[str, Any]) -> Merger:
@@ -484,6 +719,17 @@ def _hist_select(counts: np.ndarray, k: int) -> tuple[int, int]:
     return b, k - (int(above[j - 1]) if j > 0 else 0)
 
 
+def _elementwise(m: Merger) -> bool:
+    """Whether every stage of ``m`` maps coordinates independently (given the whole-model statistics), so the chain
+    may run on flat chunks that cut and join tensors: the reductions, ``ElectSign`` and the global ``Trim``."""
+    for s in m.stages:
+        if isinstance(getattr(s, "weights", None), dict):  # per-leaf weights are looked up by leaf name
+            return False
+        if not (isinstance(s, _ELEMENTWISE) or (isinstance(s, Trim) and s.scope == "global")):
+            return False
+    return True
+
+
 def merge(
     base: str | os.PathLike[str],
     finetuned: Sequence[str | os.PathLike[str]],
@@ -496,9 +742,18 @@ def merge(
     max_shard_size: int | str = "5GB",
     progress: bool = True,
     prefetch: bool = True,
+    readahead: int | str = READAHEAD,
+    chunk: int | str = CHUNK,
     **hyperparameters: Any,
 ) -> Path:
-    """Streams a merge of checkpoints on disk into a sharded safetensors checkpoint ``out``, tensor by tensor.
+    """Streams a merge of checkpoints on disk into a sharded safetensors checkpoint ``out``.
+
+    Chains whose stages all act coordinate by coordinate (``average``, ``task_arithmetic``, ``ties`` with the global
+    trim, any chain of Trim(scope="global"), ElectSign and the Sum/Mean/Disjoint*/WeightedSum reductions) run over
+    flat chunks of ``chunk`` bytes that join small tensors and cut large ones, so host memory stays about
+    (2T + 4) chunks whatever the tensor sizes and the program compiles once per dtype (and chunk-size bucket), not
+    once per tensor shape. Other chains (``dare``, ``breadcrumbs``, per-tensor trims) run tensor by tensor (peak
+    about (T + 2) x the largest tensor + ``readahead``).
 
     Args:
       base: the pre-trained checkpoint (a safetensors file, a directory, or a sharded directory with an index);
@@ -512,13 +767,16 @@ def merge(
       key: ``jax.random`` key (DARE).
       max_shard_size: shard size limit of the output ("5GB" or bytes).
       progress: tqdm bars over the bytes read, with throughput (process 0).
-      prefetch: overlap reading the next tensor with merging this one (peak memory about 2T + 3 tensors instead
-        of T + 2; ``False`` for the tightest bound).
+      prefetch: overlap reading the next inputs with merging and writing the current ones.
+      readahead: at most this many bytes of inputs read ahead ("256MB" or bytes).
+      chunk: the flat chunk of the elementwise chains, in bytes of a float32 input buffer ("16MiB" or bytes).
       **hyperparameters: the named method's keywords (density, scope, drop_rate, beta, ...).
 
     Returns:
       ``out``. The tensors equal ``method`` applied in memory to the dict ``{name: tensor}`` of each checkpoint.
     """
+    elements = max(1, parse_size(chunk) // 4)
+    common = dict(max_shard_size=max_shard_size, progress=progress, prefetch=prefetch, readahead=readahead)
     if method == "average":
         if hyperparameters or scale is not None:
             raise ValueError("method average takes no hyperparameters")
@@ -526,8 +784,14 @@ def merge(
         def avg(name: str, b: Any, fts: list[np.ndarray]) -> np.ndarray:
             return np.asarray(_average_jit(tuple({name: _dev(x)} for x in fts))[name])
 
-        return merge_tensors(avg, None, finetuned, out, fingerprint="average", max_shard_size=max_shard_size,
-                             progress=progress, prefetch=prefetch)
+        inp = _Inputs(None, finetuned)
+        try:
+            chunked = _Chunked(lambda bufs: _average_jit(tuple({_LEAF: _dev(x)} for x in bufs))[_LEAF],
+                               lambda name: inp.sources[0].read(name), elements)
+            return merge_tensors(avg, None, finetuned, out, fingerprint="average", inputs=inp, chunked=chunked,
+                                 **common)
+        finally:
+            inp.close()
     if isinstance(method, Merger):
         if hyperparameters:
             raise ValueError(f"hyperparameters {sorted(hyperparameters)} apply to named methods only")
@@ -547,15 +811,44 @@ def merge(
     fingerprint = json.dumps([fp_name, repr(m), float(lam), fp_weights,
                               None if raw_key is None else np.asarray(raw_key).tolist()])
     stats: dict[str, jax.Array] = {}
-    index = {}
+    index: dict[str, int] = {}
+    flat = _elementwise(m)
+    zero = jnp.int32(0)
+
+    def args(i: jax.Array, b: np.ndarray, fts: Sequence[np.ndarray]) -> tuple:
+        return (dict(stats), i, _dev(b), tuple(_dev(x) for x in fts), key, weights)
 
     def run_passes(state: _State, inp: _Inputs) -> None:
         names = [n for n in inp.names if _is_float(inp.infos[n].dtype)]
         index.update({n: j for j, n in enumerate(names)})  # the float-leaf index keying DARE's masks in memory
+        budget = parse_size(readahead) if prefetch else 0
+        if flat:
+            units = [c for c in _plan_chunks(names, inp, elements) if isinstance(c, _Chunk)]
+            reader = _ChunkReader(inp)
+            ahead = min(budget, max((_chunk_bytes(c) for c in units), default=0))
 
-        def inputs(name: str) -> tuple:
-            b, fts = inp.read(name)
-            return (dict(stats), jnp.int32(index[name]), _dev(b), tuple(_dev(x) for x in fts), key, weights)
+            def scan(f: Callable[[str, Callable], None], desc: str) -> None:
+                bar = _progress(sum(c.size * sum(d.itemsize for d in c.dtypes) for c in units), progress, desc)
+                for c, bufs in _pipelined(units, reader.read, ahead, _chunk_bytes):
+                    f(c.segments[0][0], lambda g, c=c, bufs=bufs: [np.asarray(x)[: c.size]
+                                                                   for x in _as_list(g(*args(zero, bufs[0], bufs[1:])))])
+                    if bar is not None:
+                        bar.update(c.size * sum(d.itemsize for d in c.dtypes))
+                if bar is not None:
+                    bar.close()
+        else:
+            def size(n: str) -> int:
+                return inp.infos[n].nbytes * len(inp.sources)
+
+            def scan(f: Callable[[str, Callable], None], desc: str) -> None:
+                bar = _progress(sum(size(n) for n in names), progress, desc)
+                for n, (b, fts) in _pipelined(names, inp.read, budget, size):
+                    f(n, lambda g, n=n, b=b, fts=fts: [np.asarray(x) for x in _as_list(g(*args(jnp.int32(index[n]),
+                                                                                              b, fts)))])
+                    if bar is not None:
+                        bar.update(size(n))
+                if bar is not None:
+                    bar.close()
 
         T = len(inp.sources) - 1
         n_float = sum(int(np.prod(inp.infos[n].shape)) for n in names)
@@ -563,23 +856,38 @@ def merge(
             if isinstance(s, Trim) and s.scope == "global":
                 dens = s.density if isinstance(s.density, (tuple, list)) else (s.density,) * T
                 ks = [rank_from_fraction(d, n_float) for d in dens]
+                prefix = functools.partial(_prefix, m, si)
                 value = state.stat(f"trim{si}", lambda: _global_thresholds(
-                    lambda n: [np.asarray(x) for x in _prefix(m, si, *inputs(n))], names, inp, ks, progress,
-                    f"trim (stage {si})"))
+                    lambda f, d: scan(lambda label, get: f(label, get(prefix)), d), ks, f"trim (stage {si})"))
                 stats[f"trim{si}"] = jnp.asarray(value, jnp.float32)
             elif isinstance(s, ElectSign):
+                prefix = functools.partial(_prefix_sign, m, si)
                 value = state.stat(f"sign{si}", lambda: _majority_sign(
-                    lambda n: np.asarray(_prefix_sign(m, si, *inputs(n))), names, inp, progress, f"sign (stage {si})"))
+                    lambda f, d: scan(lambda label, get: f(get(prefix)[0]), d), f"sign (stage {si})"))
                 stats[f"sign{si}"] = jnp.asarray(value, jnp.int32)
 
     def fn(name: str, b: np.ndarray | None, fts: list[np.ndarray]) -> np.ndarray:
         if not _is_float(b.dtype):
             return b
-        return np.asarray(_merge_leaf(m, dict(stats), jnp.int32(index[name]), _dev(b), tuple(_dev(x) for x in fts),
-                                      key, weights, lam))
+        return np.asarray(_merge_leaf(m, *args(jnp.int32(index[name]), b, fts), lam))
 
-    return merge_tensors(fn, base, finetuned, out, fingerprint=fingerprint, max_shard_size=max_shard_size,
-                         progress=progress, prefetch=prefetch, state_hook=run_passes)
+    inp = _Inputs(base, finetuned)
+    try:
+        chunked = None
+        if flat:
+            def whole(name: str) -> np.ndarray:
+                b = inp.sources[0].read(name)
+                return b if not _is_float(b.dtype) else np.zeros(b.shape, b.dtype)  # an empty float tensor
+
+            chunked = _Chunked(lambda bufs: _merge_leaf(m, *args(zero, bufs[0], bufs[1:]), lam), whole, elements)
+        return merge_tensors(fn, base, finetuned, out, fingerprint=fingerprint, state_hook=run_passes, inputs=inp,
+                             chunked=chunked, **common)
+    finally:
+        inp.close()
+
+
+def _as_list(x: Any) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def _mag_bits(x: np.ndarray, name: str) -> np.ndarray:
@@ -588,52 +896,69 @@ def _mag_bits(x: np.ndarray, name: str) -> np.ndarray:
     return np.abs(x).reshape(-1).view(np.uint32)
 
 
-def _bar(names: list[str], inp: _Inputs, enabled: bool, desc: str):
-    bar = _progress(sum(inp.infos[n].nbytes for n in names) * len(inp.sources), enabled, desc)
-    for n in names:
-        yield n
-        if bar is not None:
-            bar.update(inp.infos[n].nbytes * len(inp.sources))
-    if bar is not None:
-        bar.close()
+Scan = Callable[[Callable[..., None], str], None]
 
 
-def _global_thresholds(leaves: Callable[[str], list[np.ndarray]], names: list[str], inp: _Inputs, ks: list[int],
-                       progress: bool, desc: str) -> list[float]:
+def _global_thresholds(scan: Scan, ks: list[int], desc: str) -> list[float]:
     """Per task t, the exact k_t-th largest |x| over every float tensor: two histogram passes over the float32 bits.
 
     The bits of a non-negative float32 order like the float, so the high 16 bits (pass 1) find the bin holding the
     k-th largest and the low 16 bits of that bin's entries (pass 2) finish it; k = 0 gives +inf (nothing kept).
+
+    Args:
+      scan: ``scan(f, desc)`` calls ``f(label, leaves)`` for every unit of the model (a tensor or a flat chunk;
+        ``leaves`` are the T task vectors' values there, ``label`` names it in errors).
+      ks: k_t per task.
+      desc: progress bar label.
+
+    Returns:
+      The T thresholds.
     """
     T = len(ks)
     if not any(ks):
         return [float("inf")] * T
     hi = np.zeros((T, 1 << 16), np.int64)
-    for name in _bar(names, inp, progress, f"{desc} pass 1/2"):
-        for t, x in enumerate(leaves(name)):
-            hi[t] += np.bincount(_mag_bits(x, name) >> 16, minlength=1 << 16)
+
+    def high(label: str, leaves: list[np.ndarray]) -> None:
+        for t, x in enumerate(leaves):
+            hi[t] += np.bincount(_mag_bits(x, label) >> 16, minlength=1 << 16)
+
+    scan(high, f"{desc} pass 1/2")
     sel = [_hist_select(hi[t], max(k, 1)) for t, k in enumerate(ks)]
     lo = np.zeros((T, 1 << 16), np.int64)
-    for name in _bar(names, inp, progress, f"{desc} pass 2/2"):
-        for t, x in enumerate(leaves(name)):
-            bits = _mag_bits(x, name)
+
+    def low(label: str, leaves: list[np.ndarray]) -> None:
+        for t, x in enumerate(leaves):
+            bits = _mag_bits(x, label)
             lo[t] += np.bincount(bits[(bits >> 16) == sel[t][0]] & 0xFFFF, minlength=1 << 16)
+
+    scan(low, f"{desc} pass 2/2")
     out = []
     for t in range(T):
-        low, _ = _hist_select(lo[t], sel[t][1])
-        value = float(np.array([(sel[t][0] << 16) | low], np.uint32).view(np.float32)[0])
+        low_bits, _ = _hist_select(lo[t], sel[t][1])
+        value = float(np.array([(sel[t][0] << 16) | low_bits], np.uint32).view(np.float32)[0])
         out.append(value if ks[t] > 0 else float("inf"))
     return out
 
 
-def _majority_sign(raw_sign: Callable[[str], np.ndarray], names: list[str], inp: _Inputs, progress: bool,
-                   desc: str) -> int:
-    """sgn(#positive - #negative elected signs) over the whole model: ElectSign's rule for zero sums."""
+def _majority_sign(scan: Scan, desc: str) -> int:
+    """sgn(#positive - #negative elected signs) over the whole model: ElectSign's rule for zero sums.
+
+    Args:
+      scan: ``scan(f, desc)`` calls ``f(raw_sign)`` with the raw elected signs of every unit of the model.
+      desc: progress bar label.
+
+    Returns:
+      -1, 0 or 1.
+    """
     pos = neg = 0
-    for name in _bar(names, inp, progress, desc):
-        s = raw_sign(name)
+
+    def count(s: np.ndarray) -> None:
+        nonlocal pos, neg
         pos += int(np.count_nonzero(s > 0))
         neg += int(np.count_nonzero(s < 0))
+
+    scan(count, desc)
     return int(np.sign(pos - neg))
 
 

@@ -171,13 +171,13 @@ def test_global_threshold_is_exact_kth_largest(tmp_path):
 
 _KILL_SCRIPT = """
 import sys, time, jax
-from mergejax import stream, convert
+from mergejax import stream
 import mergejax.convert.io as io
-orig = io.write_safetensors
-def slow(path, tensors, **kw):
-    time.sleep(float(sys.argv[4]))
-    return orig(path, tensors, **kw)
-stream.write_safetensors = slow
+orig = io.SafetensorsWriter.close
+def slow(self):
+    time.sleep(float(sys.argv[4]))  # each shard takes a while: the test kills the run between two shards
+    return orig(self)
+io.SafetensorsWriter.close = slow
 stream.merge(sys.argv[1], sys.argv[2].split(","), "ties", sys.argv[3], density=0.3, progress=False,
              max_shard_size="1KB")
 """

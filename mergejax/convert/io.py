@@ -38,6 +38,7 @@ __all__ = [
     "DictSource",
     "open_checkpoint",
     "write_safetensors",
+    "SafetensorsWriter",
     "write_sharded_safetensors",
     "write_torch_state_dict",
     "parse_size",
@@ -139,16 +140,35 @@ class SafetensorsFile:
         return self._entries[key][0]
 
     def read(self, key: str) -> np.ndarray:
-        info, offset, size = self._entries[key]
+        info = self._entries[key][0]
         out = np.empty(info.shape, info.dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8)) if size else memoryview(b"")
+        self.read_into(key, 0, out.reshape(-1))
+        return out
+
+    def read_into(self, key: str, start: int, out: np.ndarray) -> None:
+        """Reads elements ``start : start + out.size`` of the flattened tensor ``key`` into ``out`` (one positioned
+        read straight into the caller's buffer, no intermediate copy).
+
+        Args:
+          key: tensor name.
+          start: first element (C order).
+          out: a contiguous 1-D array of the tensor's dtype.
+        """
+        info, offset, size = self._entries[key]
+        item = info.dtype.itemsize
+        if out.dtype != info.dtype or out.ndim != 1 or not out.flags.c_contiguous:
+            raise ValueError(f"{self.path}: tensor {key!r} {info.dtype} read into a {out.dtype} {out.shape} buffer")
+        if start < 0 or (start + out.size) * item > size:
+            raise ValueError(f"{self.path}: elements {start}:{start + out.size} outside tensor {key!r} {info.shape}")
+        nbytes = out.size * item
+        view = memoryview(out.view(np.uint8)) if nbytes else memoryview(b"")
+        offset += start * item
         done = 0
-        while done < size:
+        while done < nbytes:
             got = os.preadv(self._descriptor(), [view[done:]], offset + done)
             if got <= 0:
                 raise OSError(f"{self.path}: file ends inside tensor {key!r}")
             done += got
-        return out
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
         info, offset, size = self._entries[key]
@@ -368,6 +388,78 @@ def _header(tensors: Sequence[LazyTensor], metadata: Mapping[str, str] | None) -
     return raw + b" " * (-len(raw) % 8)
 
 
+class SafetensorsWriter:
+    """One ``.safetensors`` file written incrementally: the header first, then each tensor's bytes in order, in pieces
+    of any size (a merge can write a tensor chunk by chunk). The file appears under ``path`` only when every byte is
+    written (:meth:`close`: temporary ``.partial`` name, then rename).
+
+    Args:
+      path: output file.
+      tensors: ``(name, info)`` of every tensor, in file order.
+      metadata: string-to-string metadata for the header.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], tensors: Sequence[tuple[str, TensorInfo]],
+                 metadata: Mapping[str, str] | None = None):
+        names = [n for n, _ in tensors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate tensor names: {sorted({n for n in names if names.count(n) > 1})}")
+        self.path = Path(path)
+        self._tensors = list(tensors)
+        self._i, self._done = 0, 0  # current tensor, bytes of it written
+        header = _header([LazyTensor(n, i, lambda: np.empty(0)) for n, i in self._tensors], metadata)
+        self._tmp = Path(str(path) + ".partial")
+        self._file = open(self._tmp, "wb")
+        self._file.write(struct.pack("<Q", len(header)))
+        self._file.write(header)
+        self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self._i < len(self._tensors) and self._done == self._tensors[self._i][1].nbytes:
+            self._i, self._done = self._i + 1, 0
+
+    @property
+    def current(self) -> str | None:
+        """The name of the tensor whose bytes come next (None once every tensor is complete)."""
+        return self._tensors[self._i][0] if self._i < len(self._tensors) else None
+
+    def write(self, piece: np.ndarray) -> None:
+        """Appends ``piece`` (the next elements of the current tensor, C order, its dtype) to the file.
+
+        Args:
+          piece: an array of the current tensor's dtype, no longer than what remains of that tensor.
+        """
+        if piece.size == 0:
+            return
+        if self.current is None:
+            raise ValueError(f"{self.path}: every tensor is already written")
+        name, info = self._tensors[self._i]
+        if piece.dtype != info.dtype or self._done + piece.nbytes > info.nbytes:
+            raise ValueError(f"{self.path}: tensor {name!r} {info.shape} {info.dtype}: got a {piece.dtype} piece of "
+                             f"{piece.size} elements at byte {self._done} of {info.nbytes}")
+        self._file.write(np.ascontiguousarray(piece).reshape(-1).view(np.uint8).data)
+        self._done += piece.nbytes
+        self._skip_empty()
+
+    def close(self) -> int:
+        """Renames the complete file to ``path``.
+
+        Returns:
+          The number of tensor bytes written.
+        """
+        if self.current is not None:
+            self.abort()
+            raise ValueError(f"{self.path}: tensor {self.current!r} is incomplete")
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return sum(i.nbytes for _, i in self._tensors)
+
+    def abort(self) -> None:
+        """Closes and removes the unfinished temporary file."""
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
 def write_safetensors(
     path: str | os.PathLike[str],
     tensors: Mapping[str, Any] | Iterable[LazyTensor],
@@ -385,26 +477,20 @@ def write_safetensors(
       The number of tensor bytes written.
     """
     items = _as_lazy(tensors)
-    names = [t.name for t in items]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate tensor names: {sorted({n for n in names if names.count(n) > 1})}")
-    header = _header(items, metadata)
-    total = 0
-    tmp = Path(str(path) + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
+    writer = SafetensorsWriter(path, [(t.name, t.info) for t in items], metadata)
+    try:
         for t in items:
             array = np.asarray(t.fetch())
             if tuple(array.shape) != t.info.shape or array.dtype != t.info.dtype:
                 raise ValueError(
                     f"tensor {t.name!r}: promised {t.info.shape} {t.info.dtype}, produced {array.shape} {array.dtype}"
                 )
-            f.write(np.asarray(array, order="C").reshape(-1).view(np.uint8).data if array.size else b"")
-            total += array.nbytes
+            writer.write(array)
             del array
-    os.replace(tmp, path)
-    return total
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
 def parse_size(size: int | str) -> int:
