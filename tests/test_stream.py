@@ -327,3 +327,131 @@ def test_per_task_densities_global(tmp_path):
     want = chain(_as_jax(base), [_as_jax(f) for f in fts])
     for name in want:
         np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
+
+
+CHUNK_SHAPES = {
+    "a.weight": (40, 16),  # 640 elements: cut across three 256-element chunks
+    "b.bias": (3,),  # small tensors joined into one chunk with their neighbours
+    "c.norm": (5,),
+    "d.ids": (4,),  # int: outside the chunks, between two runs of float tensors
+    "e.weight": (24, 16),
+    "f.empty": (0, 4),
+    "g.scale": (),
+}
+
+
+def _chunk_models(tmp: Path, dtype, T=3):
+    rng = np.random.default_rng(7)
+    shapes = {k: v for k, v in CHUNK_SHAPES.items()}
+    base = {k: (np.arange(int(np.prod(s)), dtype=np.int32).reshape(s) if k == "d.ids"
+                else rng.normal(0, 1, s).astype(dtype)) for k, s in shapes.items()}
+    fts = [{k: v if k == "d.ids" else (v.astype(np.float32) + rng.normal(0, 0.1, v.shape)).astype(dtype)
+            for k, v in base.items()} for _ in range(T)]
+    paths = []
+    for name, m in [("base", base)] + [(f"ft{t}", f) for t, f in enumerate(fts)]:
+        write_sharded_safetensors(tmp / name, m, max_shard_size="1KB")
+        paths.append(tmp / name)
+    return base, fts, paths[0], paths[1:]
+
+
+def test_chunk_plan_cuts_and_joins(tmp_path):
+    _, _, bpath, fpaths = _chunk_models(tmp_path, np.float32)
+    inp = stream._Inputs(bpath, fpaths)
+    try:
+        items = stream._plan_chunks(inp.names, inp, 256)
+    finally:
+        inp.close()
+    chunks = [c for c in items if isinstance(c, stream._Chunk)]
+    assert [w.name for w in items if isinstance(w, stream._Whole)] == ["d.ids", "f.empty"]
+    assert [s[0] for s in chunks[0].segments] == ["a.weight"] and chunks[0].size == 256
+    assert [s[0] for s in chunks[2].segments] == ["a.weight", "b.bias", "c.norm"]  # 128 + 3 + 5, joined
+    covered = {}
+    for c in chunks:
+        assert c.size <= c.padded <= 256 and sum(s[2] for s in c.segments) == c.size
+        for name, start, n in c.segments:
+            assert covered.get(name, 0) == start  # consecutive pieces, in order
+            covered[name] = start + n
+    assert covered == {k: int(np.prod(s)) for k, s in CHUNK_SHAPES.items() if k not in ("d.ids", "f.empty")}
+
+
+CHUNKED = [
+    ("task_arithmetic", {"scale": 0.7, "weights": [0.5, -1.0, 2.0]},
+     lambda b, f: mj.task_arithmetic(b, f, scale=0.7, weights=[0.5, -1.0, 2.0])),
+    ("ties", {"density": 0.3}, lambda b, f: mj.ties(b, f, density=0.3)),
+    ("ties", {"density": 0.4, "weights": [1.0, 0.5, 2.0]}, lambda b, f: mj.ties(b, f, density=0.4,
+                                                                               weights=[1.0, 0.5, 2.0])),
+    ("average", {}, lambda b, f: mj.average(f)),
+    (mj.chain(mj.Trim((0.2, 0.5, 0.9), "global"), mj.ElectSign("count"), mj.DisjointMax()), {"scale": 1.3},
+     lambda b, f: mj.chain(mj.Trim((0.2, 0.5, 0.9), "global"), mj.ElectSign("count"), mj.DisjointMax())(
+         b, f, scale=1.3)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("method, hp, ref", CHUNKED, ids=["ta", "ties", "ties-w", "average", "chain"])
+def test_chunked_equals_in_memory(tmp_path, monkeypatch, method, hp, ref, dtype):
+    """Elementwise chains over 256-element chunks (tensors cut and joined) equal the in-memory merge bit for bit."""
+    base, fts, bpath, fpaths = _chunk_models(tmp_path, dtype)
+    calls = []
+    orig = stream._chunked_pass
+    monkeypatch.setattr(stream, "_chunked_pass", lambda *a: calls.append(1) or orig(*a))
+    out = stream.merge(bpath, fpaths, method, tmp_path / "out", progress=False, max_shard_size="1KB", chunk=1024,
+                       **hp)
+    assert calls
+    got = _read(out)
+    want = ref(_as_jax(base), [_as_jax(f) for f in fts])
+    assert sorted(got) == sorted(want)
+    for name in want:
+        w = np.asarray(want[name])
+        assert got[name].dtype == w.dtype and got[name].shape == w.shape, name
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
+
+
+def test_per_tensor_chains_are_not_chunked():
+    assert not stream._elementwise(stream._named_chain("dare", {"drop_rate": 0.5}))
+    assert not stream._elementwise(stream._named_chain("breadcrumbs", {}))
+    assert not stream._elementwise(stream._named_chain("ties", {"scope": "tensor"}))
+    assert stream._elementwise(stream._named_chain("ties", {}))
+
+
+def test_readahead_is_bounded_by_bytes():
+    """While the caller holds item i, the reads started for items after i total at most the budget (and happen)."""
+    sizes = [5, 1, 1, 7, 2, 2, 2, 9, 1, 3]
+    started: list[int] = []
+    got, ahead = [], []
+    for i, v in stream._pipelined(list(range(len(sizes))), lambda j: started.append(j) or 10 * j, 4,
+                                  lambda j: sizes[j]):
+        time.sleep(0.02)  # let the reader thread run
+        ahead.append(sum(sizes[j] for j in list(started) if j > i))
+        got.append((i, v))
+    assert got == [(i, 10 * i) for i in range(len(sizes))]
+    assert max(ahead) <= 4 and max(ahead) > 0, ahead
+    assert [v for _, v in stream._pipelined([1, 2], lambda j: -j, 0, lambda j: 1)] == [-1, -2]
+
+
+def test_safetensors_writer_pieces(tmp_path):
+    from mergejax.convert.io import SafetensorsWriter, TensorInfo
+
+    a = np.arange(10, dtype=np.float32).reshape(2, 5)
+    tensors = [("a", TensorInfo((2, 5), np.dtype(np.float32))), ("z", TensorInfo((0,), np.dtype(np.float32))),
+               ("b", TensorInfo((3,), np.dtype(np.int32)))]
+    w = SafetensorsWriter(tmp_path / "x.safetensors", tensors)
+    assert w.current == "a"
+    w.write(a.reshape(-1)[:3])
+    w.write(a.reshape(-1)[3:])
+    assert w.current == "b"  # the empty tensor is skipped
+    with pytest.raises(ValueError, match="'b'.*float32 piece"):
+        w.write(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="incomplete"):
+        SafetensorsWriter(tmp_path / "y.safetensors", tensors).close()
+    assert not (tmp_path / "y.safetensors").exists() and not (tmp_path / "y.safetensors.partial").exists()
+    w.write(np.array([1, 2, 3], np.int32))
+    assert not (tmp_path / "x.safetensors").exists()
+    w.close()
+    got = _read(tmp_path / "x.safetensors")
+    np.testing.assert_array_equal(got["a"], a)
+    np.testing.assert_array_equal(got["b"], [1, 2, 3])
+    assert got["z"].shape == (0,)
+    from safetensors.numpy import load_file
+
+    np.testing.assert_array_equal(load_file(tmp_path / "x.safetensors")["a"], a)
