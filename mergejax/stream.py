@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import gc
 import inspect
 import json
 import os
@@ -336,6 +337,7 @@ def merge_tensors(
         bar = _progress(read_bytes, progress, "merge")
         t0 = time.perf_counter()
         budget = parse_size(readahead) if prefetch else 0
+        _return_freed_memory()
         if jax.process_index() == 0:
             sink = _ShardSink(out, plan, todo, infos, state)
             try:
@@ -371,6 +373,32 @@ def merge_tensors(
             inp.close()
 
 
+def _return_freed_memory() -> None:
+    """Makes glibc serve every allocation of 1 MiB or more with its own memory map (``M_MMAP_THRESHOLD``), so a
+    freed tensor goes back to the OS at once.
+
+    By default glibc raises that threshold after the first large free and then serves same-sized blocks from the
+    heap arenas of the main, reader and XLA threads, which keep freed blocks resident: the peak RSS of a merge then
+    grew by T + 1 tensors over its (T + 2). Process-wide and idempotent; a no-op where libc is not glibc.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _release_views() -> None:
+    """Frees the host buffers whose zero-copy device views XLA dropped on its own threads since the last call.
+
+    Such a view cannot release its numpy buffer without the GIL, so jax queues it until its next garbage-collection
+    callback: a young-generation collection (microseconds) runs that callback now, where otherwise a few chunks'
+    inputs stayed resident until the interpreter's next collection.
+    """
+    gc.collect(0)
+
+
 def _per_tensor_pass(fn: Callable, names: list[str], inp: _Inputs, infos: dict[str, TensorInfo], sink: _ShardSink,
                      budget: int, bar: Any) -> None:
     """The merge pass one whole tensor at a time (``fn`` per tensor), reading ahead at most ``budget`` bytes."""
@@ -389,14 +417,15 @@ def _per_tensor_pass(fn: Callable, names: list[str], inp: _Inputs, infos: dict[s
         del merged
         if bar is not None:
             bar.update(size(name))
+        _release_views()
 
 
 @dataclasses.dataclass(frozen=True)
 class _Chunked:
-    """An elementwise merge over flat chunks: ``compute(buffers)`` (the T + 1 inputs' flat buffers, or T without a
-    base) dispatches the merged flat chunk; ``whole(name)`` gives a tensor outside the chunks (non-float, empty)."""
+    """An elementwise merge over flat chunks: ``compute(arrays)`` (the T + 1 inputs' flat chunks, or T without a
+    base, as device arrays) dispatches the merged flat chunk; ``whole(name)`` gives a tensor outside the chunks (non-float, empty)."""
 
-    compute: Callable[[list[np.ndarray]], jax.Array]
+    compute: Callable[[list[jax.Array]], jax.Array]
     whole: Callable[[str], np.ndarray]
     elements: int
 
@@ -411,10 +440,10 @@ def _chunked_pass(ch: _Chunked, names: list[str], inp: _Inputs, infos: dict[str,
     k + 1 read (one thread, at most ``budget`` bytes ahead)."""
     items = _plan_chunks(names, inp, ch.elements)
     reader = _ChunkReader(inp)
-    pending: tuple[_Chunk, jax.Array] | None = None
+    pending: tuple[_Chunk, jax.Array, list[jax.Array]] | None = None
 
     def drain() -> None:
-        chunk, merged = pending
+        chunk, merged, _ = pending  # (the inputs stay referenced until the program finished: see merge's call)
         host = np.asarray(merged)
         pos = 0
         for name, _, n in chunk.segments:
@@ -422,6 +451,7 @@ def _chunked_pass(ch: _Chunked, names: list[str], inp: _Inputs, infos: dict[str,
             pos += n
         if bar is not None:
             bar.update(chunk.size * sum(dt.itemsize for dt in chunk.dtypes))
+        _release_views()
 
     ahead = min(budget, max((_chunk_bytes(c) for c in items), default=0))
     for item, bufs in _pipelined(items, lambda c: reader.read(c) if isinstance(c, _Chunk) else None, ahead,
@@ -434,11 +464,13 @@ def _chunked_pass(ch: _Chunked, names: list[str], inp: _Inputs, infos: dict[str,
             if bar is not None:
                 bar.update(inp.infos[item.name].nbytes * len(inp.sources))
             continue
-        merged = ch.compute(bufs)  # dispatched asynchronously
+        dev = [_dev(x) for x in bufs]
+        merged = ch.compute(dev)  # dispatched asynchronously
         del bufs
         if pending is not None:
             drain()
-        pending = (item, merged)
+        pending = (item, merged, dev)
+        del dev
     if pending is not None:
         drain()
 
@@ -571,7 +603,10 @@ def _pipelined(items: Sequence[Any], read: Callable[[Any], Any], budget: int, si
                 pending.append((pool.submit(read, items[nxt]), b))
                 ahead += b
                 nxt += 1
-            yield it, fut.result()
+            result = fut.result()
+            fut = None  # hold no finished item here while the caller works (or the next one is read)
+            yield it, result
+            result = None
     finally:
         for fut, _ in pending:
             fut.cancel()
@@ -782,11 +817,12 @@ def merge(
             raise ValueError("method average takes no hyperparameters")
 
         def avg(name: str, b: Any, fts: list[np.ndarray]) -> np.ndarray:
-            return np.asarray(_average_jit(tuple({name: _dev(x)} for x in fts))[name])
+            dev = [_dev(x) for x in fts]
+            return np.asarray(jax.block_until_ready(_average_jit(tuple({name: x} for x in dev))[name]))
 
         inp = _Inputs(None, finetuned)
         try:
-            chunked = _Chunked(lambda bufs: _average_jit(tuple({_LEAF: _dev(x)} for x in bufs))[_LEAF],
+            chunked = _Chunked(lambda dev: _average_jit(tuple({_LEAF: x} for x in dev))[_LEAF],
                                lambda name: inp.sources[0].read(name), elements)
             return merge_tensors(avg, None, finetuned, out, fingerprint="average", inputs=inp, chunked=chunked,
                                  **common)
@@ -815,8 +851,14 @@ def merge(
     flat = _elementwise(m)
     zero = jnp.int32(0)
 
-    def args(i: jax.Array, b: np.ndarray, fts: Sequence[np.ndarray]) -> tuple:
-        return (dict(stats), i, _dev(b), tuple(_dev(x) for x in fts), key, weights)
+    def call(g: Callable, i: jax.Array, b: np.ndarray, fts: Sequence[np.ndarray], *extra: Any) -> Any:
+        """``g(stats, i, base, fts, key, weights, *extra)`` on zero-copy device views of the host buffers, finished
+        before the views are dropped (dropped on XLA's thread, a view would free its buffer only at the next
+        garbage collection)."""
+        bd, fd = _dev(b), tuple(_dev(x) for x in fts)
+        out = jax.block_until_ready(g(dict(stats), i, bd, fd, key, weights, *extra))
+        del bd, fd
+        return out
 
     def run_passes(state: _State, inp: _Inputs) -> None:
         names = [n for n in inp.names if _is_float(inp.infos[n].dtype)]
@@ -831,9 +873,10 @@ def merge(
                 bar = _progress(sum(c.size * sum(d.itemsize for d in c.dtypes) for c in units), progress, desc)
                 for c, bufs in _pipelined(units, reader.read, ahead, _chunk_bytes):
                     f(c.segments[0][0], lambda g, c=c, bufs=bufs: [np.asarray(x)[: c.size]
-                                                                   for x in _as_list(g(*args(zero, bufs[0], bufs[1:])))])
+                                                                   for x in _as_list(call(g, zero, bufs[0], bufs[1:]))])
                     if bar is not None:
                         bar.update(c.size * sum(d.itemsize for d in c.dtypes))
+                    _release_views()
                 if bar is not None:
                     bar.close()
         else:
@@ -843,10 +886,11 @@ def merge(
             def scan(f: Callable[[str, Callable], None], desc: str) -> None:
                 bar = _progress(sum(size(n) for n in names), progress, desc)
                 for n, (b, fts) in _pipelined(names, inp.read, budget, size):
-                    f(n, lambda g, n=n, b=b, fts=fts: [np.asarray(x) for x in _as_list(g(*args(jnp.int32(index[n]),
-                                                                                              b, fts)))])
+                    f(n, lambda g, n=n, b=b, fts=fts: [np.asarray(x) for x in _as_list(call(g, jnp.int32(index[n]),
+                                                                                               b, fts))])
                     if bar is not None:
                         bar.update(size(n))
+                    _release_views()
                 if bar is not None:
                     bar.close()
 
@@ -869,7 +913,7 @@ def merge(
     def fn(name: str, b: np.ndarray | None, fts: list[np.ndarray]) -> np.ndarray:
         if not _is_float(b.dtype):
             return b
-        return np.asarray(_merge_leaf(m, *args(jnp.int32(index[name]), b, fts), lam))
+        return np.asarray(call(functools.partial(_merge_leaf, m), jnp.int32(index[name]), b, fts, lam))
 
     inp = _Inputs(base, finetuned)
     try:
@@ -879,7 +923,8 @@ def merge(
                 b = inp.sources[0].read(name)
                 return b if not _is_float(b.dtype) else np.zeros(b.shape, b.dtype)  # an empty float tensor
 
-            chunked = _Chunked(lambda bufs: _merge_leaf(m, *args(zero, bufs[0], bufs[1:]), lam), whole, elements)
+            chunked = _Chunked(lambda dev: _merge_leaf(m, dict(stats), zero, dev[0], tuple(dev[1:]), key, weights, lam),
+                               whole, elements)
         return merge_tensors(fn, base, finetuned, out, fingerprint=fingerprint, state_hook=run_passes, inputs=inp,
                              chunked=chunked, **common)
     finally:
