@@ -3,15 +3,19 @@
     PYTHONPATH=$PWD python experiments/bench_stream.py [--size-mb 256] [--models 2] [--dtype float32]
         [--mergekit /tmp/mkvenv/bin/mergekit-yaml]     # from experiments/peers/mergekit_venv.sh
 
-Writes T + 1 Llama-shaped sharded safetensors checkpoints (about ``--size-mb`` each) and, each in a fresh process:
+Writes T + 1 Llama-shaped sharded safetensors checkpoints (about ``--size-mb`` each) and, each in a fresh process
+that repeats its work ``--repeat`` times:
   1. raw read: every tensor of every checkpoint read once with the same reader (``SafetensorsFile``);
-  2. ``mergejax.stream.merge`` (task_arithmetic; ties with the paper's global trim: 3 statistic passes + the merge);
-  3. ``python -m mergejax merge CONFIG.yaml OUT`` on mergekit YAML configs (task_arithmetic, ties), and the same
+  2. raw read + write one: the same, also writing the first checkpoint's bytes to a file (a merge reads T + 1
+     checkpoints and writes one: its I/O floor);
+  3. ``mergejax.stream.merge`` (task_arithmetic; ties with the paper's global trim: 3 statistic passes + the merge);
+  4. ``python -m mergejax merge CONFIG.yaml OUT`` on mergekit YAML configs (task_arithmetic, ties), and the same
      configs through ``mergekit-yaml`` when its virtualenv is given.
-Throughput is checkpoint bytes read per second of wall time (ties reads each checkpoint 4 times, the mergekit-style
-configs once); peak RSS is the child's ``ru_maxrss`` (= VmHWM). The files are read from the page cache in every row
-(they were just written), so the ratio to the raw read is the merge's own overhead. Prints a table and writes
-results/bench_stream.json.
+Throughput is checkpoint bytes read (x passes) per second of in-process work (wall time for the CLIs); the first run
+of a process includes JAX's start and the compiles, the later ones ("warm") reuse them, as a large model would after
+its first chunks; the best of the later runs is reported, as the machine may be shared. Peak RSS is the child's
+``ru_maxrss`` (= VmHWM). The files are read from the page cache in every row (they were just written), so the ratio
+to the raw read is the merge's own overhead. Prints a table and writes results/bench_stream.json.
 """
 
 from __future__ import annotations
@@ -36,23 +40,34 @@ from mergejax.convert.io import write_sharded_safetensors  # noqa: E402
 READ_SCRIPT = """
 import sys, time
 from mergejax.convert.io import open_checkpoint
-t0, n = time.perf_counter(), 0
-for p in sys.argv[1:]:
-    src = open_checkpoint(p)
-    for k in src.keys():
-        n += src.read(k).nbytes
-    src.close()
-print("WORK_SECONDS", time.perf_counter() - t0)
+write = sys.argv[2] != "-"
+for rep in range(int(sys.argv[1])):
+    t0 = time.perf_counter()
+    for i, p in enumerate(sys.argv[3:]):
+        src = open_checkpoint(p)
+        out = open(sys.argv[2], "wb") if write and i == 0 else None
+        for k in src.keys():
+            x = src.read(k)
+            if out is not None:  # the copy baseline writes the first checkpoint's bytes: a merge's I/O floor
+                out.write(x.data)
+        if out is not None:
+            out.close()
+        src.close()
+    print("WORK_SECONDS", time.perf_counter() - t0)
 """
 
 STREAM_SCRIPT = """
-import sys, json, time
+import sys, json, shutil, time
 from mergejax import stream
 hp = json.loads(sys.argv[4])
-for tag, out in (("WORK_SECONDS", sys.argv[5]), ("WARM_SECONDS", sys.argv[5] + "_warm")):
+for rep in range(int(sys.argv[6])):  # the first run compiles; the later ones reuse the programs (as a large model)
+    out = sys.argv[5] + f"_{rep}"
+    shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     stream.merge(sys.argv[1], sys.argv[2].split(","), sys.argv[3], out, progress=False, max_shard_size="1GB", **hp)
-    print(tag, time.perf_counter() - t0)  # the second run reuses the compiled per-shape programs
+    print("WORK_SECONDS", time.perf_counter() - t0)
+    if rep:
+        shutil.rmtree(out, ignore_errors=True)
 """
 
 
@@ -100,8 +115,8 @@ def write_models(work: Path, size_mb: float, T: int, dtype: str) -> tuple[list[P
 
 
 def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, float | None, float | None]:
-    """Wall seconds, peak RSS (MiB, the child's ru_maxrss), and the work seconds of its first and second (warm,
-    compiled programs reused) runs where it printed them (else None)."""
+    """Wall seconds, peak RSS (MiB, the child's ru_maxrss), and the work seconds of its first run and the best of its
+    later ones (warm: compiled programs reused; the best, as the machine is shared) where it printed them."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
@@ -115,8 +130,7 @@ def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, float
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(argv[:4])} failed:\n{err[-3000:]}")
     work = [float(line.split()[1]) for line in out.splitlines() if line.startswith("WORK_SECONDS")]
-    warm = [float(line.split()[1]) for line in out.splitlines() if line.startswith("WARM_SECONDS")]
-    return wall, usage.ru_maxrss / 1024, work[0] if work else None, warm[0] if warm else None
+    return wall, usage.ru_maxrss / 1024, work[0] if work else None, min(work[1:]) if len(work) > 1 else None
 
 
 def main() -> None:
@@ -126,6 +140,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--mergekit", help="mergekit-yaml of a mergekit virtualenv (experiments/peers/mergekit_venv.sh)")
     p.add_argument("--workdir", help="where to write the checkpoints (default: a temporary directory)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per process (the first compiles; the best of the rest "
+                   "is the warm figure)")
     p.add_argument("--out", default=str(ROOT / "results" / "bench_stream.json"))
     args = p.parse_args()
     import yaml
@@ -142,14 +158,14 @@ def main() -> None:
                      "read_MBps": passes * inputs_mb / (work or wall), "peak_rss_MiB": rss,
                      "warm_read_MBps": None if warm is None else passes * inputs_mb / warm})
 
-    row("raw read", *timed([py, "-c", READ_SCRIPT, *map(str, paths)]))
+    row("raw read", *timed([py, "-c", READ_SCRIPT, str(args.repeat), "-", *map(str, paths)]))
+    row("raw read + write one (I/O floor)", *timed([py, "-c", READ_SCRIPT, str(args.repeat), str(work / "copy.bin"),
+                                                   *map(str, paths)]))
     fts = ",".join(map(str, paths[1:]))
     for method, hp, passes in (("task_arithmetic", {"scale": 0.5}, 1), ("ties", {"density": 0.2}, 4)):
         out = work / f"out_stream_{method}"
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(f"{out}_warm", ignore_errors=True)
         row(f"stream.merge {method}", *timed([py, "-c", STREAM_SCRIPT, str(paths[0]), fts, method, json.dumps(hp),
-                                              str(out)]), passes)
+                                              str(out), str(args.repeat)]), passes)
     configs = {
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(paths[0]),
                             "models": [{"model": str(q), "parameters": {"weight": 0.5}} for q in paths[1:]]},
@@ -168,7 +184,7 @@ def main() -> None:
             out = work / f"out_mergekit_{name}"
             shutil.rmtree(out, ignore_errors=True)
             row(f"mergekit-yaml {name}.yaml", *timed([args.mergekit, str(cfg_path), str(out), "--quiet"]))
-    raw = rows[0]["read_MBps"]
+    raw = rows[0]["warm_read_MBps"] or rows[0]["read_MBps"]  # the best raw read
     for r in rows:
         r["vs_raw_read"] = r["read_MBps"] / raw
         r["warm_vs_raw_read"] = None if r["warm_read_MBps"] is None else r["warm_read_MBps"] / raw
@@ -181,7 +197,8 @@ def main() -> None:
     print(f"{len(paths)} checkpoints x {model_bytes / 2**20:.0f} MiB ({args.dtype}), largest tensor "
           f"{8192 * 1024 * np.dtype(np.float32 if args.dtype == 'float32' else np.float16).itemsize / 2**20:.0f} MiB")
     print("MB/s: checkpoint bytes read (x passes) per second of work (in-process timing where printed, else wall)")
-    print("warm: a second run in the same process (compiled per-shape programs reused, as for a large model)")
+    print("x raw: first run (compiles) / best raw read; warm x: best later run in the same process (programs "
+          "reused, as for a large model) / best raw read")
     print(f"{'run':36s} {'wall s':>7s} {'work s':>7s} {'MB/s':>7s} {'x raw':>6s} {'warm x':>6s} {'RSS MiB':>8s} "
           f"{'t/mk':>5s} {'rss/mk':>6s}")
     for r in rows:
