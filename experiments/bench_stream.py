@@ -114,23 +114,34 @@ def write_models(work: Path, size_mb: float, T: int, dtype: str) -> tuple[list[P
     return paths, nbytes
 
 
+LAUNCH_SCRIPT = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(proc.pid, 0)
+print("MAXRSS_KIB", usage.ru_maxrss, flush=True)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, float | None, float | None]:
-    """Wall seconds, peak RSS (MiB, the child's ru_maxrss), and the work seconds of its first run and the best of its
-    later ones (warm: compiled programs reused; the best, as the machine is shared) where it printed them."""
+    """Wall seconds, peak RSS (MiB), and the work seconds of its first run and the best of its later ones (warm:
+    compiled programs reused; the best, as the machine is shared) where it printed them.
+
+    The command runs under a small launcher process that reports the command's ``ru_maxrss``: Linux keeps a
+    process's maximum RSS across ``fork`` and ``exec``, so a command started straight from this (large) process would
+    report at least this process's RSS.
+    """
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-                                 "HF_HUB_OFFLINE": "1", **(env or {})})
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-S", "-c", LAUNCH_SCRIPT, *argv], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+                               "HF_HUB_OFFLINE": "1", **(env or {})})
     wall = time.perf_counter() - t0
-    out = proc.stdout.read().decode(errors="replace")
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stdout.close()
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(argv[:4])} failed:\n{err[-3000:]}")
-    work = [float(line.split()[1]) for line in out.splitlines() if line.startswith("WORK_SECONDS")]
-    return wall, usage.ru_maxrss / 1024, work[0] if work else None, min(work[1:]) if len(work) > 1 else None
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])} failed:\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.splitlines()
+    work = [float(line.split()[1]) for line in lines if line.startswith("WORK_SECONDS")]
+    rss = [int(line.split()[1]) for line in lines if line.startswith("MAXRSS_KIB")][-1] / 1024
+    return wall, rss, work[0] if work else None, min(work[1:]) if len(work) > 1 else None
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ import gc
 import inspect
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -62,7 +63,7 @@ from mergejax.ops.dare import DareDrop, drop_and_rescale
 from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Mean, Sum, WeightedSum
 from mergejax.ops.sign import ElectSign, keep_agreeing, sign_mass
 from mergejax.ops.trim import Trim
-from mergejax.tree import _leaf_apply, _leaf_task_vector
+from mergejax.tree import _leaf_apply, _leaf_task_vector, acc_dtype
 
 __all__ = ["merge", "merge_tensors", "load_sharded", "OrbaxSource", "open_source", "STATE_FILE", "COPIED_FILES"]
 
@@ -428,6 +429,7 @@ class _Chunked:
     compute: Callable[[list[jax.Array]], jax.Array]
     whole: Callable[[str], np.ndarray]
     elements: int
+    wholes: frozenset[str] = frozenset()
 
 
 def _chunk_bytes(c: Any) -> int:
@@ -438,7 +440,7 @@ def _chunked_pass(ch: _Chunked, names: list[str], inp: _Inputs, infos: dict[str,
                   budget: int, bar: Any) -> None:
     """The merge pass over flat chunks: while chunk k is computed (XLA's threads), chunk k - 1 is written and chunk
     k + 1 read (one thread, at most ``budget`` bytes ahead)."""
-    items = _plan_chunks(names, inp, ch.elements)
+    items = _plan_chunks(names, inp, ch.elements, ch.wholes)
     reader = _ChunkReader(inp)
     pending: tuple[_Chunk, jax.Array, list[jax.Array]] | None = None
 
@@ -507,7 +509,8 @@ def _bucket(n: int, limit: int) -> int:
     return min(limit, max(_MIN_BUCKET, 1 << max(0, (n - 1).bit_length())))
 
 
-def _plan_chunks(names: Sequence[str], inp: "_Inputs", limit: int) -> list["_Chunk | _Whole"]:
+def _plan_chunks(names: Sequence[str], inp: "_Inputs", limit: int, whole: frozenset[str] = frozenset()
+                 ) -> list["_Chunk | _Whole"]:
     """The float tensors of ``names`` (in order) cut into chunks of at most ``limit`` elements; other tensors whole.
 
     A chunk holds consecutive tensors of one dtype signature (a tensor larger than ``limit`` spans several chunks;
@@ -527,7 +530,7 @@ def _plan_chunks(names: Sequence[str], inp: "_Inputs", limit: int) -> list["_Chu
     for name in names:
         info = inp.infos[name]
         n = int(np.prod(info.shape, dtype=np.int64))
-        if not _is_float(info.dtype) or n == 0:
+        if not _is_float(info.dtype) or n == 0 or name in whole:
             flush()
             items.append(_Whole(name))
             continue
@@ -779,6 +782,7 @@ def merge(
     prefetch: bool = True,
     readahead: int | str = READAHEAD,
     chunk: int | str = CHUNK,
+    heads: str | None = None,
     **hyperparameters: Any,
 ) -> Path:
     """Streams a merge of checkpoints on disk into a sharded safetensors checkpoint ``out``.
@@ -805,6 +809,8 @@ def merge(
       prefetch: overlap reading the next inputs with merging and writing the current ones.
       readahead: at most this many bytes of inputs read ahead ("256MB" or bytes).
       chunk: the flat chunk of the elementwise chains, in bytes of a float32 input buffer ("16MiB" or bytes).
+      heads: a regular expression searched in tensor names: the tensors it matches stay per task (base + sum_t
+        tau_t) and no stage sees them (they count in no global statistic), as ``heads=`` in memory.
       **hyperparameters: the named method's keywords (density, scope, drop_rate, beta, ...).
 
     Returns:
@@ -845,7 +851,7 @@ def merge(
             raise ValueError(f"weights has {len(fp_weights)} entries for {len(finetuned)} fine-tuned models")
         weights = jnp.asarray(fp_weights, jnp.float32)  # as the in-memory merge passes them (a [T] float32 array)
     fingerprint = json.dumps([fp_name, repr(m), float(lam), fp_weights,
-                              None if raw_key is None else np.asarray(raw_key).tolist()])
+                              None if raw_key is None else np.asarray(raw_key).tolist(), heads])
     stats: dict[str, jax.Array] = {}
     index: dict[str, int] = {}
     flat = _elementwise(m)
@@ -861,7 +867,7 @@ def merge(
         return out
 
     def run_passes(state: _State, inp: _Inputs) -> None:
-        names = [n for n in inp.names if _is_float(inp.infos[n].dtype)]
+        names = [n for n in inp.names if _is_float(inp.infos[n].dtype) and n not in head]
         index.update({n: j for j, n in enumerate(names)})  # the float-leaf index keying DARE's masks in memory
         budget = parse_size(readahead) if prefetch else 0
         if flat:
@@ -913,22 +919,48 @@ def merge(
     def fn(name: str, b: np.ndarray | None, fts: list[np.ndarray]) -> np.ndarray:
         if not _is_float(b.dtype):
             return b
+        if name in head:
+            bd, fd = _dev(b), tuple(_dev(x) for x in fts)
+            return np.asarray(jax.block_until_ready(_head_leaf(bd, fd)))
         return np.asarray(call(functools.partial(_merge_leaf, m), jnp.int32(index[name]), b, fts, lam))
 
     inp = _Inputs(base, finetuned)
     try:
+        head = _head_names(inp.names, heads)
         chunked = None
         if flat:
             def whole(name: str) -> np.ndarray:
+                if name in head:
+                    return fn(name, *inp.read(name))
                 b = inp.sources[0].read(name)
                 return b if not _is_float(b.dtype) else np.zeros(b.shape, b.dtype)  # an empty float tensor
 
             chunked = _Chunked(lambda dev: _merge_leaf(m, dict(stats), zero, dev[0], tuple(dev[1:]), key, weights, lam),
-                               whole, elements)
+                               whole, elements, frozenset(head))
         return merge_tensors(fn, base, finetuned, out, fingerprint=fingerprint, state_hook=run_passes, inputs=inp,
                              chunked=chunked, **common)
     finally:
         inp.close()
+
+
+def _head_names(names: Sequence[str], heads: str | None) -> set[str]:
+    """The float tensors whose names ``heads`` (a regular expression) matches, as ``tree.head_flags``."""
+    if heads is None:
+        return set()
+    if not isinstance(heads, str):
+        raise ValueError(f"streaming heads= takes a regular expression over tensor names, got {type(heads).__name__}")
+    pattern = re.compile(heads)
+    found = {n for n in names if pattern.search(n)}
+    if not found:
+        raise ValueError(f"heads pattern {heads!r} matches no tensor name; names look like {list(names)[:6]}")
+    return found
+
+
+@jax.jit
+def _head_leaf(base: jax.Array, fts: tuple) -> jax.Array:
+    """A head tensor: theta_0 + sum_t tau_t in the base's dtype (``merge.assemble``'s head leaves)."""
+    dt = acc_dtype(base.dtype)
+    return (jnp.asarray(base, dt) + sum(_leaf_task_vector(ft, base) for ft in fts)).astype(base.dtype)
 
 
 def _as_list(x: Any) -> list:

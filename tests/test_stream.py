@@ -459,3 +459,23 @@ def test_safetensors_writer_pieces(tmp_path):
     from safetensors.numpy import load_file
 
     np.testing.assert_array_equal(load_file(tmp_path / "x.safetensors")["a"], a)
+
+
+@pytest.mark.parametrize("method, hp", [
+    ("task_arithmetic", {"scale": 0.6}),
+    ("ties", {"density": 0.3}),
+    ("dare", {"drop_rate": 0.5, "key": jax.random.key(3)}),
+    ("breadcrumbs", {"beta": 0.2, "gamma": 0.1}),
+], ids=["ta", "ties", "dare", "breadcrumbs"])
+def test_heads_equal_in_memory(tmp_path, method, hp):
+    """heads=: matched tensors get base + sum_t tau_t and count in no statistic (global trim k, DARE leaf index)."""
+    base, fts, bpath, fpaths = _write_models(tmp_path)
+    heads = r"lm_head|embed_tokens"
+    got = _read(stream.merge(bpath, fpaths, method, tmp_path / "out", progress=False, heads=heads, chunk=1024, **hp))
+    want = getattr(mj, method)(_as_jax(base), [_as_jax(f) for f in fts], heads=heads, **hp)
+    for name in want:
+        np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
+    emb = "model.embed_tokens.weight"
+    np.testing.assert_allclose(got[emb], base[emb] + sum(f[emb] - base[emb] for f in fts), rtol=1e-6)
+    with pytest.raises(ValueError, match="matches no tensor"):
+        stream.merge(bpath, fpaths, method, tmp_path / "o2", progress=False, heads="nothing_like_this", **hp)
