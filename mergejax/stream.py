@@ -1,10 +1,24 @@
-"""Streaming, out-of-core merges: checkpoints on disk in, a sharded safetensors checkpoint out, one tensor at a time.
+"""Streaming, out-of-core merges: checkpoints on disk in, a sharded safetensors checkpoint out, piece by piece.
 
-:func:`merge` runs a mergejax method (``task_arithmetic``, ``ties``, ``dare``, ``breadcrumbs``, ``pcb``, ``average``,
-or any :class:`mergejax.Merger`) over Hugging Face safetensors directories (sharded with an index or not) and writes
-``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json`` (config.json and tokenizer files copied from
-the base). Each tensor is read, merged by the same jitted stages as the in-memory merge, and written, so host memory
-holds about T + 2 tensors at a time (plus the merge's own float32 intermediates of one tensor).
+:func:`merge` runs a mergejax method (``task_arithmetic``, ``ties``, ``dare``, ``breadcrumbs``, ``average``, or a
+:class:`mergejax.Merger` of the stages below) over Hugging Face safetensors directories (sharded with an index or
+not) or orbax checkpoints, and writes ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``
+(config.json and tokenizer files copied from the base), with the same jitted stages as the in-memory merge.
+
+Two engines:
+
+- **Chunked** (chains whose every stage maps coordinates independently given the whole-model statistics: the
+  reductions, ``ElectSign``, the global ``Trim``; so task arithmetic, TIES, ``average``): the float tensors, in
+  output order, are cut into flat chunks of ``chunk`` bytes (a large tensor spans several, small norms and biases
+  share one), read with positioned reads straight into 64-byte-aligned buffers that XLA takes without a copy, merged
+  by one program per dtype signature and power-of-two size bucket (a model compiles a handful of programs, not one
+  per tensor shape, and runs one dispatch per chunk, not per tensor), and written piece by piece. The next chunk is
+  read in a thread, and the previous one written, while XLA computes the current one. Host memory: a few chunks,
+  whatever the tensor sizes.
+- **Per tensor** (DARE, whose masks are keyed by tensor; Breadcrumbs and per-tensor trims, which rank within a
+  tensor; LiNeS, scaled by the tensor's block, before or after the reduction): one whole tensor at a time, the next ones read ahead while at most
+  ``readahead`` bytes are in flight: peak host memory is about (T + 2) x the largest tensor + ``readahead`` + a
+  constant.
 
 Operators with a whole-model quantity are computed exactly in streaming passes before the merge pass:
 
@@ -17,13 +31,24 @@ The merged tensors equal :func:`mergejax.chain` on the whole model loaded in mem
 bit, DARE included (its masks are keyed by (task, float-leaf index) in both, leaves taken in sorted name order, which
 is how JAX flattens a dict). One exception: DARE's ``rescale="l1"`` sums each tensor's |tau| in another order than the
 in-memory merge (which batches same-shaped tensors with ``vmap``), so its rescale factor may differ in the last bit.
+``heads=`` (a regex over tensor names) keeps the matched tensors per task (base + sum_t tau_t), outside every
+statistic, as in memory.
 
-Not streamed: PCB and LiNeS (whole-model order statistics / block structure; refused by name), per-task heads, and
-orbax *output* (orbax writes a tree at once: save the result of :func:`load_sharded` + an in-memory merge instead).
+A fine-tuned input may be a ternary (ComPEFT) expert saved by :func:`mergejax.ternary.save`: it is read leaf by leaf
+(:class:`mergejax.ternary.storage.TernarySource`) and enters the chain as its decoded task vector, as a
+``TernaryTaskVector`` does in memory (equal bit for bit, except DARE's rescale of a ternary input, which XLA fuses with
+the decode in memory: last-bit differences).
+
+Not streamed: PCB (two whole-model order statistics of derived quantities; refused by name) and orbax *output* (save
+the result of :func:`load_sharded` + an in-memory merge instead).
 
 Interruptions: shards are written under a temporary name and renamed when complete, and a small state file records
 the finished shards and the global statistics; rerunning the same merge into the same directory skips them. Progress
 (a tqdm bar over bytes read, with the read throughput) and logging come from process 0 only.
+
+Host memory details: glibc's mmap threshold is fixed at 1 MiB while merging (freed tensors go back to the OS at once,
+instead of staying in the malloc arenas of the reader and XLA threads), and the buffers whose zero-copy device views
+XLA released on its own threads are freed after each unit of work.
 """
 
 from __future__ import annotations
@@ -41,7 +66,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +85,7 @@ from mergejax.merge import Merger, _average_jit, breadcrumbs_chain, chain, dare_
 from mergejax.ops.base import leaf_keys, per_leaf_weights, rank_from_fraction
 from mergejax.ops.breadcrumbs import BreadcrumbsMask
 from mergejax.ops.dare import DareDrop, drop_and_rescale
+from mergejax.ops.lines import LiNeS
 from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Mean, Sum, WeightedSum
 from mergejax.ops.sign import ElectSign, keep_agreeing, sign_mass
 from mergejax.ops.trim import Trim
@@ -150,6 +176,10 @@ class OrbaxSource:
 def open_source(path: str | os.PathLike[str]):
     """A checkpoint for tensor-by-tensor reading: an orbax directory, or what ``convert.io.open_checkpoint`` opens."""
     p = Path(path)
+    if p.is_dir() and (p / "ternary.json").exists():  # a ComPEFT expert (mergejax.ternary.save), read as tau_t
+        from mergejax.ternary.storage import TernarySource
+
+        return TernarySource(p)
     if p.is_dir() and ((p / "_CHECKPOINT_METADATA").exists() or (p / "manifest.ocdbt").exists()):
         return OrbaxSource(p)
     return open_checkpoint(p)
@@ -191,6 +221,9 @@ class _Inputs:
         self.paths = [base, *finetuned] if base is not None else list(finetuned)
         self.has_base = base is not None
         self.sources = [open_source(p) for p in self.paths]
+        self.task_vector = tuple(bool(getattr(s, "task_vector", False)) for s in self.sources)
+        if self.has_base and self.task_vector[0]:
+            raise ValueError(f"{self.paths[0]}: the base must be a model checkpoint, not a task vector")
         ref = self.sources[0]
         self.names = list(ref.keys()) if getattr(ref, "ordered", False) else sorted(ref.keys())
         self.infos = {n: ref.info(n) for n in self.names}
@@ -205,6 +238,11 @@ class _Inputs:
                     raise ValueError(
                         f"{path}: tensor {n!r} has shape {b.shape} dtype {b.dtype}, expected {a.shape} {a.dtype}"
                     )
+
+    def wrap(self, fts: Any) -> tuple:
+        """The fine-tuned inputs for the jitted programs, task-vector sources (ternary experts) marked as such."""
+        flags = self.task_vector[1:] if self.has_base else self.task_vector
+        return tuple(_TV(x) if tv else x for x, tv in zip(fts, flags))
 
     def read(self, name: str) -> tuple[np.ndarray | None, list[np.ndarray]]:
         arrays = [_read_aligned(s, name) for s in self.sources]
@@ -686,9 +724,9 @@ def _named_chain(method: str, hp: dict[str, Any]) -> Merger:
 
 def _check_streamable(m: Merger) -> None:
     for s in m.stages:
-        if not isinstance(s, (Trim, ElectSign, DareDrop, *_PER_LEAF)):
+        if not isinstance(s, (Trim, ElectSign, DareDrop, LiNeS, *_PER_LEAF)):
             raise ValueError(
-                f"stage {type(s).__name__} cannot stream (streaming supports Trim, ElectSign, DareDrop, "
+                f"stage {type(s).__name__} cannot stream (streaming supports Trim, ElectSign, DareDrop, LiNeS, "
                 "BreadcrumbsMask and the Sum/Mean/Disjoint*/WeightedSum reductions)"
             )
 
@@ -716,14 +754,52 @@ def _apply_stage(s: Any, si: int, tvs: tuple, stats: dict, i: jax.Array, key: ja
     if isinstance(s, DareDrop):
         return tuple({n: drop_and_rescale(x, leaf_keys(skey, t, i), s.drop_rate, s.rescale) for n, x in tv.items()}
                      for t, tv in enumerate(tvs))
+    if isinstance(s, LiNeS):  # this tensor's block (traced: one program for every block) from its name
+        deep = stats[f"inblock{si}"] & (s.num_blocks > 1)
+        c = jnp.where(deep, s.alpha + s.beta * stats[f"block{si}"] / max(s.num_blocks - 1, 1), s.alpha)
+        return tuple({n: x * jnp.asarray(c, x.dtype) for n, x in tv.items()} for tv in tvs)
     return s(tvs, skey)
 
 
+def _leaf_stats(m: Merger, name: str) -> dict[str, jax.Array]:
+    """Per-tensor inputs of the stages (LiNeS: the tensor's block), traced alongside the whole-model statistics."""
+    out = {}
+    for si, s in enumerate(m.stages):
+        if isinstance(s, LiNeS):
+            block = dict(s.blocks).get(name)
+            out[f"block{si}"] = jnp.int32(0 if block is None else block)
+            out[f"inblock{si}"] = jnp.bool_(block is not None)
+    return out
+
+
+def _check_lines(m: Merger, names: Sequence[str]) -> None:
+    for s in m.stages:
+        if isinstance(s, LiNeS):
+            unknown = sorted({p for p, _ in s.blocks} - set(names))
+            if unknown:
+                raise ValueError(f"LiNeS block map names tensors that are not in the checkpoint: {unknown[:5]}")
+
+
+
+
+class _TV(NamedTuple):
+    """A fine-tuned input that is already a task vector tau_t (a ternary expert's decoded leaf), for the jitted
+    programs (a pytree node: which inputs are task vectors is part of the traced structure)."""
+
+    x: Any
+
+
+def _tau(ft: Any, base: jax.Array) -> jax.Array:
+    """tau_t of one leaf: ft - base in the accumulation dtype, or a task-vector input as is (as in memory)."""
+    if isinstance(ft, _TV):
+        return jnp.asarray(ft.x, acc_dtype(base.dtype)) if jnp.issubdtype(base.dtype, jnp.floating) else (
+            jnp.zeros_like(base))
+    return _leaf_task_vector(ft, base)
 
 
 def _prefix_impl(m: Merger, upto: int, stats: dict, i, base, fts, key, weights) -> tuple:
     m = m.with_weights(weights)  # inside the jit, as the in-memory merge does
-    tvs = tuple({_LEAF: _leaf_task_vector(ft, base)} for ft in fts)
+    tvs = tuple({_LEAF: _tau(ft, base)} for ft in fts)
     for si, s in enumerate(m.stages[:upto]):
         tvs = _apply_stage(s, si, tvs, stats, i, key)
     return tvs
@@ -827,6 +903,9 @@ def merge(
             return np.asarray(jax.block_until_ready(_average_jit(tuple({name: x} for x in dev))[name]))
 
         inp = _Inputs(None, finetuned)
+        if any(inp.task_vector):
+            inp.close()
+            raise ValueError("method average takes fine-tuned checkpoints, not task vectors (ternary experts)")
         try:
             chunked = _Chunked(lambda dev: _average_jit(tuple({_LEAF: x} for x in dev))[_LEAF],
                                lambda name: inp.sources[0].read(name), elements)
@@ -857,12 +936,14 @@ def merge(
     flat = _elementwise(m)
     zero = jnp.int32(0)
 
-    def call(g: Callable, i: jax.Array, b: np.ndarray, fts: Sequence[np.ndarray], *extra: Any) -> Any:
+    def call(g: Callable, i: jax.Array, b: np.ndarray, fts: Sequence[np.ndarray], *extra: Any,
+             name: str | None = None) -> Any:
         """``g(stats, i, base, fts, key, weights, *extra)`` on zero-copy device views of the host buffers, finished
         before the views are dropped (dropped on XLA's thread, a view would free its buffer only at the next
         garbage collection)."""
-        bd, fd = _dev(b), tuple(_dev(x) for x in fts)
-        out = jax.block_until_ready(g(dict(stats), i, bd, fd, key, weights, *extra))
+        bd, fd = _dev(b), inp.wrap(_dev(x) for x in fts)
+        leaf = {} if name is None else _leaf_stats(m, name)
+        out = jax.block_until_ready(g({**stats, **leaf}, i, bd, fd, key, weights, *extra))
         del bd, fd
         return out
 
@@ -893,7 +974,7 @@ def merge(
                 bar = _progress(sum(size(n) for n in names), progress, desc)
                 for n, (b, fts) in _pipelined(names, inp.read, budget, size):
                     f(n, lambda g, n=n, b=b, fts=fts: [np.asarray(x) for x in _as_list(call(g, jnp.int32(index[n]),
-                                                                                               b, fts))])
+                                                                                               b, fts, name=n))])
                     if bar is not None:
                         bar.update(size(n))
                     _release_views()
@@ -920,13 +1001,14 @@ def merge(
         if not _is_float(b.dtype):
             return b
         if name in head:
-            bd, fd = _dev(b), tuple(_dev(x) for x in fts)
+            bd, fd = _dev(b), inp.wrap(_dev(x) for x in fts)
             return np.asarray(jax.block_until_ready(_head_leaf(bd, fd)))
-        return np.asarray(call(functools.partial(_merge_leaf, m), jnp.int32(index[name]), b, fts, lam))
+        return np.asarray(call(functools.partial(_merge_leaf, m), jnp.int32(index[name]), b, fts, lam, name=name))
 
     inp = _Inputs(base, finetuned)
     try:
         head = _head_names(inp.names, heads)
+        _check_lines(m, inp.names)
         chunked = None
         if flat:
             def whole(name: str) -> np.ndarray:
@@ -935,7 +1017,8 @@ def merge(
                 b = inp.sources[0].read(name)
                 return b if not _is_float(b.dtype) else np.zeros(b.shape, b.dtype)  # an empty float tensor
 
-            chunked = _Chunked(lambda dev: _merge_leaf(m, dict(stats), zero, dev[0], tuple(dev[1:]), key, weights, lam),
+            chunked = _Chunked(lambda dev: _merge_leaf(m, dict(stats), zero, dev[0], inp.wrap(dev[1:]), key,
+                                                           weights, lam),
                                whole, elements, frozenset(head))
         return merge_tensors(fn, base, finetuned, out, fingerprint=fingerprint, state_hook=run_passes, inputs=inp,
                              chunked=chunked, **common)
@@ -960,7 +1043,7 @@ def _head_names(names: Sequence[str], heads: str | None) -> set[str]:
 def _head_leaf(base: jax.Array, fts: tuple) -> jax.Array:
     """A head tensor: theta_0 + sum_t tau_t in the base's dtype (``merge.assemble``'s head leaves)."""
     dt = acc_dtype(base.dtype)
-    return (jnp.asarray(base, dt) + sum(_leaf_task_vector(ft, base) for ft in fts)).astype(base.dtype)
+    return (jnp.asarray(base, dt) + sum(_tau(ft, base) for ft in fts)).astype(base.dtype)
 
 
 def _as_list(x: Any) -> list:

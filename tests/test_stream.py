@@ -479,3 +479,57 @@ def test_heads_equal_in_memory(tmp_path, method, hp):
     np.testing.assert_allclose(got[emb], base[emb] + sum(f[emb] - base[emb] for f in fts), rtol=1e-6)
     with pytest.raises(ValueError, match="matches no tensor"):
         stream.merge(bpath, fpaths, method, tmp_path / "o2", progress=False, heads="nothing_like_this", **hp)
+
+
+def _lines_stage():
+    blocks = {"model.layers.0.mlp.up_proj.weight": 0, "model.layers.1.mlp.up_proj.weight": 2,
+              "model.embed_tokens.weight": 1}
+    return mj.lines(0.3, 0.7, blocks, num_blocks=3)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: mj.chain(_lines_stage(), mj.Sum()),
+    lambda: mj.chain(mj.Trim(0.3, "global"), mj.ElectSign(), mj.DisjointMean(), _lines_stage()),  # TIES then LiNeS
+    lambda: mj.chain(_lines_stage(), mj.Trim(0.4, "global"), mj.ElectSign(), mj.DisjointMean()),
+], ids=["lines-sum", "ties-then-lines", "lines-then-ties"])
+def test_lines_equals_in_memory(tmp_path, make):
+    """LiNeS (Wang et al., 2025, Eq. 3): each tensor scaled by its block's coefficient, before or after the reduction,
+    also ahead of a global trim (its statistic passes see the scaled vectors)."""
+    base, fts, bpath, fpaths = _write_models(tmp_path)
+    chain = make()
+    got = _read(stream.merge(bpath, fpaths, chain, tmp_path / "out", scale=0.8, progress=False))
+    want = chain(_as_jax(base), [_as_jax(f) for f in fts], scale=0.8)
+    for name in want:
+        np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
+    bad = mj.chain(mj.lines(0.3, 0.7, {"no.such.tensor": 0}), mj.Sum())
+    with pytest.raises(ValueError, match="no.such.tensor"):
+        stream.merge(bpath, fpaths, bad, tmp_path / "o2", progress=False)
+
+
+@pytest.mark.parametrize("method, hp", [
+    ("task_arithmetic", {"scale": 0.5}),
+    ("ties", {"density": 0.3}),
+    ("dare", {"drop_rate": 0.4, "key": jax.random.key(2)}),
+], ids=["ta", "ties", "dare"])
+def test_ternary_experts_as_inputs(tmp_path, method, hp):
+    """A ComPEFT expert saved with mergejax.ternary.save streams in as its decoded task vector, leaf by leaf, and the
+    merge equals the in-memory one given the loaded TernaryTaskVector."""
+    from mergejax import ternary
+
+    base, fts, bpath, fpaths = _write_models(tmp_path)
+    tau = {k: jnp.asarray(fts[1][k], jnp.float32) - jnp.asarray(base[k], jnp.float32)
+           if np.issubdtype(base[k].dtype, np.floating) else jnp.zeros_like(jnp.asarray(base[k])) for k in base}
+    ternary.save(tmp_path / "expert", ternary.compress(tau, density=0.3))
+    inputs = [fpaths[0], tmp_path / "expert", fpaths[2]]
+    got = _read(stream.merge(bpath, inputs, method, tmp_path / "out", progress=False, chunk=1024, **hp))
+    b = _as_jax(base)
+    want = getattr(mj, method)(b, [_as_jax(fts[0]), ternary.load(tmp_path / "expert"), _as_jax(fts[2])], **hp)
+    for name in want:
+        w = np.asarray(want[name])
+        if method == "dare":  # in memory XLA fuses the decode into the drop-and-rescale: last-bit differences
+            np.testing.assert_array_equal(got[name] == base[name], w == base[name], err_msg=name)
+            np.testing.assert_allclose(got[name], w, rtol=4e-6, atol=1e-7, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got[name], w, err_msg=name)
+    with pytest.raises(ValueError, match="task vector"):
+        stream.merge(tmp_path / "expert", fpaths, method, tmp_path / "o2", progress=False, **hp)

@@ -41,6 +41,7 @@ __all__ = [
     "save",
     "load",
     "read_metadata",
+    "TernarySource",
     "FORMAT_NAME",
     "FORMAT_VERSION",
 ]
@@ -125,6 +126,16 @@ def read_metadata(directory: epath.PathLike) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------------- handler
+def _decode_blob(blob: bytes | memoryview, entry: dict, info: LeafInfo, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (mask, sign) bitmaps of one leaf's blob, after checking its CRC-32 (errors name ``where``)."""
+    if _crc(blob) != entry["crc32"]:
+        raise TernaryCheckpointError(f"{where}: checksum mismatch (corrupted data)")
+    try:
+        return codec.decode_leaf(blob, info.shape)
+    except codec.CodecError as e:
+        raise TernaryCheckpointError(f"{where}: {e}") from None
+
+
 class TernaryCheckpointHandler(ocp.CheckpointHandler):
     """Orbax handler for :class:`~mergejax.ternary.TernaryTaskVector` (use with :class:`TernarySave` /
     :class:`TernaryRestore`). Saving gathers each leaf's bitmaps to the host and entropy-codes them one leaf at a
@@ -207,13 +218,7 @@ class TernaryCheckpointHandler(ocp.CheckpointHandler):
                 raise TernaryCheckpointError(
                     f"{where}: file truncated: the leaf needs bytes [{start}, {start + length}), file has {len(data)}"
                 )
-            blob = data[start : start + length]
-            if _crc(blob) != entry["crc32"]:
-                raise TernaryCheckpointError(f"{where}: checksum mismatch (corrupted data)")
-            try:
-                mask, sign = codec.decode_leaf(blob, info.shape)
-            except codec.CodecError as e:
-                raise TernaryCheckpointError(f"{where}: {e}") from None
+            mask, sign = _decode_blob(data[start : start + length], entry, info, where)
             bsh = bitmap_sharding(sharding, info)
             masks.append(jax.device_put(mask, bsh))
             signs.append(jax.device_put(sign, bsh))
@@ -326,3 +331,74 @@ def load(directory: epath.PathLike, *, sharding: Any = None, like: Any = None) -
         return checkpointer.restore(directory, args=TernaryRestore(sharding=sharding, like=like))
     finally:
         checkpointer.close()
+
+
+class TernarySource:
+    """A ternary checkpoint read one leaf at a time as its dense task vector (a ``mergejax.convert.io`` tensor
+    source, for :mod:`mergejax.stream`): the metadata once, then per leaf one positioned read of its blob, checked
+    (length, CRC) and decoded to the accumulation dtype, as ``TernaryTaskVector.decode_leaf``; non-float leaves read
+    as zeros. Peak memory: one leaf.
+
+    ``task_vector = True`` tells the streaming merge these tensors are task vectors tau_t, not fine-tuned weights.
+
+    Args:
+      directory: the checkpoint (item) directory (an orphaned ``.NAME.old-*`` from a killed save is put back first).
+    """
+
+    task_vector = True
+
+    def __init__(self, directory: epath.PathLike):
+        from mergejax import fsutil
+
+        self.path = epath.Path(directory)
+        if not self.path.exists():
+            fsutil.recover(os.fspath(self.path))
+        meta = read_metadata(self.path)
+        self._entries = {e["path"]: e for e in meta["leaves"]}
+        streams = self.path / STREAMS_FILE
+        if not streams.exists():
+            raise TernaryCheckpointError(f"{streams} not found (incomplete checkpoint)")
+        self._size = streams.stat().length
+        if self._size != meta["streams_bytes"]:
+            raise TernaryCheckpointError(
+                f"{streams}: {self._size} bytes, metadata says {meta['streams_bytes']} (truncated or extended)")
+        self._fd: int | None = os.open(os.fspath(streams), os.O_RDONLY)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def _leaf(self, key: str) -> LeafInfo:
+        e = self._entries[key]
+        return LeafInfo(e["path"], tuple(e["shape"]), e["dtype"], bool(e["coded"]))
+
+    def info(self, key: str) -> Any:
+        from mergejax.convert.io import TensorInfo
+        from mergejax.tree import acc_dtype
+
+        leaf = self._leaf(key)
+        dtype = np.dtype(jax.numpy.dtype(leaf.dtype))
+        return TensorInfo(leaf.shape, np.dtype(acc_dtype(dtype)) if leaf.coded else dtype)
+
+    def read(self, key: str) -> np.ndarray:
+        from mergejax.ternary.device import _decode_jit
+
+        leaf, entry, info = self._leaf(key), self._entries[key], self.info(key)
+        if not leaf.coded:
+            return np.zeros(info.shape, info.dtype)
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        start, length = int(entry["offset"]), int(entry["length"])
+        where = f"{self.path / STREAMS_FILE}, leaf {leaf.path!r} (shape {leaf.shape}, dtype {leaf.dtype})"
+        blob = os.pread(self._fd, length, start)
+        if len(blob) != length:
+            raise TernaryCheckpointError(f"{where}: file truncated: the leaf needs bytes [{start}, {start + length})")
+        mask, sign = _decode_blob(blob, entry, leaf, where)
+        return np.asarray(_decode_jit(mask, sign, np.float32(entry["scale"]), shape=leaf.shape, dtype=info.dtype))
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self.read(key)[index]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
