@@ -13,6 +13,12 @@ expert=TernarySave(ttv))``) and a ``CheckpointManager`` can keep several; orbax 
 :func:`save` does the same for a bare directory: it writes a temporary sibling and swaps it in with renames, so a
 save that fails part-way leaves the earlier checkpoint at that path intact.
 
+Under ``jax.distributed`` (more than one process) nothing is gathered: each process entropy-codes the shards of each
+leaf's bitmaps that its devices hold (replica 0 only) as separate blobs into ``streams-<process>.bin`` and lists them
+in ``shards-<process>.json``; orbax's ``finalize`` on the primary joins those lists into ``ternary.json`` (per leaf,
+its shards: bitmap index range, file, offset, length, CRC) and removes them, and :func:`save`'s swap runs on the
+primary alone. Loading assembles each leaf from its shards' blobs, one leaf at a time.
+
 Every blob's length and CRC are checked before decoding, and the decoder checks its own framing: a truncated or
 corrupted file raises :class:`TernaryCheckpointError` naming the leaf, never returns wrong weights.
 """
@@ -136,10 +142,138 @@ def _decode_blob(blob: bytes | memoryview, entry: dict, info: LeafInfo, where: s
         raise TernaryCheckpointError(f"{where}: {e}") from None
 
 
+def _write_metadata(directory: epath.Path, settings: dict, structure: Any, leaves: list[dict], **layout: Any) -> None:
+    """ternary.json: ``settings`` (density, alpha, scope, scale_rule), the tree ``structure``, the file layout and
+    the per-leaf entries, with the metadata's own CRC-32."""
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "codec_version": codec.CODEC_VERSION,
+        **{k: settings[k] for k in ("density", "alpha", "scope", "scale_rule")},
+        "structure": structure,
+        **layout,
+        "leaves": leaves,
+    }
+    meta["metadata_crc32"] = _metadata_crc(meta)
+    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def _settings(spec: TernarySpec) -> dict:
+    return {"density": spec.density, "alpha": spec.alpha, "scope": spec.scope, "scale_rule": spec.scale_rule}
+
+
+def _process_file(kind: str, process: int) -> str:
+    return f"{kind}-{process:05d}.{'bin' if kind == 'streams' else 'json'}"
+
+
+def _save_process_shards(directory: epath.Path, ttv: TernaryTaskVector) -> None:
+    """One process's part of a multi-process save: the shards of every leaf's bitmaps that this process holds
+    (replica 0 only, so each shard is written once), each entropy-coded as its own blob into
+    ``streams-<process>.bin``, and their index, offsets, lengths and CRCs into ``shards-<process>.json``. Nothing is
+    gathered: each process reads only its own devices' shards.
+    """
+    pid = jax.process_index()
+    entries: list[list[dict]] = []
+    scales: list[float | None] = []
+    offset = 0
+    with open(os.fspath(directory / _process_file("streams", pid)), "wb") as f:
+        for j, (mask, sign, scale) in enumerate(zip(ttv.mask, ttv.sign, ttv.scale)):
+            mine = []
+            signs = {sh.device: sh for sh in sign.addressable_shards}
+            for sh in mask.addressable_shards:
+                if sh.replica_id != 0:
+                    continue
+                words = np.asarray(sh.data)
+                dense = words.shape[:-1] + (words.shape[-1] * 32,)  # the shard as a leaf of whole words
+                blob = codec.encode_leaf(words, np.asarray(signs[sh.device].data), dense)
+                f.write(blob)
+                index = [[sl.start or 0, words.shape[a] + (sl.start or 0)] for a, sl in enumerate(sh.index)]
+                mine.append({"index": index, "shape": list(dense), "file": _process_file("streams", pid),
+                             "offset": offset, "length": len(blob), "crc32": _crc(blob),
+                             "nnz": codec.read_header(blob).nnz})
+                offset += len(blob)
+            entries.append(mine)
+            scales.append(float(np.asarray(scale.addressable_data(0), np.float32)))
+        f.flush()
+        os.fsync(f.fileno())
+    part = {"process": pid, "streams_bytes": offset, "shards": entries, "scales": scales}
+    if pid == 0:
+        spec = ttv.spec
+        part["spec"] = {**_settings(spec), "leaves": [dataclasses.asdict(i) for i in spec.leaves]}
+        part["structure"] = _structure_to_json(spec.treedef)
+    (directory / _process_file("shards", pid)).write_text(json.dumps(part))
+
+
+def _finalize_process_shards(directory: epath.Path) -> None:
+    """The primary's finalisation of a multi-process save: ternary.json from every process's shard list."""
+    parts = sorted((json.loads(p.read_text()) for p in directory.glob("shards-*.json")), key=lambda q: q["process"])
+    if not parts or parts[0]["process"] != 0:
+        raise TernaryCheckpointError(f"{directory}: the primary's shard list is missing (unfinished save)")
+    head = parts[0]["spec"]
+    coded = [i for i in head["leaves"] if i["coded"]]
+    leaves, j = [], 0
+    for info in head["leaves"]:
+        entry = {"path": info["path"], "shape": list(info["shape"]), "dtype": info["dtype"], "coded": info["coded"]}
+        if info["coded"]:
+            shards = [s for q in parts for s in q["shards"][j]]
+            entry.update(shards=shards, nnz=sum(s["nnz"] for s in shards), scale=parts[0]["scales"][j])
+            j += 1
+        leaves.append(entry)
+    if j != len(coded) or any(len(q["shards"]) != len(coded) for q in parts):
+        raise TernaryCheckpointError(f"{directory}: the processes' shard lists disagree on the leaves")
+    files = {_process_file("streams", q["process"]): q["streams_bytes"] for q in parts}
+    _write_metadata(directory, head, parts[0]["structure"], leaves, streams_files=files)
+    for q in parts:
+        (directory / _process_file("shards", q["process"])).unlink()
+
+
+class _ShardFiles:
+    """The per-process stream files of a multi-process checkpoint, read one shard blob at a time."""
+
+    def __init__(self, directory: epath.Path, meta: dict):
+        self.directory = epath.Path(directory)
+        self._fds: dict[str, int] = {}
+        for name, size in meta["streams_files"].items():
+            path = self.directory / name
+            if not path.exists():
+                raise TernaryCheckpointError(f"{path} not found (incomplete checkpoint)")
+            if path.stat().length != size:
+                raise TernaryCheckpointError(f"{path}: {path.stat().length} bytes, metadata says {size}")
+            self._fds[name] = os.open(os.fspath(path), os.O_RDONLY)
+
+    def leaf_words(self, entry: dict, info: LeafInfo) -> tuple[np.ndarray, np.ndarray]:
+        """A leaf's whole (mask, sign) bitmaps, assembled from its shards' blobs (each checked)."""
+        wshape = codec.packed_shape(info.shape)
+        mask, sign = np.zeros(wshape, np.uint32), np.zeros(wshape, np.uint32)
+        covered = 0
+        for sh in entry["shards"]:
+            where = f"{self.directory / sh['file']}, leaf {info.path!r} shard {sh['index']}"
+            fd = self._fds.get(sh["file"])
+            if fd is None:
+                raise TernaryCheckpointError(f"{where}: file not listed in the metadata")
+            blob = os.pread(fd, int(sh["length"]), int(sh["offset"]))
+            if len(blob) != int(sh["length"]):
+                raise TernaryCheckpointError(f"{where}: file truncated")
+            m, g = _decode_blob(blob, sh, dataclasses.replace(info, shape=tuple(sh["shape"])), where)
+            region = tuple(slice(a, b) for a, b in sh["index"])
+            mask[region], sign[region] = m, g
+            covered += m.size
+        if covered != mask.size:
+            raise TernaryCheckpointError(f"{self.directory}: leaf {info.path!r}: its shards cover {covered} of "
+                                         f"{mask.size} bitmap words (incomplete checkpoint)")
+        return mask, sign
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 class TernaryCheckpointHandler(ocp.CheckpointHandler):
     """Orbax handler for :class:`~mergejax.ternary.TernaryTaskVector` (use with :class:`TernarySave` /
-    :class:`TernaryRestore`). Saving gathers each leaf's bitmaps to the host and entropy-codes them one leaf at a
-    time (peak host memory: about one leaf's bitmaps, 2 bits per parameter, plus its unpacked bits)."""
+    :class:`TernaryRestore`). A single process entropy-codes each leaf's bitmaps one leaf at a time (peak host
+    memory: about one leaf's bitmaps, 2 bits per parameter, plus its unpacked bits); several processes each code the
+    shards they hold, and the primary's :meth:`finalize` writes the metadata (see the module docstring)."""
 
     def save(self, directory: epath.Path, args: "TernarySave") -> None:
         ttv = args.item
@@ -147,6 +281,9 @@ class TernaryCheckpointHandler(ocp.CheckpointHandler):
             raise TypeError(f"TernarySave expects a TernaryTaskVector, got {type(ttv).__name__}")
         directory = epath.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if jax.process_count() > 1:
+            _save_process_shards(directory, ttv)  # the primary's finalize() writes ternary.json
+            return
         spec = ttv.spec
         leaves, offset, j = [], 0, 0
         with open(os.fspath(directory / STREAMS_FILE), "wb") as f:
@@ -169,20 +306,7 @@ class TernaryCheckpointHandler(ocp.CheckpointHandler):
                 leaves.append(entry)
             f.flush()
             os.fsync(f.fileno())
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "codec_version": codec.CODEC_VERSION,
-            "density": spec.density,
-            "alpha": spec.alpha,
-            "scope": spec.scope,
-            "scale_rule": spec.scale_rule,
-            "structure": _structure_to_json(spec.treedef),
-            "streams_bytes": offset,
-            "leaves": leaves,
-        }
-        meta["metadata_crc32"] = _metadata_crc(meta)
-        (directory / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+        _write_metadata(directory, _settings(spec), _structure_to_json(spec.treedef), leaves, streams_bytes=offset)
 
     def restore(self, directory: epath.Path, args: "TernaryRestore | None" = None) -> TernaryTaskVector:
         args = args or TernaryRestore()
@@ -204,11 +328,24 @@ class TernaryCheckpointHandler(ocp.CheckpointHandler):
         spec = TernarySpec(treedef, infos, float(meta["density"]), float(meta["alpha"]), meta["scope"],
                            meta["scale_rule"])
         shardings = _leaf_shardings(args.sharding, treedef, len(infos))
+        masks, signs, scales = [], [], []
+        if "streams_files" in meta:  # written by several processes: per-process files, one blob per shard
+            files = _ShardFiles(directory, meta)
+            try:
+                for entry, info, sharding in zip(meta["leaves"], infos, shardings):
+                    if info.coded:
+                        mask, sign = files.leaf_words(entry, info)
+                        bsh = bitmap_sharding(sharding, info)
+                        masks.append(jax.device_put(mask, bsh))
+                        signs.append(jax.device_put(sign, bsh))
+                        scales.append(jax.device_put(np.float32(entry["scale"]), _replicated(sharding)))
+            finally:
+                files.close()
+            return TernaryTaskVector(tuple(masks), tuple(signs), tuple(scales), spec)
         streams_path = directory / STREAMS_FILE
         if not streams_path.exists():
             raise TernaryCheckpointError(f"{streams_path} not found (incomplete checkpoint)")
         data = memoryview(streams_path.read_bytes())
-        masks, signs, scales = [], [], []
         for entry, info, sharding in zip(meta["leaves"], infos, shardings):
             if not info.coded:
                 continue
@@ -234,7 +371,11 @@ class TernaryCheckpointHandler(ocp.CheckpointHandler):
         return read_metadata(directory)
 
     def finalize(self, directory: epath.Path) -> None:
-        del directory
+        """On the primary process, after every process saved: joins the processes' shard lists into ternary.json
+        (a no-op for a single-process save, which wrote it already)."""
+        directory = epath.Path(directory)
+        if not (directory / METADATA_FILE).exists():
+            _finalize_process_shards(directory)
 
     def close(self) -> None:
         pass
@@ -294,18 +435,77 @@ def save(directory: epath.PathLike, ttv: TernaryTaskVector) -> None:
     from mergejax import fsutil
 
     path = epath.Path(os.path.abspath(os.fspath(directory)))
+    if jax.process_count() > 1:
+        _save_multiprocess(path, ttv)
+        return
+    _check_target(path)
+    with fsutil.atomic_dir(path) as tmp:
+        _orbax_save(epath.Path(tmp), ttv)
+
+
+def _check_target(path: epath.Path) -> None:
+    from mergejax import fsutil
+
     fsutil.recover(path)
     if path.exists():
         if not path.is_dir() or (any(path.iterdir()) and not (path / METADATA_FILE).is_file()):
             raise TernaryCheckpointError(
                 f"{path} exists and is not a ternary checkpoint; refusing to replace it (choose another directory)"
             )
-    with fsutil.atomic_dir(path) as tmp:
-        checkpointer = ocp.Checkpointer(TernaryCheckpointHandler())
+
+
+def _orbax_save(tmp: epath.Path, ttv: TernaryTaskVector) -> None:
+    checkpointer = ocp.Checkpointer(TernaryCheckpointHandler())
+    try:
+        checkpointer.save(tmp, args=TernarySave(ttv))
+    finally:
+        checkpointer.close()
+
+
+def _broadcast_text(text: str) -> str:
+    """Process 0's ``text`` in every process (at most 4096 UTF-8 bytes)."""
+    from jax.experimental import multihost_utils
+
+    raw = text.encode()[:4096].ljust(4096, b"\0") if jax.process_index() == 0 else bytes(4096)
+    got = multihost_utils.broadcast_one_to_all(np.frombuffer(raw, np.uint8))
+    return bytes(np.asarray(got, np.uint8)).rstrip(b"\0").decode()
+
+
+def _save_multiprocess(path: epath.Path, ttv: TernaryTaskVector) -> None:
+    """:func:`save` under ``jax.distributed``: every process writes the shards it holds (no leaf is gathered), the
+    primary writes the metadata (orbax's finalize) and alone swaps the new directory in; the others wait for it.
+
+    Every process must call it with the same arguments; the directory must be on a file system they all see.
+    """
+    from jax.experimental import multihost_utils
+
+    from mergejax import fsutil
+
+    primary = jax.process_index() == 0
+    swap, failure = None, None
+    if primary:
         try:
-            checkpointer.save(epath.Path(tmp), args=TernarySave(ttv))
-        finally:
-            checkpointer.close()
+            _check_target(path)
+            swap = fsutil.atomic_dir(path)
+            message = "T" + os.fspath(swap.__enter__())
+        except Exception as e:  # every process raises it
+            failure, message = e, f"E{type(e).__name__}: {e}"
+    else:
+        message = ""
+    message = _broadcast_text(message)
+    if message.startswith("E"):
+        if failure is not None:
+            raise failure
+        raise TernaryCheckpointError(f"process 0 could not start the save of {path}: {message[1:]}")
+    try:
+        _orbax_save(epath.Path(message[1:]), ttv)
+    except BaseException as e:
+        if swap is not None:
+            swap.__exit__(type(e), e, e.__traceback__)
+        raise
+    if swap is not None:
+        swap.__exit__(None, None, None)  # renames the finished directory into place
+    multihost_utils.sync_global_devices(f"mergejax.ternary.save:{path}")
 
 
 def load(directory: epath.PathLike, *, sharding: Any = None, like: Any = None) -> TernaryTaskVector:
@@ -355,6 +555,10 @@ class TernarySource:
             fsutil.recover(os.fspath(self.path))
         meta = read_metadata(self.path)
         self._entries = {e["path"]: e for e in meta["leaves"]}
+        self._fd: int | None = None
+        self._files = _ShardFiles(self.path, meta) if "streams_files" in meta else None  # a multi-process save
+        if self._files is not None:
+            return
         streams = self.path / STREAMS_FILE
         if not streams.exists():
             raise TernaryCheckpointError(f"{streams} not found (incomplete checkpoint)")
@@ -362,7 +566,7 @@ class TernarySource:
         if self._size != meta["streams_bytes"]:
             raise TernaryCheckpointError(
                 f"{streams}: {self._size} bytes, metadata says {meta['streams_bytes']} (truncated or extended)")
-        self._fd: int | None = os.open(os.fspath(streams), os.O_RDONLY)
+        self._fd = os.open(os.fspath(streams), os.O_RDONLY)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -385,6 +589,9 @@ class TernarySource:
         leaf, entry, info = self._leaf(key), self._entries[key], self.info(key)
         if not leaf.coded:
             return np.zeros(info.shape, info.dtype)
+        if self._files is not None:
+            mask, sign = self._files.leaf_words(entry, leaf)
+            return np.asarray(_decode_jit(mask, sign, np.float32(entry["scale"]), shape=leaf.shape, dtype=info.dtype))
         if self._fd is None:
             raise ValueError(f"{self.path} is closed")
         start, length = int(entry["offset"]), int(entry["length"])
@@ -402,3 +609,5 @@ class TernarySource:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._files is not None:
+            self._files.close()
