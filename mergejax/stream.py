@@ -39,8 +39,11 @@ A fine-tuned input may be a ternary (ComPEFT) expert saved by :func:`mergejax.te
 ``TernaryTaskVector`` does in memory (equal bit for bit, except DARE's rescale of a ternary input, which XLA fuses with
 the decode in memory: last-bit differences).
 
-Not streamed: PCB (two whole-model order statistics of derived quantities; refused by name) and orbax *output* (save
-the result of :func:`load_sharded` + an in-memory merge instead).
+Output: sharded safetensors, or with ``out_format="orbax"`` one orbax checkpoint per output shard written as it
+completes (``orbax-0000i-of-0000N`` + ``orbax.index.json``, read back by :class:`OrbaxShardsSource`), from one
+process.
+
+Not streamed: PCB (two whole-model order statistics of derived quantities; refused by name).
 
 Interruptions: shards are written under a temporary name and renamed when complete, and a small state file records
 the finished shards and the global statistics; rerunning the same merge into the same directory skips them. Progress
@@ -91,9 +94,11 @@ from mergejax.ops.sign import ElectSign, keep_agreeing, sign_mass
 from mergejax.ops.trim import Trim
 from mergejax.tree import _leaf_apply, _leaf_task_vector, acc_dtype
 
-__all__ = ["merge", "merge_tensors", "load_sharded", "OrbaxSource", "open_source", "STATE_FILE", "COPIED_FILES"]
+__all__ = ["merge", "merge_tensors", "load_sharded", "OrbaxSource", "OrbaxShardsSource", "open_source", "STATE_FILE",
+           "COPIED_FILES", "ORBAX_INDEX"]
 
 STATE_FILE = ".mergejax-stream.json"
+ORBAX_INDEX = "orbax.index.json"  # tensor name -> the orbax checkpoint (of out_format="orbax") holding it
 READAHEAD = "256MB"  # default bound on the input bytes read ahead of the merge
 CHUNK = "16MiB"  # default flat chunk of the elementwise chains (bytes of one float32 input buffer)
 COPIED_FILES = (
@@ -176,6 +181,8 @@ class OrbaxSource:
 def open_source(path: str | os.PathLike[str]):
     """A checkpoint for tensor-by-tensor reading: an orbax directory, or what ``convert.io.open_checkpoint`` opens."""
     p = Path(path)
+    if p.is_dir() and (p / ORBAX_INDEX).exists():
+        return OrbaxShardsSource(p)
     if p.is_dir() and (p / "ternary.json").exists():  # a ComPEFT expert (mergejax.ternary.save), read as tau_t
         from mergejax.ternary.storage import TernarySource
 
@@ -269,6 +276,10 @@ def _plan_shards(names: list[str], infos: dict[str, TensorInfo], limit: int) -> 
     return shards
 
 
+def _orbax_shard_name(i: int, n: int) -> str:
+    return f"orbax-{i + 1:05d}-of-{n:05d}"
+
+
 def _shard_name(i: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
@@ -290,7 +301,8 @@ class _State:
             if old.get("fingerprint") != fingerprint or old.get("plan") != plan:
                 raise FileExistsError(f"{out} holds an unfinished different merge ({STATE_FILE}); remove the directory")
             self.data = old
-        elif out.exists() and any(p.suffix == ".safetensors" for p in out.iterdir()):
+        elif out.exists() and any(p.suffix == ".safetensors" or p.name == ORBAX_INDEX or p.name.startswith("orbax-")
+                                  for p in out.iterdir()):
             raise FileExistsError(f"{out} already holds a checkpoint; choose a new directory or remove it")
         out.mkdir(parents=True, exist_ok=True)
         self.save()
@@ -338,6 +350,7 @@ def merge_tensors(
     inputs: _Inputs | None = None,
     state_hook: Callable[["_State", "_Inputs"], None] | None = None,
     chunked: "_Chunked | None" = None,
+    out_format: str = "safetensors",
 ) -> Path:
     """Writes ``fn(name, base_tensor, finetuned_tensors)`` for every tensor name, shard by shard, resumably.
 
@@ -354,6 +367,7 @@ def merge_tensors(
       prefetch: read the next tensors' inputs in a thread while the current one merges and is written.
       readahead: at most this many bytes of inputs read ahead ("256MB" or bytes): peak host memory is about
         (T + 2) x the largest tensor + ``readahead`` + a constant.
+      out_format: ``"safetensors"`` or ``"orbax"`` (one orbax checkpoint per output shard, see :func:`merge`).
       inputs, state_hook, chunked: internal (:func:`merge` runs its statistic passes in ``state_hook`` and its
         elementwise chains over flat chunks).
 
@@ -361,6 +375,11 @@ def merge_tensors(
       ``out`` as a Path.
     """
     out = Path(out)
+    if out_format not in ("safetensors", "orbax"):
+        raise ValueError(f"out_format must be 'safetensors' or 'orbax', got {out_format!r}")
+    if out_format == "orbax" and jax.process_count() > 1:
+        raise ValueError("out_format='orbax' streams from one process; with jax.distributed save the result of "
+                         "load_sharded + an in-memory merge with orbax instead")
     inp = inputs or _Inputs(base, finetuned)
     try:
         infos = {
@@ -378,7 +397,7 @@ def merge_tensors(
         budget = parse_size(readahead) if prefetch else 0
         _return_freed_memory()
         if jax.process_index() == 0:
-            sink = _ShardSink(out, plan, todo, infos, state)
+            sink = (_OrbaxShardSink if out_format == "orbax" else _ShardSink)(out, plan, todo, infos, state)
             try:
                 names = [n for i in todo for n in plan[i]]
                 if chunked is None:
@@ -392,7 +411,10 @@ def merge_tensors(
         if bar is not None:
             bar.close()
         if jax.process_index() == 0:
-            if len(plan) > 1:
+            if out_format == "orbax":
+                weight_map = {n: _orbax_shard_name(i, len(plan)) for i, names in enumerate(plan) for n in names}
+                _write_json(out / ORBAX_INDEX, {"format": "mergejax.orbax-shards", "weight_map": weight_map})
+            elif len(plan) > 1:
                 weight_map = {n: _shard_name(i, len(plan)) for i, names in enumerate(plan) for n in names}
                 total = sum(infos[n].nbytes for n in inp.names)
                 _write_json(out / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -457,6 +479,103 @@ def _per_tensor_pass(fn: Callable, names: list[str], inp: _Inputs, infos: dict[s
         if bar is not None:
             bar.update(size(name))
         _release_views()
+
+
+def _nest(flat: dict[str, np.ndarray]) -> dict:
+    """{"a/b": x} -> {"a": {"b": x}} (orbax keys; a safetensors name such as "model.layers.0.w" stays one key)."""
+    tree: dict = {}
+    for name, x in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = x
+    return tree
+
+
+class _OrbaxShardSink:
+    """The output as orbax checkpoints, one per planned shard (``orbax-0000i-of-0000N``, each a
+    ``StandardCheckpointer`` tree of its tensors, written when its last piece arrives, atomically by orbax) plus
+    ``orbax.index.json``: host memory holds one output shard (``max_shard_size``) at a time."""
+
+    def __init__(self, out: Path, plan: list[list[str]], todo: Sequence[int], infos: dict[str, TensorInfo],
+                 state: "_State"):
+        self.out, self.plan, self.infos, self.state = out, plan, infos, state
+        self.queue = collections.deque(todo)
+        self._arrays: dict[str, np.ndarray] = {}
+        self._filled: dict[str, int] = {}
+        self._order: list[str] = []
+        self._settle()
+
+    def _settle(self) -> None:
+        while self.queue:
+            i = self.queue[0]
+            names = self.plan[i]
+            if not self._arrays:
+                self._order = [n for n in names if self.infos[n].nbytes > 0]
+                self._arrays = {n: np.empty(int(np.prod(self.infos[n].shape, dtype=np.int64)), self.infos[n].dtype)
+                                for n in names}
+                self._filled = {n: 0 for n in names}
+            if any(self._filled[n] < self._arrays[n].size for n in names):
+                return
+            import orbax.checkpoint as ocp
+
+            tree = _nest({n: self._arrays[n].reshape(self.infos[n].shape) for n in names})
+            ckpt = ocp.PyTreeCheckpointer()
+            ckpt.save(self.out / _orbax_shard_name(i, len(self.plan)), tree, force=True)
+            self._arrays, self._filled, self._order = {}, {}, []
+            self.state.mark(self.queue.popleft())
+
+    def put(self, name: str, piece: np.ndarray) -> None:
+        if piece.size == 0:
+            return
+        current = next((n for n in self._order if self._filled[n] < self._arrays[n].size), None)
+        if current != name:
+            raise ValueError(f"tensor {name!r} written out of order (expected {current!r})")
+        start = self._filled[name]
+        self._arrays[name][start : start + piece.size] = piece.reshape(-1)
+        self._filled[name] = start + piece.size
+        self._settle()
+
+    def finish(self) -> None:
+        if self.queue:
+            raise ValueError(f"orbax shard {self.queue[0]} is incomplete")
+
+    def abort(self) -> None:
+        self._arrays, self._filled, self._order = {}, {}, []
+
+
+class OrbaxShardsSource:
+    """The ``out_format="orbax"`` output of :func:`merge` (orbax checkpoints per shard + ``orbax.index.json``),
+    read one tensor at a time (a TensorSource)."""
+
+    ordered = True
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._map: dict[str, str] = json.loads((self.path / ORBAX_INDEX).read_text())["weight_map"]
+        self._shards: dict[str, OrbaxSource] = {}
+
+    def _src(self, key: str) -> OrbaxSource:
+        shard = self._map[key]
+        if shard not in self._shards:
+            self._shards[shard] = OrbaxSource(self.path / shard)
+        return self._shards[shard]
+
+    def keys(self) -> list[str]:
+        return list(self._map)
+
+    def info(self, key: str) -> TensorInfo:
+        return self._src(key).info(key)
+
+    def read(self, key: str) -> np.ndarray:
+        return self._src(key).read(key)
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self._src(key).read_slice(key, index)
+
+    def close(self) -> None:
+        self._shards.clear()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -859,6 +978,7 @@ def merge(
     readahead: int | str = READAHEAD,
     chunk: int | str = CHUNK,
     heads: str | None = None,
+    out_format: str = "safetensors",
     **hyperparameters: Any,
 ) -> Path:
     """Streams a merge of checkpoints on disk into a sharded safetensors checkpoint ``out``.
@@ -885,6 +1005,9 @@ def merge(
       prefetch: overlap reading the next inputs with merging and writing the current ones.
       readahead: at most this many bytes of inputs read ahead ("256MB" or bytes).
       chunk: the flat chunk of the elementwise chains, in bytes of a float32 input buffer ("16MiB" or bytes).
+      out_format: ``"safetensors"`` (Hugging Face shards + index) or ``"orbax"``: one orbax checkpoint per output
+        shard, each written as soon as its tensors are merged (host memory then also holds one output shard:
+        choose ``max_shard_size``), with ``orbax.index.json``; :func:`open_source` and :func:`load_sharded` read it.
       heads: a regular expression searched in tensor names: the tensors it matches stay per task (base + sum_t
         tau_t) and no stage sees them (they count in no global statistic), as ``heads=`` in memory.
       **hyperparameters: the named method's keywords (density, scope, drop_rate, beta, ...).
@@ -893,7 +1016,8 @@ def merge(
       ``out``. The tensors equal ``method`` applied in memory to the dict ``{name: tensor}`` of each checkpoint.
     """
     elements = max(1, parse_size(chunk) // 4)
-    common = dict(max_shard_size=max_shard_size, progress=progress, prefetch=prefetch, readahead=readahead)
+    common = dict(max_shard_size=max_shard_size, progress=progress, prefetch=prefetch, readahead=readahead,
+                  out_format=out_format)
     if method == "average":
         if hyperparameters or scale is not None:
             raise ValueError("method average takes no hyperparameters")
