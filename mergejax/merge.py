@@ -37,11 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.ops.base import Stage, TaskVectors, leaf_table
+from mergejax.ops.base import Stage, TaskVectors, leaf_table, run_stages
 from mergejax.ops.breadcrumbs import BreadcrumbsMask
 from mergejax.ops.dare import DareDrop, Rescale
 from mergejax.ops.pcb import PCB
 from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Sum
+from mergejax.ops.schedule import merge_leaf_by_leaf, schedulable
 from mergejax.ops.sign import ElectSign, SignMethod
 from mergejax.ops.trim import Scope, Trim
 from mergejax.precision import warn_float16_overflow, warn_float64
@@ -79,6 +80,7 @@ __all__ = [
     "breadcrumbs_chain",
 ]
 
+Schedule = Literal["auto", "leaves", "program"]
 Heads = Any  # a path regex, a boolean mask tree with the base's structure, or None
 Weights = Any  # None, T floats, or {leaf path: [T]} / a tree of [T] arrays (per-leaf weights)
 
@@ -257,10 +259,7 @@ def assemble(base: PyTree, merged: PyTree, tvs: TaskVectors, flags: tuple[bool, 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _run(stages: Sequence[Stage], tvs: TaskVectors, key: jax.Array | None, offset: int = 0) -> TaskVectors:
-    for i, stage in enumerate(stages):
-        tvs = stage(tvs, None if key is None else jax.random.fold_in(key, offset + i))
-    return tvs
+_run = run_stages
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -395,8 +394,16 @@ class Merger:
         heads: Heads = None,
         key: jax.Array | None = None,
         check_finite: bool = True,
+        donate: bool = False,
+        schedule: Schedule = "auto",
     ) -> PyTree:
         """theta_0 + scale * merged task vector of ``finetuned`` against ``base``, in the base's dtypes.
+
+        An eager call on concrete, unsharded arrays runs leaf by leaf (:mod:`mergejax.ops.schedule`) when every stage
+        allows it (the data-free methods do): one small program per leaf signature, so compile time does not grow
+        with the number of leaves, and peak memory is the output plus one leaf position's temporaries. Otherwise
+        (inside the caller's ``jit``/``vmap``/``grad``, sharded leaves, compressed inputs, stages that need leaf
+        paths) the merge is one traced program.
 
         Args:
           base: pre-trained parameters theta_0.
@@ -411,6 +418,11 @@ class Merger:
           key: ``jax.random`` key, required when a stage draws random numbers.
           check_finite: report NaN/Inf inputs by model and leaf path (computed inside the merge program; skipped under
             the caller's tracing).
+          donate: the caller no longer needs ``base`` and ``finetuned``: their buffers are donated (leaf by leaf:
+            each leaf's inputs are deleted once its output exists), so the merge needs no memory beyond the
+            inputs. The inputs are deleted afterwards (a NaN/Inf report is still raised).
+          schedule: ``"auto"`` (above), ``"leaves"`` (leaf by leaf, an error where it does not apply) or
+            ``"program"`` (one traced program).
 
         Returns:
           The merged tree, with the base's structure and dtypes.
@@ -421,12 +433,26 @@ class Merger:
         self._check_key(key)
         flags = tuple(head_flags(base, heads))
         models_traced = is_traced(base, entries)
-        fused = check_finite and not models_traced and not is_traced(scale, weights, key, self)
+        eager = not models_traced and not is_traced(scale, weights, key, self)
+        if schedule not in ("auto", "leaves", "program"):
+            raise ValueError(f"schedule must be 'auto', 'leaves' or 'program', got {schedule!r}")
+        if schedule != "program" and eager and schedulable(self.stages, base, entries):
+            out, finite, _ = merge_leaf_by_leaf(self.stages, base, entries, jnp.asarray(scale, jnp.float32),
+                                                _as_weights(weights), key, flags, check=check_finite, donate=donate)
+            if check_finite:
+                raise_nonfinite(_finite_names(base, entries, "finetuned", True), finite)
+            warn_float16_overflow(out)
+            return out
+        if schedule == "leaves":
+            raise ValueError("schedule='leaves' needs an eager call on concrete, unsharded models or TaskVectors and "
+                             "stages that run leaf by leaf (leafwise or with host_stats)")
+        fused = check_finite and eager
         if check_finite and not models_traced and not fused:  # traced scale/weights: a separate check
             check_finite_many([base, *[e for e in entries if not _is_encoded(e)]],
                               what=["base", *[f"finetuned[{i}]" for i, e in enumerate(entries) if not _is_encoded(e)]])
-        out, finite = _merge_models_jit(self, base, entries, jnp.asarray(scale, jnp.float32), _as_weights(weights), key,
-                                        flags=flags, check=fused)
+        run = _merge_models_donating if donate and not models_traced else _merge_models_jit
+        out, finite = run(self, base, entries, jnp.asarray(scale, jnp.float32), _as_weights(weights), key,
+                          flags=flags, check=fused)
         if fused and not is_traced(finite):  # (concrete inputs inside the caller's trace give traced flags)
             names = _finite_names(base, entries, "finetuned", True)
             raise_nonfinite(names, unpack_flags(jax.device_get(finite), len(names)))
@@ -494,11 +520,14 @@ def _task_vectors_stacked(base: PyTree, entries: tuple) -> TaskVectors:
     return tuple(out)
 
 
-@partial(jax.jit, static_argnames=("flags", "check"))
-def _merge_models_jit(m: Merger, base: PyTree, entries: tuple, scale, weights, key, *, flags, check):
+def _merge_models(m: Merger, base: PyTree, entries: tuple, scale, weights, key, *, flags, check):
     tvs = _task_vectors_stacked(base, entries)
     finite = _input_flags(base, entries, True) if check else None
     return merge_body(m, base, tvs, scale, weights, key, flags), finite
+
+
+_merge_models_jit = jax.jit(_merge_models, static_argnames=("flags", "check"))
+_merge_models_donating = jax.jit(_merge_models, static_argnames=("flags", "check"), donate_argnames=("base", "entries"))
 
 
 def chain(*stages: Stage) -> Merger:

@@ -180,13 +180,49 @@ class Trim(Transform):
             check_fraction("density", d)
         _check_scope(self.scope)
 
+    @property
+    def leafwise(self) -> bool:  # type: ignore[override]
+        """Per-tensor trims are leafwise; a global one needs its thresholds first (:meth:`host_stats`)."""
+        return self.scope == "tensor"
+
+    def host_stats(self, run) -> jax.Array:
+        """The global thresholds [T], computed leaf by leaf (:class:`mergejax.ops.schedule.Runner`).
+
+        Args:
+          run: the leaf-by-leaf runner of this stage's input.
+
+        Returns:
+          float32 [T]: each task's k-th largest magnitude over all its float leaves (+inf where k = 0).
+        """
+        dens = _densities(self.density, run.n_tasks)
+        ks = [rank_from_fraction(d, run.n) for d in dens]
+        live = [t for t, k in enumerate(ks) if k > 0]
+        out = jnp.full((run.n_tasks,), jnp.inf, jnp.float32)
+        if live:
+            keys = run.kth(("tasks", tuple(live)), [ks[t] for t in live], magnitude=True)
+            out = out.at[jnp.asarray(live)].set(key_to_float(keys))
+        return out
+
+    def stat_values(self, tvs: TaskVectors, name: str, given) -> list[jax.Array]:
+        """The values whose order statistics :meth:`host_stats` needs at one leaf: the live tasks' entries
+        (``name = ("tasks", live task indices)``)."""
+        return [float_leaves(tvs[t])[0] for t in name[1]]
+
+    def apply_with(self, tvs: TaskVectors, stats: jax.Array, key: jax.Array | None = None) -> TaskVectors:
+        """Keeps ``|x| >= stats[t]`` in task vector t (thresholds from :meth:`host_stats`)."""
+        paths = [p for p, x in paths_and_leaves(tvs[0]) if is_float(x)]
+        return _keep(tvs, tuple({p: stats[t] for p in paths} for t in range(len(tvs))))
+
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         ts = magnitude_thresholds_many(tvs, self.density, scope=self.scope, radix_bits=self.radix_bits)
         paths = [p for p, x in paths_and_leaves(tvs[0]) if is_float(x)]
-        tables = tuple(dict(zip(paths, t)) for t in ts)
+        return _keep(tvs, tuple(dict(zip(paths, t)) for t in ts))
 
-        def keep(xs, i, thresholds):
-            return [jnp.where(jnp.abs(x) >= t.astype(x.dtype), x, jnp.zeros_like(x)) for x, t in zip(xs, thresholds)]
 
-        return map_float_leaves(lambda xs, i, ex: keep(xs, i, ex), tvs, extras=tables)
+def _keep(tvs: TaskVectors, tables: tuple) -> TaskVectors:
+    """Each task vector with the entries below its leaf's threshold (``tables[t][path]``) set to 0."""
 
+    def keep(xs, i, thresholds):
+        return [jnp.where(jnp.abs(x) >= t.astype(x.dtype), x, jnp.zeros_like(x)) for x, t in zip(xs, thresholds)]
+
+    return map_float_leaves(lambda xs, i, ex: keep(xs, i, ex), tvs, extras=tables)
