@@ -450,9 +450,13 @@ class Merger:
         if check_finite and not models_traced and not fused:  # traced scale/weights: a separate check
             check_finite_many([base, *[e for e in entries if not _is_encoded(e)]],
                               what=["base", *[f"finetuned[{i}]" for i, e in enumerate(entries) if not _is_encoded(e)]])
-        run = _merge_models_donating if donate and not models_traced else _merge_models_jit
+        donating = donate and not models_traced and not _aliased(base, entries)
+        run = _merge_models_donating if donating else _merge_models_jit
         out, finite = run(self, base, entries, jnp.asarray(scale, jnp.float32), _as_weights(weights), key,
                           flags=flags, check=fused)
+        if donate and not models_traced:
+            jax.block_until_ready(out)
+            _delete_inputs(base, entries, keep=out)
         if fused and not is_traced(finite):  # (concrete inputs inside the caller's trace give traced flags)
             names = _finite_names(base, entries, "finetuned", True)
             raise_nonfinite(names, unpack_flags(jax.device_get(finite), len(names)))
@@ -527,7 +531,22 @@ def _merge_models(m: Merger, base: PyTree, entries: tuple, scale, weights, key, 
 
 
 _merge_models_jit = jax.jit(_merge_models, static_argnames=("flags", "check"))
-_merge_models_donating = jax.jit(_merge_models, static_argnames=("flags", "check"), donate_argnames=("base", "entries"))
+_merge_models_donating = jax.jit(_merge_models, static_argnames=("flags", "check"), donate_argnames=("base",))
+
+
+def _aliased(base: PyTree, entries: Sequence[Any]) -> bool:
+    """Whether a buffer of ``base`` is also passed as a leaf of an entry (it cannot be donated then)."""
+    ids = {id(x) for x in jax.tree_util.tree_leaves(base)}
+    return any(id(x) in ids for e in entries for x in jax.tree_util.tree_leaves(e))
+
+
+def _delete_inputs(base: PyTree, entries: Sequence[Any], keep: PyTree) -> None:
+    """Deletes the device buffers of ``base`` and ``entries`` (``donate=True``: the caller gave them up), except
+    those that are leaves of ``keep`` (the result: a non-float leaf is the base's own array)."""
+    kept = {id(x) for x in jax.tree_util.tree_leaves(keep)}
+    for x in jax.tree_util.tree_leaves((base, tuple(entries))):
+        if isinstance(x, jax.Array) and id(x) not in kept and not x.is_deleted():
+            x.delete()
 
 
 def chain(*stages: Stage) -> Merger:
@@ -611,6 +630,7 @@ def task_arithmetic(
     weights: Weights = None,
     heads: Heads = None,
     check_finite: bool = True,
+    donate: bool = False,
 ) -> PyTree:
     """Task arithmetic (Ilharco et al., 2023, Eq. 2): theta = theta_0 + lambda * sum_t w_t tau_t.
 
@@ -623,6 +643,8 @@ def task_arithmetic(
       weights: per-task weights w_t (default 1).
       heads: leaves kept per task (see :meth:`Merger.__call__`).
       check_finite: report NaN/Inf inputs by path.
+      donate: the inputs are no longer needed: their buffers are freed as the merge consumes them (deleted
+        afterwards; see :meth:`Merger.__call__`).
 
     Returns:
       The merged model, with the base's structure and dtypes.
@@ -633,7 +655,8 @@ def task_arithmetic(
       ...                    scale=0.5)["w"].tolist()
       [1.5, 2.0]
     """
-    return chain(Sum())(base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)
+    return chain(Sum())(base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite,
+                        donate=donate)
 
 
 _DISJOINT = {"mean": DisjointMean, "sum": DisjointSum, "max": DisjointMax}
@@ -657,6 +680,7 @@ def ties(
     weights: Weights = None,
     heads: Heads = None,
     check_finite: bool = True,
+    donate: bool = False,
 ) -> PyTree:
     """TIES-Merging (Yadav et al., 2023, Alg. 1): trim, elect sign, disjoint merge; theta = theta_0 + lambda tau_m.
 
@@ -681,6 +705,8 @@ def ties(
       weights: per-task weights (mergekit semantics, above).
       heads: leaves kept per task.
       check_finite: report NaN/Inf inputs by path.
+      donate: the inputs are no longer needed: their buffers are freed as the merge consumes them (deleted
+        afterwards; see :meth:`Merger.__call__`).
 
     Returns:
       The merged model, with the base's structure and dtypes.
@@ -693,7 +719,7 @@ def ties(
       [1.0, 2.0, 0.0, 3.0]
     """
     return ties_chain(density=density, scope=scope, sign_method=sign_method, reduce=reduce)(
-        base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)
+        base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite, donate=donate)
 
 
 def ties_chain(*, density: float | Sequence[float] = 0.2, scope: Scope = "global", sign_method: SignMethod = "sum",
@@ -716,6 +742,7 @@ def dare(
     weights: Weights = None,
     heads: Heads = None,
     check_finite: bool = True,
+    donate: bool = False,
 ) -> PyTree:
     """DARE (Yu et al., 2024, Eq. 2) followed by task arithmetic or TIES (DARE-TIES, which still trims after dropping).
 
@@ -732,12 +759,15 @@ def dare(
       weights: per-task weights, as in :func:`task_arithmetic` / :func:`ties`.
       heads: leaves kept per task.
       check_finite: report NaN/Inf inputs by path.
+      donate: the inputs are no longer needed: their buffers are freed as the merge consumes them (deleted
+        afterwards; see :meth:`Merger.__call__`).
 
     Returns:
       The merged model, with the base's structure and dtypes.
     """
     m = dare_chain(drop_rate=drop_rate, rescale=rescale, combine=combine, density=density, scope=scope)
-    return m(base, finetuned, scale=scale, weights=weights, heads=heads, key=key, check_finite=check_finite)
+    return m(base, finetuned, scale=scale, weights=weights, heads=heads, key=key, check_finite=check_finite,
+             donate=donate)
 
 
 def dare_chain(*, drop_rate: float = 0.9, rescale: Rescale = "inverse",
@@ -762,6 +792,7 @@ def breadcrumbs(
     weights: Weights = None,
     heads: Heads = None,
     check_finite: bool = True,
+    donate: bool = False,
 ) -> PyTree:
     """Model Breadcrumbs (Davari and Belilovsky, 2024): theta = theta_0 + lambda sum_t w_t mask_t * tau_t.
 
@@ -777,12 +808,14 @@ def breadcrumbs(
       weights: per-task weights w_t.
       heads: leaves kept per task.
       check_finite: report NaN/Inf inputs by path.
+      donate: the inputs are no longer needed: their buffers are freed as the merge consumes them (deleted
+        afterwards; see :meth:`Merger.__call__`).
 
     Returns:
       The merged model, with the base's structure and dtypes.
     """
     return breadcrumbs_chain(beta=beta, gamma=gamma)(base, finetuned, scale=scale, weights=weights, heads=heads,
-                                                     check_finite=check_finite)
+                                                     check_finite=check_finite, donate=donate)
 
 
 def breadcrumbs_chain(*, beta: float = 0.15, gamma: float = 0.006) -> Merger:
@@ -799,6 +832,7 @@ def pcb(
     weights: Weights = None,
     heads: Heads = None,
     check_finite: bool = True,
+    donate: bool = False,
 ) -> PyTree:
     """PCB-Merging (Du et al., 2024, Eqs. 3-7): balanced per-parameter weights; theta = theta_0 + lambda tau_m.
 
@@ -810,8 +844,11 @@ def pcb(
       weights: per-task weights, applied to the task vectors before balancing (PCB has none of its own).
       heads: leaves kept per task.
       check_finite: report NaN/Inf inputs by path.
+      donate: the inputs are no longer needed: their buffers are freed as the merge consumes them (deleted
+        afterwards; see :meth:`Merger.__call__`).
 
     Returns:
       The merged model, with the base's structure and dtypes.
     """
-    return chain(PCB(ratio))(base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)
+    return chain(PCB(ratio))(base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite,
+                             donate=donate)

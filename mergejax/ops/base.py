@@ -200,6 +200,14 @@ class _PreWeighted(Reduction):
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         return self.inner(scale_tasks(tvs, self.weights), key)
 
+    def stat_values(self, tvs: TaskVectors, name: Any, given: Any) -> Any:
+        """The wrapped reduction's leaf statistics of w_t tau_t (see :mod:`mergejax.ops.schedule`)."""
+        return self.inner.stat_values(scale_tasks(tvs, self.weights), name, given)
+
+    def apply_with(self, tvs: TaskVectors, stats: Any, key: jax.Array | None = None) -> TaskVectors:
+        """The wrapped reduction on w_t tau_t with its global statistics given."""
+        return self.inner.apply_with(scale_tasks(tvs, self.weights), stats, key)
+
 
 def scale_tasks(tvs: TaskVectors, weights: Any) -> TaskVectors:
     """w_t * tau_t for every float leaf; ``weights`` is ``[T]`` or ``{path: [T]}`` (missing paths: weight 1)."""

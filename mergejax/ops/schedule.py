@@ -75,19 +75,18 @@ def _prefix(stages: tuple, base: jax.Array, entries: tuple, index, key, tv_mask:
 
 
 @partial(jax.jit, static_argnames=("tv_mask", "q", "name", "mode", "magnitude", "stride"))
-def _stat_program(stages, base, entries, index, key, cands, *, tv_mask, q, name, mode, magnitude, stride):
+def _stat_program(stages, base, entries, index, key, cands, given, *, tv_mask, q, name, mode, magnitude, stride):
     """One leaf: the stage-q input there, then its ``stat_values`` sampled, counted, bounded or returned."""
     tvs = _prefix(stages, base, entries, index, key, tv_mask, q)
     with leaf_index(index):
-        values = stages[q].stat_values(tvs, name, None)
+        values = stages[q].stat_values(tvs, name, given)
     if mode == "value":
         return values
-    if mode == "sample":
-        keys = [ordered_key(jnp.abs(v) if magnitude else v).ravel() for v in values]
-        return jnp.stack([k[stride // 2 :: stride] if stride > 1 else k for k in keys])
     counter = _Counter([[v] for v in values], magnitude)
-    if mode == "extremes":
-        return counter.extremes()
+    if mode in ("sample", "sample+extremes"):
+        keys = [ordered_key(jnp.abs(v) if magnitude else v).ravel() for v in values]
+        picked = jnp.stack([k[stride // 2 :: stride] if stride > 1 else k for k in keys])
+        return picked, counter.extremes() if mode == "sample+extremes" else None
     return counter.counts(cands)
 
 
@@ -117,8 +116,9 @@ _head_jit = jax.jit(_head, static_argnames=("tv_mask", "check"))
 class Runner:
     """Computes a stage's global statistics leaf by leaf (the argument of ``stage.host_stats``).
 
-    ``stage.stat_values(tvs, name, None)`` gives, at one leaf (``tvs``: T one-leaf trees, the stage's input there),
-    the values a statistic ranks or sums. Attributes: ``n`` (float entries per task over the merged leaves),
+    ``stage.stat_values(tvs, name, given)`` gives, at one leaf (``tvs``: T one-leaf trees, the stage's input there),
+    the values a statistic ranks or sums; ``given`` is data computed in an earlier round (e.g. PCB's clamp bounds
+    before its weights' quantile). Attributes: ``n`` (float entries per task over the merged leaves),
     ``n_tasks``.
     """
 
@@ -127,45 +127,49 @@ class Runner:
         self.n = plan.n
         self.n_tasks = plan.n_tasks
 
-    def _call(self, j: int, cands, name: Hashable, mode: str, magnitude: bool = False, stride: int = 1):
+    def _call(self, j: int, cands, name: Hashable, mode: str, magnitude: bool = False, stride: int = 1,
+              given: Any = None):
         p = self.plan
         return _stat_program(p.stages_at(j, self.q + 1), p.b_leaves[j], p.entries_at(j), jnp.int32(p.index[j]),
-                             p.key, cands, tv_mask=p.tv_mask, q=self.q, name=name, mode=mode, magnitude=magnitude,
+                             p.key, cands, given, tv_mask=p.tv_mask, q=self.q, name=name, mode=mode, magnitude=magnitude,
                              stride=stride)
 
-    def total(self, name: Hashable) -> Any:
+    def total(self, name: Hashable, given: Any = None) -> Any:
         """The sum over leaves of ``stat_values`` (int64 for integer values: exact).
 
         Args:
           name: which statistic (static, hashable).
+          given: data for ``stat_values``.
 
         Returns:
           The summed values, as numpy arrays.
         """
-        parts = jax.device_get([self._call(j, None, name, "value") for j in self.plan.positions])
+        parts = jax.device_get([self._call(j, None, name, "value", given=given) for j in self.plan.positions])
         return jax.tree_util.tree_map(
             lambda *xs: np.sum([np.asarray(x, np.int64 if np.issubdtype(np.asarray(x).dtype, np.integer)
                                            else np.float64) for x in xs], axis=0), *parts)
 
-    def maximum(self, name: Hashable) -> Any:
+    def maximum(self, name: Hashable, given: Any = None) -> Any:
         """The maximum over leaves of ``stat_values`` (a pytree of arrays).
 
         Args:
           name: which statistic (static, hashable).
+          given: data for ``stat_values``.
 
         Returns:
           The elementwise maxima, as numpy arrays.
         """
-        parts = jax.device_get([self._call(j, None, name, "value") for j in self.plan.positions])
+        parts = jax.device_get([self._call(j, None, name, "value", given=given) for j in self.plan.positions])
         return jax.tree_util.tree_map(lambda *xs: np.max(np.stack(xs), axis=0), *parts)
 
-    def kth(self, name: Hashable, ks: Sequence[int], *, magnitude: bool = False) -> jax.Array:
+    def kth(self, name: Hashable, ks: Sequence[int], *, magnitude: bool = False, given: Any = None) -> jax.Array:
         """Exact k-th largest of each of G value groups over all leaves (ties kept), by host-driven counting passes.
 
         Args:
           name: which statistic; ``stat_values`` returns G arrays shaped like the leaf.
           ks: G ranks, 1 <= k <= n.
           magnitude: rank |x|.
+          given: data for ``stat_values``.
 
         Returns:
           [G] ordered keys (``mergejax.ops.select.key_to_float`` turns them into values).
@@ -173,23 +177,22 @@ class Runner:
         positions = self.plan.positions
         key_dtype = _key_spec(self.plan.float_dtype)[0]
 
-        def sample(stride):
-            parts = jax.device_get([self._call(j, None, name, "sample", magnitude, stride) for j in positions])
-            keep = [x for x in parts if x.shape[1]]
-            return jnp.asarray(np.concatenate(keep, axis=1))
-
-        def extremes():
-            parts = jax.device_get([self._call(j, None, name, "extremes", magnitude) for j in positions])
-            return (jnp.asarray(np.min([p[0] for p in parts], axis=0)),
-                    jnp.asarray(np.max([p[1] for p in parts], axis=0)))
+        def sample(stride, with_extremes):
+            mode = "sample+extremes" if with_extremes else "sample"
+            parts = jax.device_get([self._call(j, None, name, mode, magnitude, stride, given) for j in positions])
+            keys = jnp.asarray(np.concatenate([x for x, _ in parts if x.shape[1]], axis=1))
+            if not with_extremes:
+                return keys, None
+            return keys, (jnp.asarray(np.min([e[0] for _, e in parts], axis=0)),
+                          jnp.asarray(np.max([e[1] for _, e in parts], axis=0)))
 
         def counts(cands):
-            parts = jax.device_get([self._call(j, cands, name, "count", magnitude) for j in positions])
+            parts = jax.device_get([self._call(j, cands, name, "count", magnitude, given=given) for j in positions])
             total = sum((np.asarray(h, np.int64) << 16) + np.asarray(l, np.int64) for h, l in parts)
             return jnp.asarray(total >> 16, jnp.int32), jnp.asarray(total & 0xFFFF, jnp.int32)
 
         keys, self.plan.passes = kth_largest_scheduled(self.n, ks, key_dtype=key_dtype, sample=sample,
-                                                       extremes=extremes, counts=counts, magnitude=magnitude)
+                                                       counts=counts, magnitude=magnitude)
         return keys
 
 
@@ -228,6 +231,8 @@ class _Plan:
         w = self.weights[j]
         out = []
         for q, s in enumerate(self.stages[:upto]):
+            if hasattr(s, "canonical") and not getattr(s, "leafwise", False):
+                s = s.canonical()  # hyperparameters only its host_stats read: a new density compiles nothing
             if w is not None:
                 s = s.with_weights(w)
             out.append(Given(s, self.given[q]) if q in self.given else s)
@@ -263,11 +268,12 @@ def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[An
             plan.given[q] = s.host_stats(Runner(plan, q))
     out = list(plan.b_leaves)
     finite: dict[int, Any] = {}
-    final = _final_donating if donate else _final_jit
     for j, b in enumerate(plan.b_leaves):
         if not is_float(b):
             continue
         ent = plan.entries_at(j)
+        aliased = any(e is b for e in ent)  # the same buffer passed twice cannot be donated
+        final = _final_donating if donate and not aliased else _final_jit
         if flags[j]:
             out[j], finite[j] = _head_jit(b, ent, tv_mask=plan.tv_mask, check=check)
         else:

@@ -344,15 +344,17 @@ def _sorted_keys(groups, idx: list[int], magnitude: bool, build: Callable) -> ja
 
 
 _SPREAD = np.asarray([0.0, -0.4, 0.4, -0.8, 0.8, -1.3, 1.3, -2.0, 2.0, -3.0, 3.0, -4.5, 4.5, -7.0, 7.0])
+_SPREAD_CPU = np.asarray([0.0, -0.7, 0.7, -2.5, 2.5, -7.0, 7.0])  # 8 candidates: as many as a CPU interpolation pass
 
 
-def _sample_candidates(sorted_desc: jax.Array, ks: np.ndarray, ns: np.ndarray) -> jax.Array:
+def _sample_candidates(sorted_desc: jax.Array, ks: np.ndarray, ns: np.ndarray, spread: np.ndarray = _SPREAD
+                       ) -> jax.Array:
     """[m, D] candidates: sample order statistics around the target rank k s / n (plus the central one + 1)."""
     s = sorted_desc.shape[1]
     q = ks / ns
     r = (ks - 1) * (s / ns)
     sd = np.sqrt(s * q * (1 - q)) + 1.0
-    ranks = np.clip(np.rint(r[:, None] + sd[:, None] * _SPREAD[None]), 0, s - 1).astype(np.int32)
+    ranks = np.clip(np.rint(r[:, None] + sd[:, None] * spread[None]), 0, s - 1).astype(np.int32)
     picked = jnp.take_along_axis(sorted_desc, jnp.asarray(ranks), axis=1)
     return jnp.concatenate([picked, picked[:, :1] + 1], axis=1)  # + 1: an exact hit when the target value ties
 
@@ -505,8 +507,7 @@ def kth_largest_scheduled(
     ks: Sequence[int],
     *,
     key_dtype,
-    sample: Callable[[int], jax.Array],
-    extremes: Callable[[], tuple[jax.Array, jax.Array]],
+    sample: Callable[[int, bool], tuple[jax.Array, tuple[jax.Array, jax.Array] | None]],
     counts: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
     magnitude: bool = False,
 ) -> tuple[jax.Array, int]:
@@ -514,14 +515,15 @@ def kth_largest_scheduled(
 
     The same search as :func:`kth_largest_groups` (strided-sample pass, then interpolation passes, each at least
     halving the bracket; exact, ties kept), but every pass is a call of ``counts`` that the caller implements, e.g.
-    as one small compiled program per leaf signature whose per-leaf counts it sums. G groups of n entries each.
+    as one small compiled program per leaf signature whose per-leaf counts it sums. G groups of n entries each. On
+    CPU the sampled pass counts as many candidates as the later ones (8), so one counting program serves every pass.
 
     Args:
       n: the number of entries of every group.
       ks: G static ranks, 1 <= k <= n.
       key_dtype: the ordered-key dtype (uint32 for float32 data).
-      sample: ``sample(stride)`` -> [G, s] ordered keys of every ``stride``-th entry (stride 1: all entries).
-      extremes: () -> ([G], [G]) the smallest and largest key of each group.
+      sample: ``sample(stride, extremes)`` -> ([G, s] ordered keys of every ``stride``-th entry (stride 1: all),
+        ([G], [G]) the smallest and largest key of each group when ``extremes`` else None).
       counts: ``counts(cands)`` with cands [G, D] keys -> the exact totals ``#{key >= cand}`` as int32 (hi, lo) 16-bit
         halves, [G, D] each.
       magnitude: the keys are of |x| (the search starts at +0.0).
@@ -537,21 +539,23 @@ def kth_largest_scheduled(
     kn = np.asarray(ks, np.float64)
     ns = np.full((G,), float(n))
     if n <= SORT_MAX:
-        desc = _descending(sample(1))
+        desc = _descending(sample(1, False)[0])
         return jnp.take_along_axis(desc, jnp.asarray(np.asarray(ks, np.int32) - 1)[:, None], axis=1)[:, 0], 0
-    desc = _descending(sample(_next_prime(-(-n // SAMPLE_SIZE))))
-    first = _sample_candidates(desc, kn, np.full((G,), float(n)) * desc.shape[1] / desc.shape[1])
+    need_extremes = _needs_extremes(kn, ns, np.ones((G,), bool))
+    keys, ext = sample(_next_prime(-(-n // SAMPLE_SIZE)), need_extremes)
+    cpu = jax.default_backend() == "cpu"
+    first = _sample_candidates(_descending(keys), kn, ns, _SPREAD_CPU if cpu else _SPREAD)
     lo = jnp.full((G,), (key_t(1) << (nbits - 1)) if magnitude else 0, key_dtype)
     hi = jnp.full((G,), np.iinfo(np.dtype(key_dtype)).max, key_dtype)
-    if _needs_extremes(kn, ns, np.ones((G,), bool)):
-        lo, hi = extremes()
+    if need_extremes:
+        lo, hi = ext
     k_arr = np.asarray(ks, np.int64)
     k_hi, k_lo = jnp.asarray(k_arr >> 16, jnp.int32), jnp.asarray(k_arr & (_HALF - 1), jnp.int32)
     k_f = jnp.asarray(k_arr, float_t)
     state = (jnp.int32(0), lo, hi, jnp.asarray(ns, float_t), jnp.zeros((G,), float_t))
     state = _update_jit(state, first, *counts(first), k_hi, k_lo)
     while bool(_open_jit(state, nbits)):
-        cands = _interp_jit(state, k_f, wide=False)
+        cands = _interp_jit(state, k_f, wide=not cpu)
         state = _update_jit(state, cands, *counts(cands), k_hi, k_lo)
     return state[1], int(state[0])
 

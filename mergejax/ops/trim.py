@@ -12,6 +12,7 @@ entries (one too many); mergekit and PEFT take an exact per-tensor ``topk`` that
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal, Sequence
 
 import jax
@@ -184,6 +185,10 @@ class Trim(Transform):
     def leafwise(self) -> bool:  # type: ignore[override]
         """Per-tensor trims are leafwise; a global one needs its thresholds first (:meth:`host_stats`)."""
         return self.scope == "tensor"
+
+    def canonical(self) -> "Trim":
+        """This stage with the density that only :meth:`host_stats` reads normalised (the leaf programs' cache key)."""
+        return dataclasses.replace(self, density=0.0)
 
     def host_stats(self, run) -> jax.Array:
         """The global thresholds [T], computed leaf by leaf (:class:`mergejax.ops.schedule.Runner`).
