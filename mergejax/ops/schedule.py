@@ -6,10 +6,10 @@ vectors, their trimmed and sign-filtered copies) are live at once. When a merge 
 unsharded arrays, :func:`merge_leaf_by_leaf` instead runs it from the host as a schedule of small jitted programs,
 each over the T + 1 input leaves of ONE leaf position:
 
-- a chain of *leafwise* stages (DARE, Breadcrumbs, a per-tensor trim, every ``WeightableReduction``) runs as one
+- a chain of *leafwise* stages (DARE, Breadcrumbs, every ``WeightableReduction``) runs as one
   program per leaf: tau_t = theta_t - theta_0, the stages, theta_0 + lambda tau_m and the NaN/Inf flags of the
   inputs, fused in one read of the leaf;
-- a stage with global statistics (the global trim's thresholds, the majority sign of TIES' zero-sum rule, PCB's
+- a stage with global statistics (the trim's thresholds, per tensor or global, the majority sign of TIES' zero-sum rule, PCB's
   quantiles) implements ``host_stats(run)``: :class:`Runner` computes them with per-leaf programs (counts summed on
   the host, the exact bracketing search of :func:`mergejax.ops.select.kth_largest_scheduled`), and the stage then
   runs leafwise as ``Given(stage, stats)``.
@@ -26,7 +26,7 @@ leaf are freed as soon as its output exists, so the peak stays at about the inpu
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -174,25 +174,71 @@ class Runner:
         Returns:
           [G] ordered keys (``mergejax.ops.select.key_to_float`` turns them into values).
         """
-        positions = self.plan.positions
+        return self._search(self.plan.positions, name, list(ks), self.n, magnitude, given, per_leaf=False)
+
+    def kth_by_leaf(self, name_of: Callable[[int], Hashable], ks_of: Callable[[int], list[int]], *,
+                    magnitude: bool = False) -> dict[int, jax.Array]:
+        """Per merged leaf, the exact k-th largest of each of its value groups within that leaf (per-tensor scope).
+
+        The leaves of one signature are searched in lockstep (one pass counts them all), so the passes do not
+        multiply with the number of leaves.
+
+        Args:
+          name_of: the statistic's name for a leaf of this many entries (``stat_values`` returns len(ks) arrays).
+          ks_of: the ranks for a leaf of this many entries (may be empty).
+          magnitude: rank |x|.
+
+        Returns:
+          {leaf position: [G] ordered keys} (G = len(ks_of(size)); empty where it is 0).
+        """
+        plan = self.plan
+        by_sig: dict = {}
+        for j in plan.positions:
+            x = plan.b_leaves[j]
+            by_sig.setdefault((tuple(np.shape(x)), str(x.dtype)), []).append(j)
+        out: dict[int, jax.Array] = {}
+        for members in by_sig.values():
+            size = int(np.size(plan.b_leaves[members[0]]))
+            ks = ks_of(size)
+            if not ks:
+                out.update({j: None for j in members})
+                continue
+            keys = self._search(members, name_of(size), ks * len(members), size, magnitude, None, per_leaf=True)
+            out.update({j: keys[i * len(ks):(i + 1) * len(ks)] for i, j in enumerate(members)})
+        return out
+
+    def _search(self, positions, name, ks, n, magnitude, given, *, per_leaf: bool) -> jax.Array:
+        """:func:`kth_largest_scheduled` over ``positions``: their counts summed (one search of G groups over all
+        of them) or, ``per_leaf``, stacked (G groups per leaf, each leaf its own search, all in lockstep)."""
         key_dtype = _key_spec(self.plan.float_dtype)[0]
+        G = len(ks) // len(positions) if per_leaf else len(ks)
 
         def sample(stride, with_extremes):
             mode = "sample+extremes" if with_extremes else "sample"
             parts = jax.device_get([self._call(j, None, name, mode, magnitude, stride, given) for j in positions])
-            keys = jnp.asarray(np.concatenate([x for x, _ in parts if x.shape[1]], axis=1))
+            axis = 0 if per_leaf else 1
+            keys = jnp.asarray(np.concatenate([x for x, _ in parts if per_leaf or x.shape[1]], axis=axis))
             if not with_extremes:
                 return keys, None
+            if per_leaf:
+                return (jnp.asarray(np.concatenate([e[0] for _, e in parts])),
+                        jnp.asarray(np.concatenate([e[1] for _, e in parts])))
             return keys, (jnp.asarray(np.min([e[0] for _, e in parts], axis=0)),
                           jnp.asarray(np.max([e[1] for _, e in parts], axis=0)))
 
         def counts(cands):
+            if per_leaf:
+                parts = jax.device_get([self._call(j, cands[i * G:(i + 1) * G], name, "count", magnitude, given=given)
+                                        for i, j in enumerate(positions)])
+                return (jnp.asarray(np.concatenate([h for h, _ in parts])),
+                        jnp.asarray(np.concatenate([l for _, l in parts])))
             parts = jax.device_get([self._call(j, cands, name, "count", magnitude, given=given) for j in positions])
             total = sum((np.asarray(h, np.int64) << 16) + np.asarray(l, np.int64) for h, l in parts)
             return jnp.asarray(total >> 16, jnp.int32), jnp.asarray(total & 0xFFFF, jnp.int32)
 
-        keys, self.plan.passes = kth_largest_scheduled(self.n, ks, key_dtype=key_dtype, sample=sample,
-                                                       counts=counts, magnitude=magnitude)
+        keys, passes = kth_largest_scheduled(n, ks, key_dtype=key_dtype, sample=sample, counts=counts,
+                                             magnitude=magnitude)
+        self.plan.passes = max(self.plan.passes, passes)
         return keys
 
 
@@ -235,7 +281,11 @@ class _Plan:
                 s = s.canonical()  # hyperparameters only its host_stats read: a new density compiles nothing
             if w is not None:
                 s = s.with_weights(w)
-            out.append(Given(s, self.given[q]) if q in self.given else s)
+            if q in self.given:
+                stats = self.given[q]
+                out.append(Given(s, stats[j] if isinstance(stats, dict) else stats))
+            else:
+                out.append(s)
         return tuple(out)
 
     def entries_at(self, j: int) -> tuple:

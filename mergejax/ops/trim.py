@@ -17,6 +17,7 @@ from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mergejax.ops.base import TaskVectors, Transform, check_fraction, map_float_leaves, rank_from_fraction, static_field
 from mergejax.ops.select import DEFAULT_RADIX_BITS, key_to_float, kth_largest_groups
@@ -181,32 +182,39 @@ class Trim(Transform):
             check_fraction("density", d)
         _check_scope(self.scope)
 
-    @property
-    def leafwise(self) -> bool:  # type: ignore[override]
-        """Per-tensor trims are leafwise; a global one needs its thresholds first (:meth:`host_stats`)."""
-        return self.scope == "tensor"
-
     def canonical(self) -> "Trim":
         """This stage with the density that only :meth:`host_stats` reads normalised (the leaf programs' cache key)."""
         return dataclasses.replace(self, density=0.0)
 
-    def host_stats(self, run) -> jax.Array:
-        """The global thresholds [T], computed leaf by leaf (:class:`mergejax.ops.schedule.Runner`).
+    def host_stats(self, run) -> jax.Array | dict:
+        """The thresholds, computed leaf by leaf (:class:`mergejax.ops.schedule.Runner`): the exact search reads
+        theta_t - theta_0 in every pass, so no task vector is ever stored.
 
         Args:
           run: the leaf-by-leaf runner of this stage's input.
 
         Returns:
-          float32 [T]: each task's k-th largest magnitude over all its float leaves (+inf where k = 0).
+          float32 [T]: each task's k-th largest magnitude over all its float leaves (+inf where k = 0); per tensor,
+          ``{leaf position: [T]}``.
         """
         dens = _densities(self.density, run.n_tasks)
-        ks = [rank_from_fraction(d, run.n) for d in dens]
-        live = [t for t, k in enumerate(ks) if k > 0]
-        out = jnp.full((run.n_tasks,), jnp.inf, jnp.float32)
-        if live:
-            keys = run.kth(("tasks", tuple(live)), [ks[t] for t in live], magnitude=True)
-            out = out.at[jnp.asarray(live)].set(key_to_float(keys))
-        return out
+
+        def live(n):
+            return tuple(t for t, d in enumerate(dens) if rank_from_fraction(d, n) > 0)
+
+        def thresholds(n, keys):
+            out = jnp.full((run.n_tasks,), jnp.inf, jnp.float32)
+            alive = live(n)
+            return out if not alive else out.at[jnp.asarray(alive)].set(key_to_float(keys))
+
+        if self.scope == "tensor":
+            keys = run.kth_by_leaf(lambda n: ("tasks", live(n)),
+                                   lambda n: [rank_from_fraction(dens[t], n) for t in live(n)], magnitude=True)
+            return {j: thresholds(int(np.size(run.plan.b_leaves[j])), k) for j, k in keys.items()}
+        alive = live(run.n)
+        keys = run.kth(("tasks", alive), [rank_from_fraction(dens[t], run.n) for t in alive], magnitude=True) \
+            if alive else None
+        return thresholds(run.n, keys)
 
     def stat_values(self, tvs: TaskVectors, name: str, given) -> list[jax.Array]:
         """The values whose order statistics :meth:`host_stats` needs at one leaf: the live tasks' entries
