@@ -50,8 +50,9 @@ def _minmax(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
 class PCB(Reduction):
     """Reduction: PCB-Merging's balanced weighted mean (reference defaults: ratio 0.05, clamp r = 1e-4).
 
-    Memory: beyond the T task vectors, two float32 copies of one task vector per task (the clamped vector and its
-    weights) live at once.
+    Memory: in one traced program, beyond the T task vectors, two float32 copies of one task vector per task (the
+    clamped vector and its weights) live at once; an eager merge runs leaf by leaf (:mod:`mergejax.ops.schedule`),
+    so these are one leaf position's.
 
     Args:
       ratio: kept fraction of each task's balancing weights beta_i (Du et al., 2024, Eq. 5-6), in (0, 1]. Static.
