@@ -806,8 +806,8 @@ def breadcrumbs(
 
     The mask keeps, per row of each tensor's last axis, the band below the top ``gamma`` fraction and of width
     ``beta`` (see :mod:`mergejax.ops.breadcrumbs`). The paper's experiments use lambda = 0.2 as a seed. Memory (eager
-    call, leaf by leaf): about 1.5 models above the inputs (the output and one leaf position's per-row selection keys;
-    measured, T = 4).
+    call, leaf by leaf): 1.5-2.5 models above the inputs (the output and one leaf position's per-row selection keys,
+    T of them; measured, T = 4, largest leaf a quarter of the model).
 
     Args:
       base: pre-trained model.

@@ -44,7 +44,7 @@ def _stage_ok(stage: Any) -> bool:
 
 
 def _concrete_unsharded(x: Any) -> bool:
-    if isinstance(x, np.ndarray) or np.isscalar(x):
+    if isinstance(x, (np.ndarray, np.generic)):
         return True
     if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
         return False
