@@ -2,7 +2,15 @@
 
 For each model size (millions of float32 parameters: four large [rows, 1024] kernels, their biases and a norm scale,
 random normal) and each number of tasks T it builds a base model and T fine-tuned copies (base + 0.01 * noise) and
-times every method on them, with ``check_finite=False``:
+times every method on them, with ``check_finite=False``. Two modes (``--mode``):
+
+* ``eager`` (default): the public call as a user makes it. Eager calls on concrete arrays run leaf by leaf
+  (``mergejax.ops.schedule``): ``first_s`` is the first call (compilation of the per-leaf-signature programs
+  included), ``best_s`` the best further call; there is no single program to analyse, so ``compile_s`` and the
+  compiled peak are not reported and nothing is skipped for memory;
+* ``jit``: the call traced inside the caller's ``jax.jit`` (one program), as below.
+
+In ``jit`` mode:
 
 * ``compile_s``: ahead-of-time lowering and compilation of ``jax.jit(lambda b, f, k: method(b, f, k))`` (the public
   call traced inside one jit: the same XLA program the call builds, its validation runs at trace time); the compiled
@@ -23,11 +31,14 @@ the cost of DARE's mask in the same unit: the counter-based hash (the default) a
 
 Then, unless switched off:
 
-* compile time: first-call lowering + XLA compilation of every method on a tree of ``--compile-leaves`` leaves
-  (half (64, 64) kernels, half (64,) biases; T = 2), with a fresh ``jax.jit`` and no persistent cache;
+* compile time: on a tree of ``--compile-leaves`` leaves (half (64, 64) kernels, half (64,) biases; T = 2), no
+  persistent cache, JAX's caches cleared first: in ``eager`` mode the first call's wall time (compilation of every
+  program it needs plus the run, milliseconds at this size), in ``jit`` mode lowering + XLA compilation of a fresh
+  ``jax.jit``;
 * peak memory: each method (and the baseline) in a fresh subprocess on the smallest size with ``--peak-tasks`` tasks:
-  inputs built and the program compiled, ``VmHWM`` reset (``/proc/self/clear_refs``), one merge, and the rise of
-  ``VmHWM`` above the resident size before it, in units of one model (the output alone is 1.0).
+  inputs built and the programs compiled (``eager``: one warm-up merge, its output freed), ``VmHWM`` reset
+  (``/proc/self/clear_refs``), one merge, and the rise of ``VmHWM`` above the resident size before it, in units of
+  one model (the output alone is 1.0).
 
 Usage::
 
@@ -164,7 +175,7 @@ def compile_stats(jitted: Any, *args) -> tuple[float, dict[str, int]]:
 
 def bench_methods(
     base: PyTree, fts: tuple, methods: list[str], repeats: int, max_seconds: float, mem_budget: float,
-    key: jax.Array, progress: Progress, task_id: Any,
+    key: jax.Array, progress: Progress, task_id: Any, mode: str = "eager",
 ) -> list[dict]:
     """The baseline, the finite check and every method on one (size, T)."""
     n = sum(int(x.size) for x in jax.tree_util.tree_leaves(base))
@@ -187,11 +198,13 @@ def bench_methods(
                  "bytes": chk_bytes})
 
     for name in methods:
-        fn = JITTED[name]
+        fn = JITTED[name] if mode == "jit" else METHODS[name]
         progress.update(task_id, description=f"{n / 1e6:.0f}M T={T} {name}")
-        row: dict[str, Any] = {"method": name, "bytes": bytes_rw}
-        compile_s, mem = compile_stats(fn, abstract(base), abstract(fts), key)
-        row.update(compile_s=compile_s, **mem)
+        row: dict[str, Any] = {"method": name, "bytes": bytes_rw, "mode": mode}
+        mem = {"peak_bytes": 0}
+        if mode == "jit":
+            compile_s, mem = compile_stats(fn, abstract(base), abstract(fts), key)
+            row.update(compile_s=compile_s, **mem)
         if mem["peak_bytes"] > mem_budget:
             row["skipped"] = f"needs {mem['peak_bytes'] / GB:.1f} GB > {mem_budget / GB:.0f} GB"
         else:
@@ -266,16 +279,24 @@ def compile_tree(n_leaves: int) -> dict[str, dict[str, tuple[int, ...]]]:
     return {f"layer_{i}": {"kernel": (64, 64), "bias": (64,)} for i in range(n_leaves // 2)}
 
 
-def bench_compile(methods: list[str], n_leaves: int, n_tasks: int, seed: int, key: jax.Array) -> list[dict]:
-    """First-call compile time (lowering + XLA) of every method on the compile-time tree, persistent cache off."""
+def bench_compile(methods: list[str], n_leaves: int, n_tasks: int, seed: int, key: jax.Array,
+                  mode: str = "eager") -> list[dict]:
+    """First-call time of every method on the compile-time tree, persistent cache off and JAX's caches cleared:
+    ``eager``: the public call (compiling its per-leaf programs, then running); ``jit``: lowering + XLA compilation
+    of the call traced in a fresh ``jax.jit``."""
     base, fts = make_models(compile_tree(n_leaves), n_tasks, seed)
     rows = []
     for name in ["baseline", *methods]:
-        fn = jax.jit(baseline) if name == "baseline" else jax.jit(METHODS[name])  # a fresh jit: nothing cached
+        jax.clear_caches()
         args = (base, fts) if name == "baseline" else (base, fts, key)
         t = time.perf_counter()
-        fn.lower(*args).compile()
-        rows.append({"method": name, "leaves": n_leaves, "T": n_tasks, "compile_s": time.perf_counter() - t})
+        if mode == "eager" and name != "baseline":
+            jax.block_until_ready(METHODS[name](*args))
+        else:
+            fn = jax.jit(baseline) if name == "baseline" else jax.jit(METHODS[name])  # a fresh jit: nothing cached
+            fn.lower(*args).compile()
+        rows.append({"method": name, "leaves": n_leaves, "T": n_tasks, "mode": mode,
+                     "compile_s": time.perf_counter() - t})
     return rows
 
 
@@ -287,30 +308,34 @@ def _vm(field: str) -> int:
     raise KeyError(field)
 
 
-def peak_child(method: str, params: float, n_tasks: int, seed: int) -> None:
+def peak_child(method: str, params: float, n_tasks: int, seed: int, mode: str = "eager") -> None:
     """In a fresh process: peak resident memory of one merge above its inputs, in units of one model (JSON line)."""
     shapes = model_shapes(int(params * 1e6))
     model_bytes = 4 * num_params(shapes)
     base, fts = make_models(shapes, n_tasks, seed)
     key = jax.random.key(seed + 1)
-    fn = jax.jit(baseline) if method == "baseline" else jax.jit(METHODS[method])
     args = (base, fts) if method == "baseline" else (base, fts, key)
-    compiled = fn.lower(*args).compile()
+    if mode == "eager" and method != "baseline":
+        compiled = METHODS[method]
+        jax.block_until_ready(compiled(*args))  # warm-up: compiles every per-leaf program; its output is freed
+    else:
+        fn = jax.jit(baseline) if method == "baseline" else jax.jit(METHODS[method])
+        compiled = fn.lower(*args).compile()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _vm("VmRSS")
     out = compiled(*args)
     jax.block_until_ready(out)
     peak = _vm("VmHWM")
     print(json.dumps({"method": method, "params": num_params(shapes), "T": n_tasks, "model_bytes": model_bytes,
-                      "extra_models": (peak - before) / model_bytes}))
+                      "mode": mode, "extra_models": (peak - before) / model_bytes}))
 
 
-def bench_peak(methods: list[str], params: float, n_tasks: int, seed: int) -> list[dict]:
+def bench_peak(methods: list[str], params: float, n_tasks: int, seed: int, mode: str = "eager") -> list[dict]:
     """Runs :func:`peak_child` for the baseline and every method, each in its own subprocess."""
     rows = []
     for name in ["baseline", *methods]:
         cmd = [sys.executable, __file__, "--peak-child", name, "--params", str(params), "--tasks", str(n_tasks),
-               "--seed", str(seed)]
+               "--seed", str(seed), "--mode", mode]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             rows.append({"method": name, "T": n_tasks, "error": res.stderr.strip().splitlines()[-1:]})
@@ -321,7 +346,7 @@ def bench_peak(methods: list[str], params: float, n_tasks: int, seed: int) -> li
 
 def print_extra_tables(console: Console, compile_rows: list[dict], peak_rows: list[dict]) -> None:
     if compile_rows:
-        table = Table(title="first-call compile time (lowering + XLA), persistent cache off")
+        table = Table(title="first call: eager (compile + run) or jit (lowering + XLA), persistent cache off")
         for col in ["method", "leaves", "T", "compile s"]:
             table.add_column(col, justify="left" if col == "method" else "right")
         for r in compile_rows:
@@ -401,10 +426,12 @@ def main() -> None:
     parser.add_argument("--compile-leaves", type=int, default=200,
                         help="leaves of the compile-time tree (half (64, 64) kernels, half biases); 0 skips it")
     parser.add_argument("--peak-tasks", type=int, default=4, help="T of the peak-memory runs (smallest size); 0 skips")
+    parser.add_argument("--mode", choices=["eager", "jit"], default="eager",
+                        help="eager: the public call (leaf by leaf); jit: the call traced inside jax.jit")
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_child:
-        peak_child(args.peak_child, args.params[0], args.tasks[0], args.seed)
+        peak_child(args.peak_child, args.params[0], args.tasks[0], args.seed, args.mode)
         return
     if args.quick:
         args.params, args.tasks, args.repeats = [25], [2, 4], min(args.repeats, 2)
@@ -438,20 +465,20 @@ def main() -> None:
                     progress.update(task_id, description=f"{n / 1e6:.0f}M: top-k threshold")
                     thr_rows += bench_threshold(base, fts[0], args.radix_bits, args.repeats, args.max_seconds, key)
                 rows = bench_methods(base, fts, args.methods, args.repeats, args.max_seconds, mem_budget, key,
-                                     progress, task_id)
+                                     progress, task_id, args.mode)
                 merge_rows += [{"params": n, "T": T, **r} for r in rows]
                 del base, fts
 
     compile_rows, peak_rows = [], []
     if args.compile_leaves:
         console.print(f"compile time at {args.compile_leaves} leaves ...")
-        compile_rows = bench_compile(args.methods, args.compile_leaves, 2, args.seed, key)
+        compile_rows = bench_compile(args.methods, args.compile_leaves, 2, args.seed, key, args.mode)
     if args.peak_tasks:
         console.print(f"peak memory, {min(args.params):.0f}M parameters, T = {args.peak_tasks} ...")
-        peak_rows = bench_peak(args.methods, min(args.params), args.peak_tasks, args.seed)
+        peak_rows = bench_peak(args.methods, min(args.params), args.peak_tasks, args.seed, args.mode)
 
     load = os.getloadavg()
-    title = (f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, load average {load_before[0]:.1f} -> "
+    title = (f"{args.mode} calls, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, load average {load_before[0]:.1f} -> "
              f"{load[0]:.1f}, {time.perf_counter() - t_start:.0f} s")
     print_tables(console, merge_rows, thr_rows, title)
     print_extra_tables(console, compile_rows, peak_rows)

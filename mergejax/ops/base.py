@@ -44,6 +44,9 @@ __all__ = [
     "Transform",
     "Reduction",
     "TakesWeights",
+    "leaf_index",
+    "run_stages",
+    "Given",
 ]
 
 TaskVectors = tuple[PyTree, ...]
@@ -117,10 +120,17 @@ def _finalize_stage_class(cls: type) -> None:
 
 
 class _StageBase:
-    """Finalizes subclasses lazily (first instantiation), so an optional ``@dataclass(frozen=True)`` still works."""
+    """Finalizes subclasses lazily (first instantiation), so an optional ``@dataclass(frozen=True)`` still works.
+
+    ``leafwise``: the stage's output at a leaf depends only on the T task-vector leaves there, the float-leaf index
+    and its ``[T]`` weights (not on leaf paths, extras or other leaves), so an eager merge may run it leaf by leaf
+    (:mod:`mergejax.ops.schedule`). A stage whose only cross-leaf dependence is a few global statistics implements
+    ``host_stats(run)`` and ``apply_with(tvs, stats, key)`` instead.
+    """
 
     reduces: ClassVar[bool] = False
     needs_key: ClassVar[bool] = False
+    leafwise: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -182,8 +192,21 @@ class _PreWeighted(Reduction):
     inner: Any
     weights: Any
 
+    @property
+    def leafwise(self) -> bool:  # type: ignore[override]
+        """Leafwise when the wrapped reduction is."""
+        return bool(getattr(self.inner, "leafwise", False))
+
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         return self.inner(scale_tasks(tvs, self.weights), key)
+
+    def stat_values(self, tvs: TaskVectors, name: Any, given: Any) -> Any:
+        """The wrapped reduction's leaf statistics of w_t tau_t (see :mod:`mergejax.ops.schedule`)."""
+        return self.inner.stat_values(scale_tasks(tvs, self.weights), name, given)
+
+    def apply_with(self, tvs: TaskVectors, stats: Any, key: jax.Array | None = None) -> TaskVectors:
+        """The wrapped reduction on w_t tau_t with its global statistics given."""
+        return self.inner.apply_with(scale_tasks(tvs, self.weights), stats, key)
 
 
 def scale_tasks(tvs: TaskVectors, weights: Any) -> TaskVectors:
@@ -234,6 +257,24 @@ def _tree_spec(e: Any) -> Hashable:
     return str(treedef), tuple(leaf_spec(x) for x in leaves)
 
 
+_LEAF_INDEX: list = []  # the float-leaf index of the one leaf a leaf-by-leaf program maps (see leaf_index)
+
+
+class leaf_index:
+    """Context (used while tracing a leaf-by-leaf program): trees given to :func:`map_float_leaves` hold one float
+    leaf, whose float-leaf index in the whole model is ``index`` (traced), so per-leaf random streams match."""
+
+    def __init__(self, index: Any):
+        self.index = index
+
+    def __enter__(self):
+        _LEAF_INDEX.append(self.index)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _LEAF_INDEX.pop()
+
+
 def map_float_leaves(
     fn: Callable[..., list[jax.Array]],
     tvs: Sequence[PyTree],
@@ -265,7 +306,7 @@ def map_float_leaves(
     outs: list[list[Any]] = [[col[0] for col in columns] for _ in range(n_out)]
 
     groups: dict[Hashable, list[tuple[int, int]]] = {}
-    fi = 0
+    fi = 0 if not _LEAF_INDEX else _LEAF_INDEX[-1]
     for j, col in enumerate(columns):
         if not is_float(col[0]):
             continue
@@ -300,7 +341,7 @@ def map_float_leaves(
         for t in tables:
             vals = [t.get(paths[j]) for j, _ in members]
             ex_stacked.append(None if vals[0] is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *vals))
-        idx = jnp.asarray([i for _, i in members], jnp.int32)
+        idx = jnp.stack([jnp.asarray(i, jnp.int32) for _, i in members])
         res = jax.vmap(lambda cols, i, ex: call(cols, i, k, ex))(stacked, idx, ex_stacked)
         for m, (j, _) in enumerate(members):
             for o in range(n_out):
@@ -326,6 +367,39 @@ def check_fraction(name: str, value: Any, *, upper_open: bool = False) -> None:
 def rank_from_fraction(fraction: float, n: int) -> int:
     """k = floor(fraction * n), computed exactly on the decimal the user wrote (0.29 * 100 -> 29, not 28)."""
     return int(Fraction(float(fraction)).limit_denominator(10**9) * n)
+
+
+def run_stages(stages: Sequence[Any], tvs: TaskVectors, key: jax.Array | None, offset: int = 0) -> TaskVectors:
+    """Applies ``stages`` in order; stage i draws from ``fold_in(key, offset + i)``.
+
+    Args:
+      stages: the chain's stages.
+      tvs: T task-vector trees.
+      key: ``jax.random`` key, or None.
+      offset: the position of ``stages[0]`` in its chain.
+
+    Returns:
+      The stages' output (T trees, or one after a reduction).
+    """
+    for i, stage in enumerate(stages):
+        tvs = stage(tvs, None if key is None else jax.random.fold_in(key, offset + i))
+    return tvs
+
+
+class Given(_StageBase):
+    """A stage whose global statistics (a trim threshold, a majority sign) were computed beforehand, e.g. leaf by
+    leaf from the host (:mod:`mergejax.ops.schedule`): calling it runs ``inner.apply_with(tvs, stats, key)``."""
+
+    inner: Any
+    stats: Any
+
+    @property
+    def reduces(self) -> bool:  # type: ignore[override]
+        """The wrapped stage's ``reduces``."""
+        return bool(self.inner.reduces)
+
+    def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
+        return self.inner.apply_with(tvs, self.stats, key)
 
 
 def leaf_keys(key: jax.Array, task: int, leaf: int | jax.Array) -> jax.Array:

@@ -8,6 +8,8 @@ per-row k-th largest magnitudes found by counting, so entries tied at a threshol
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
@@ -52,6 +54,7 @@ class BreadcrumbsMask(Transform):
 
     beta: float = static_field(0.15)
     gamma: float = static_field(0.006)
+    leafwise: ClassVar[bool] = True
 
     def __post_init__(self):
         check_fraction("beta", self.beta)

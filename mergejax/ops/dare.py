@@ -145,6 +145,7 @@ class DareDrop(Transform):
     rescale: Rescale = "inverse"
     rng: Rng = "hash"
     needs_key: ClassVar[bool] = True
+    leafwise: ClassVar[bool] = True
 
     def __post_init__(self):
         check_fraction("drop_rate", self.drop_rate, upper_open=True)

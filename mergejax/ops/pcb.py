@@ -13,6 +13,8 @@ where the reference code would divide by zero.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -48,8 +50,9 @@ def _minmax(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
 class PCB(Reduction):
     """Reduction: PCB-Merging's balanced weighted mean (reference defaults: ratio 0.05, clamp r = 1e-4).
 
-    Memory: beyond the T task vectors, two float32 copies of one task vector per task (the clamped vector and its
-    weights) live at once.
+    Memory: in one traced program, beyond the T task vectors, two float32 copies of one task vector per task (the
+    clamped vector and its weights) live at once; an eager merge runs leaf by leaf (:mod:`mergejax.ops.schedule`),
+    so these are one leaf position's.
 
     Args:
       ratio: kept fraction of each task's balancing weights beta_i (Du et al., 2024, Eq. 5-6), in (0, 1]. Static.
@@ -65,16 +68,13 @@ class PCB(Reduction):
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio!r}")
         check_fraction("clamp_ratio", self.clamp_ratio)
 
-    def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
-        T = len(tvs)
-        n = sum(int(x.size) for x in float_leaves(tvs[0]))
-        if n == 0:
-            return (tvs[0],)
-        leaves = [float_leaves(tv) for tv in tvs]
+    def _bound_ranks(self, n: int) -> tuple[int, int]:
         j_lo = rank_from_fraction(self.clamp_ratio, n)
-        j_hi = max(rank_from_fraction(1 - self.clamp_ratio, n) - 1, 0)
-        bounds = order_statistics(leaves + leaves, [j_lo] * T + [j_hi] * T, magnitude=True)
-        lo, hi = bounds[:T], bounds[T:]
+        return j_lo, max(rank_from_fraction(1 - self.clamp_ratio, n) - 1, 0)
+
+    def _balance(self, tvs: TaskVectors, lo: jax.Array, hi: jax.Array) -> tuple[tuple, tuple]:
+        """Per task, the balancing weights beta_t = intra * inter (Eqs. 3-4) and the clamped vector, as trees."""
+        T = len(tvs)
         total = map_float_leaves(lambda xs, i: [sum(xs[1:], xs[0])], tvs, out_count=1)[0]
 
         def balance(t):
@@ -87,12 +87,13 @@ class PCB(Reduction):
             return map_float_leaves(leaf, (tvs[t], total), out_count=2)
 
         betas, clamped = zip(*(balance(t) for t in range(T)))
-        beta_leaves = [float_leaves(b) for b in betas]
-        qs = order_statistics(beta_leaves, [rank_from_fraction(1 - self.ratio, n)] * T)
-        weights = []
-        for b, bl, q in zip(betas, beta_leaves, qs):
-            top = jnp.max(jnp.stack([jnp.max(x) for x in bl]))
-            weights.append(map_float_leaves(lambda xs, i: [_minmax(jnp.maximum(xs[0], q), q, top)], (b,))[0])
+        return betas, clamped
+
+    def _merge(self, betas: tuple, clamped: tuple, qs: jax.Array, tops: jax.Array) -> TaskVectors:
+        """Eqs. 5-7: weights min-max normalised above each task's quantile q_t, then the weighted mean."""
+        T = len(betas)
+        weights = [map_float_leaves(lambda xs, i, t=t: [_minmax(jnp.maximum(xs[0], qs[t]), qs[t], tops[t])], (b,))[0]
+                   for t, b in enumerate(betas)]
 
         def merge(cols, i):
             ws, cs = cols[:T], cols[T:]
@@ -101,3 +102,59 @@ class PCB(Reduction):
             return [num / jnp.maximum(den, 1e-12)]
 
         return map_float_leaves(merge, (*weights, *clamped), out_count=1)
+
+    def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
+        T = len(tvs)
+        n = sum(int(x.size) for x in float_leaves(tvs[0]))
+        if n == 0:
+            return (tvs[0],)
+        leaves = [float_leaves(tv) for tv in tvs]
+        j_lo, j_hi = self._bound_ranks(n)
+        bounds = order_statistics(leaves + leaves, [j_lo] * T + [j_hi] * T, magnitude=True)
+        lo, hi = bounds[:T], bounds[T:]
+        betas, clamped = self._balance(tvs, lo, hi)
+        beta_leaves = [float_leaves(b) for b in betas]
+        qs = order_statistics(beta_leaves, [rank_from_fraction(1 - self.ratio, n)] * T)
+        tops = [jnp.max(jnp.stack([jnp.max(x) for x in bl])) for bl in beta_leaves]
+        return self._merge(betas, clamped, qs, tops)
+
+    def canonical(self) -> "PCB":
+        """This stage with the ratios that only :meth:`host_stats` reads normalised (the leaf programs' cache key)."""
+        return dataclasses.replace(self, ratio=1.0, clamp_ratio=0.0)
+
+    def host_stats(self, run) -> tuple | None:
+        """(lo, hi, q, top), each [T], computed leaf by leaf (:class:`mergejax.ops.schedule.Runner`): the clamp
+        bounds, then the weights' quantile and maximum, which depend on them.
+
+        Args:
+          run: the leaf-by-leaf runner of this stage's input.
+
+        Returns:
+          Four float32 [T] arrays, or None for a tree without float leaves.
+        """
+        n, T = run.n, run.n_tasks
+        if n == 0:
+            return None
+        j_lo, j_hi = self._bound_ranks(n)
+        bounds = key_to_float(run.kth("abs", [n - j_lo] * T + [n - j_hi] * T, magnitude=True))
+        lo_hi = (bounds[:T], bounds[T:])
+        qs = key_to_float(run.kth("beta", [n - rank_from_fraction(1 - self.ratio, n)] * T, given=lo_hi))
+        tops = jnp.asarray(run.maximum("top", given=lo_hi), jnp.float32)
+        return (*lo_hi, qs, tops)
+
+    def stat_values(self, tvs: TaskVectors, name: str, given) -> list[jax.Array] | jax.Array:
+        """At one leaf: |tau_t| twice ("abs", for the clamp bounds), beta_t ("beta") or max beta_t ("top")."""
+        if name == "abs":
+            xs = [float_leaves(tv)[0] for tv in tvs]
+            return xs + xs
+        betas, _ = self._balance(tvs, *given)
+        bl = [float_leaves(b)[0] for b in betas]
+        return bl if name == "beta" else jnp.stack([jnp.max(b) for b in bl])
+
+    def apply_with(self, tvs: TaskVectors, stats: tuple | None, key: jax.Array | None = None) -> TaskVectors:
+        """Eqs. 3-7 at each leaf with the global statistics of :meth:`host_stats`."""
+        if stats is None:
+            return (tvs[0],)
+        lo, hi, qs, tops = stats
+        betas, clamped = self._balance(tvs, lo, hi)
+        return self._merge(betas, clamped, qs, tops)

@@ -16,7 +16,7 @@ AdaMerging learns them) are traced data: new weights never recompile. With weigh
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +97,7 @@ class WeightableReduction(TakesWeights, Reduction):
     """
 
     weights: Any = None
-
+    leafwise: ClassVar[bool] = True  # combine() sees one leaf position (set False when overriding __call__ otherwise)
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         if self.weights is None:

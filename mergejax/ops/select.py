@@ -41,6 +41,7 @@ deterministic functions of the data.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Sequence
 
 import jax
@@ -62,6 +63,7 @@ __all__ = [
     "kth_largest_magnitude",
     "kth_largest_per_row",
     "count_ge",
+    "kth_largest_scheduled",
 ]
 
 DEFAULT_RADIX_BITS = None
@@ -342,15 +344,17 @@ def _sorted_keys(groups, idx: list[int], magnitude: bool, build: Callable) -> ja
 
 
 _SPREAD = np.asarray([0.0, -0.4, 0.4, -0.8, 0.8, -1.3, 1.3, -2.0, 2.0, -3.0, 3.0, -4.5, 4.5, -7.0, 7.0])
+_SPREAD_CPU = np.asarray([0.0, -0.7, 0.7, -2.5, 2.5, -7.0, 7.0])  # 8 candidates: as many as a CPU interpolation pass
 
 
-def _sample_candidates(sorted_desc: jax.Array, ks: np.ndarray, ns: np.ndarray) -> jax.Array:
+def _sample_candidates(sorted_desc: jax.Array, ks: np.ndarray, ns: np.ndarray, spread: np.ndarray = _SPREAD
+                       ) -> jax.Array:
     """[m, D] candidates: sample order statistics around the target rank k s / n (plus the central one + 1)."""
     s = sorted_desc.shape[1]
     q = ks / ns
     r = (ks - 1) * (s / ns)
     sd = np.sqrt(s * q * (1 - q)) + 1.0
-    ranks = np.clip(np.rint(r[:, None] + sd[:, None] * _SPREAD[None]), 0, s - 1).astype(np.int32)
+    ranks = np.clip(np.rint(r[:, None] + sd[:, None] * spread[None]), 0, s - 1).astype(np.int32)
     picked = jnp.take_along_axis(sorted_desc, jnp.asarray(ranks), axis=1)
     return jnp.concatenate([picked, picked[:, :1] + 1], axis=1)  # + 1: an exact hit when the target value ties
 
@@ -389,6 +393,31 @@ def _interp_candidates(lo, hi, c_lo, c_hi, k_f, float_t, layout) -> jax.Array:
     exhaustive = jnp.arange(1, D + 1, dtype=key_t)[None]
     off = jnp.minimum(jnp.where((w <= D)[:, None], exhaustive, off), w[:, None])  # in [1, w]; 0 once w = 0
     return lo[:, None] + off
+
+
+def _update_bracket(state: tuple, cands: jax.Array, cnt_hi: jax.Array, cnt_lo: jax.Array, k_hi: jax.Array,
+                    k_lo: jax.Array) -> tuple:
+    """One pass's bracket update from the exact counts (int32 halves) of ``key >= cands`` ([G, D] each).
+
+    ``state`` is (passes, lo, hi, c_lo, c_hi): the bracket [lo, hi] and the (approximate) counts at its ends.
+    """
+    it, lo, hi, c_lo, c_hi = state
+    float_t = c_lo.dtype
+    ge = _ge_k(cnt_hi, cnt_lo, k_hi[:, None], k_lo[:, None])
+    approx = cnt_hi.astype(float_t) * _HALF + cnt_lo.astype(float_t)
+    up = ge & (cands > lo[:, None])
+    down = ~ge & (cands <= hi[:, None])
+    new_lo = jnp.maximum(lo, jnp.max(jnp.where(up, cands, lo[:, None]), axis=1))
+    new_hi = jnp.minimum(hi, jnp.min(jnp.where(down, cands - 1, hi[:, None]), axis=1))
+    new_c_lo = jnp.minimum(c_lo, jnp.min(jnp.where(up, approx, jnp.inf), axis=1))
+    new_c_hi = jnp.maximum(c_hi, jnp.max(jnp.where(down, approx, -jnp.inf), axis=1))
+    return it + 1, new_lo, new_hi, new_c_lo, new_c_hi
+
+
+def _bracket_open(state: tuple, nbits: int) -> jax.Array:
+    """Whether another pass is needed: some bracket holds more than one key (and the pass budget is not spent)."""
+    it, lo, hi = state[:3]
+    return (it < 2 * nbits) & jnp.any(lo < hi)
 
 
 def _needs_extremes(ks: np.ndarray, ns: np.ndarray, sampled: np.ndarray) -> bool:
@@ -443,24 +472,13 @@ def _bracket_search(groups, ks: list, magnitude: bool) -> tuple[jax.Array, jax.A
         lo_c, hi_c = counter.extremes()
 
     def update(state, cands):
-        it, lo, hi, c_lo, c_hi = state
-        cnt_hi, cnt_lo = counter.counts(cands)
-        ge = _ge_k(cnt_hi, cnt_lo, k_hi[:, None], k_lo[:, None])
-        approx = cnt_hi.astype(float_t) * _HALF + cnt_lo.astype(float_t)
-        up = ge & (cands > lo[:, None])
-        down = ~ge & (cands <= hi[:, None])
-        new_lo = jnp.maximum(lo, jnp.max(jnp.where(up, cands, lo[:, None]), axis=1))
-        new_hi = jnp.minimum(hi, jnp.min(jnp.where(down, cands - 1, hi[:, None]), axis=1))
-        new_c_lo = jnp.minimum(c_lo, jnp.min(jnp.where(up, approx, jnp.inf), axis=1))
-        new_c_hi = jnp.maximum(c_hi, jnp.max(jnp.where(down, approx, -jnp.inf), axis=1))
-        return it + 1, new_lo, new_hi, new_c_lo, new_c_hi
+        return _update_bracket(state, cands, *counter.counts(cands), k_hi, k_lo)
 
     def interp(state, layout):
         return _interp_candidates(*state[1:], k_f, float_t, layout)
 
     def cond(state):
-        it, lo, hi = state[:3]
-        return (it < 2 * nbits) & jnp.any(lo < hi)
+        return _bracket_open(state, nbits)
 
     state = (jnp.int32(0), lo_c, hi_c, jnp.asarray(ns[counted], float_t), jnp.zeros((Gc,), float_t))
     if has_first.any():  # the sampled pass (16 candidates; unsampled groups get 16 interpolated ones)
@@ -468,6 +486,78 @@ def _bracket_search(groups, ks: list, magnitude: bool) -> tuple[jax.Array, jax.A
     layout = _layout()
     passes, lo, hi, _, _ = lax.while_loop(cond, lambda st: update(st, interp(st, layout)), state)
     return result.at[np.asarray(counted)].set(lo), passes
+
+
+_update_jit = jax.jit(_update_bracket)
+_open_jit = jax.jit(_bracket_open, static_argnums=1)
+
+
+@partial(jax.jit, static_argnames=("wide",))
+def _interp_jit(state: tuple, k_f: jax.Array, *, wide: bool) -> jax.Array:
+    return _interp_candidates(*state[1:], k_f, k_f.dtype, _LAYOUT_WIDE if wide else _layout())
+
+
+@jax.jit
+def _descending(keys: jax.Array) -> jax.Array:
+    return lax.rev(jnp.sort(keys, axis=1), (1,))
+
+
+def kth_largest_scheduled(
+    n: int,
+    ks: Sequence[int],
+    *,
+    key_dtype,
+    sample: Callable[[int, bool], tuple[jax.Array, tuple[jax.Array, jax.Array] | None]],
+    counts: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+    magnitude: bool = False,
+) -> tuple[jax.Array, int]:
+    """The bracketing search driven from the host, for data the caller visits piece by piece (leaf by leaf).
+
+    The same search as :func:`kth_largest_groups` (strided-sample pass, then interpolation passes, each at least
+    halving the bracket; exact, ties kept), but every pass is a call of ``counts`` that the caller implements, e.g.
+    as one small compiled program per leaf signature whose per-leaf counts it sums. G groups of n entries each. On
+    CPU the sampled pass counts as many candidates as the later ones (8), so one counting program serves every pass.
+
+    Args:
+      n: the number of entries of every group.
+      ks: G static ranks, 1 <= k <= n.
+      key_dtype: the ordered-key dtype (uint32 for float32 data).
+      sample: ``sample(stride, extremes)`` -> ([G, s] ordered keys of every ``stride``-th entry (stride 1: all),
+        ([G], [G]) the smallest and largest key of each group when ``extremes`` else None).
+      counts: ``counts(cands)`` with cands [G, D] keys -> the exact totals ``#{key >= cand}`` as int32 (hi, lo) 16-bit
+        halves, [G, D] each.
+      magnitude: the keys are of |x| (the search starts at +0.0).
+
+    Returns:
+      ([G] keys of the k-th largest entries, the number of counting passes).
+    """
+    _check_ranks([[jax.ShapeDtypeStruct((n,), jnp.float32)]] * len(ks), ks)
+    key_t = np.dtype(key_dtype).type
+    nbits = 8 * np.dtype(key_dtype).itemsize
+    float_t = jnp.float32 if nbits == 32 else jnp.float64
+    G = len(ks)
+    kn = np.asarray(ks, np.float64)
+    ns = np.full((G,), float(n))
+    if n <= SORT_MAX:
+        desc = _descending(sample(1, False)[0])
+        return jnp.take_along_axis(desc, jnp.asarray(np.asarray(ks, np.int32) - 1)[:, None], axis=1)[:, 0], 0
+    need_extremes = _needs_extremes(kn, ns, np.ones((G,), bool))
+    keys, ext = sample(_next_prime(-(-n // SAMPLE_SIZE)), need_extremes)
+    cpu = jax.default_backend() == "cpu"
+    first = _sample_candidates(_descending(keys), kn, ns, _SPREAD_CPU if cpu else _SPREAD)
+    lo = jnp.full((G,), (key_t(1) << (nbits - 1)) if magnitude else 0, key_dtype)
+    hi = jnp.full((G,), np.iinfo(np.dtype(key_dtype)).max, key_dtype)
+    if need_extremes:
+        lo, hi = ext
+    k_arr = np.asarray(ks, np.int64)
+    k_hi, k_lo = jnp.asarray(k_arr >> 16, jnp.int32), jnp.asarray(k_arr & (_HALF - 1), jnp.int32)
+    k_f = jnp.asarray(k_arr, float_t)
+    state = (jnp.int32(0), lo, hi, jnp.asarray(ns, float_t), jnp.zeros((G,), float_t))
+    state = _update_jit(state, first, *counts(first), k_hi, k_lo)
+    while bool(_open_jit(state, nbits)):
+        cands = _interp_jit(state, k_f, wide=not cpu)
+        state = _update_jit(state, cands, *counts(cands), k_hi, k_lo)
+    return state[1], int(state[0])
 
 
 def _check_ranks(groups, ks) -> None:

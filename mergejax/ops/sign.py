@@ -13,6 +13,7 @@ from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mergejax.ops.base import TakesWeights, TaskVectors, Transform, map_float_leaves, per_leaf_weights
 from mergejax.tree import PyTree, float_leaves, stack_by_shape
@@ -44,12 +45,8 @@ def sign_mass(leaves: Sequence[jax.Array], method: SignMethod = "sum", weights: 
     raise ValueError(f"sign method must be 'sum' or 'count', got {method!r}")
 
 
-def _majority_sign(raw_signs: Sequence[jax.Array]) -> jax.Array:
-    """sgn(sum of all elected signs) over every leaf, exact for any size (int32 16-bit halves, no overflow).
-
-    Counted per leaf (every leaf < 2**31 entries) on stacks of same-shaped leaves, so the program has one reduction
-    per leaf shape.
-    """
+def _sign_counts(raw_signs: Sequence[jax.Array]) -> dict:
+    """{+1: (hi, lo), -1: (hi, lo)}: exact counts of +1 and -1 entries over ``raw_signs`` as int32 16-bit halves."""
     hi = {1: jnp.int32(0), -1: jnp.int32(0)}
     lo = {1: jnp.int32(0), -1: jnp.int32(0)}
     for _, s in stack_by_shape(raw_signs):
@@ -57,11 +54,33 @@ def _majority_sign(raw_signs: Sequence[jax.Array]) -> jax.Array:
             c = jnp.sum((s == v).astype(jnp.int32), axis=tuple(range(1, s.ndim)))  # one count per leaf
             hi[v] = hi[v] + jnp.sum(c >> 16)
             lo[v] = lo[v] + jnp.sum(c & 0xFFFF)
-    tot = {v: (hi[v] + (lo[v] >> 16), lo[v] & 0xFFFF) for v in (1, -1)}
+    return {v: (hi[v] + (lo[v] >> 16), lo[v] & 0xFFFF) for v in (1, -1)}
+
+
+def _majority_of(tot: dict) -> jax.Array:
+    """sgn(#(+1) - #(-1)) from :func:`_sign_counts` totals."""
     (ph, pl), (nh, nl) = tot[1], tot[-1]
     pos = (ph > nh) | ((ph == nh) & (pl > nl))
     neg = (nh > ph) | ((ph == nh) & (nl > pl))
     return pos.astype(jnp.int32) - neg.astype(jnp.int32)
+
+
+def _majority_sign(raw_signs: Sequence[jax.Array]) -> jax.Array:
+    """sgn(sum of all elected signs) over every leaf, exact for any size (int32 16-bit halves, no overflow).
+
+    Counted per leaf (every leaf < 2**31 entries) on stacks of same-shaped leaves, so the program has one reduction
+    per leaf shape.
+    """
+    return _majority_of(_sign_counts(raw_signs))
+
+
+def _raw_sign(tvs: Sequence[PyTree], method: SignMethod, weights: Any) -> PyTree:
+    """sgn(sign mass) per coordinate (0 where the mass is 0), before the majority rule."""
+    if weights is None:
+        return map_float_leaves(lambda xs, i: [jnp.sign(sign_mass(xs, method))], tvs, out_count=1)[0]
+    table = per_leaf_weights(weights, tvs[0], len(tvs))
+    return map_float_leaves(lambda xs, i, ex: [jnp.sign(sign_mass(xs, method, ex[0]))], tvs, out_count=1,
+                            extras=(table,))[0]
 
 
 def elect_sign(tvs: Sequence[PyTree], method: SignMethod = "sum", weights: Any = None) -> PyTree:
@@ -75,13 +94,11 @@ def elect_sign(tvs: Sequence[PyTree], method: SignMethod = "sum", weights: Any =
     Returns:
       A tree of float leaves in {-1, 0, +1} (non-float positions: the first tree's leaf).
     """
-    if weights is None:
-        raw = map_float_leaves(lambda xs, i: [jnp.sign(sign_mass(xs, method))], tvs, out_count=1)[0]
-    else:
-        table = per_leaf_weights(weights, tvs[0], len(tvs))
-        raw = map_float_leaves(lambda xs, i, ex: [jnp.sign(sign_mass(xs, method, ex[0]))], tvs, out_count=1,
-                               extras=(table,))[0]
-    majority = _majority_sign(float_leaves(raw))
+    raw = _raw_sign(tvs, method, weights)
+    return _with_majority(raw, _majority_sign(float_leaves(raw)))
+
+
+def _with_majority(raw: PyTree, majority: jax.Array) -> PyTree:
     return map_float_leaves(
         lambda s, i: [jnp.where(s[0] == 0, majority.astype(s[0].dtype), s[0])], (raw,), out_count=1
     )[0]
@@ -124,3 +141,24 @@ class ElectSign(TakesWeights, Transform):
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         return keep_agreeing(tvs, elect_sign(tvs, self.method, self.weights))
+
+    def host_stats(self, run) -> jax.Array:
+        """The majority sign of the zero-sum rule, from per-leaf sign counts summed on the host.
+
+        Args:
+          run: the leaf-by-leaf runner of this stage's input (:class:`mergejax.ops.schedule.Runner`).
+
+        Returns:
+          int32 scalar in {-1, 0, +1}.
+        """
+        c = run.total("signs")  # exact int64 totals
+        return jnp.asarray(int(np.sign(int(c[0]) - int(c[1]))), jnp.int32)
+
+    def stat_values(self, tvs: TaskVectors, name: str, given) -> jax.Array:
+        """At one leaf: the counts [#(+1), #(-1)] of its raw elected signs (int32; a leaf has < 2**31 entries)."""
+        s = float_leaves(_raw_sign(tvs, self.method, self.weights))[0]
+        return jnp.stack([jnp.sum(s == 1, dtype=jnp.int32), jnp.sum(s == -1, dtype=jnp.int32)])
+
+    def apply_with(self, tvs: TaskVectors, stats: jax.Array, key: jax.Array | None = None) -> TaskVectors:
+        """Elects with the given majority sign (from :meth:`host_stats`) and zeroes the disagreeing entries."""
+        return keep_agreeing(tvs, _with_majority(_raw_sign(tvs, self.method, self.weights), stats))

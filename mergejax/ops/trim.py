@@ -12,10 +12,12 @@ entries (one too many); mergekit and PEFT take an exact per-tensor ``topk`` that
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mergejax.ops.base import TaskVectors, Transform, check_fraction, map_float_leaves, rank_from_fraction, static_field
 from mergejax.ops.select import DEFAULT_RADIX_BITS, key_to_float, kth_largest_groups
@@ -180,13 +182,60 @@ class Trim(Transform):
             check_fraction("density", d)
         _check_scope(self.scope)
 
+    def canonical(self) -> "Trim":
+        """This stage with the density that only :meth:`host_stats` reads normalised (the leaf programs' cache key)."""
+        return dataclasses.replace(self, density=0.0)
+
+    def host_stats(self, run) -> jax.Array | dict:
+        """The thresholds, computed leaf by leaf (:class:`mergejax.ops.schedule.Runner`): the exact search reads
+        theta_t - theta_0 in every pass, so no task vector is ever stored.
+
+        Args:
+          run: the leaf-by-leaf runner of this stage's input.
+
+        Returns:
+          float32 [T]: each task's k-th largest magnitude over all its float leaves (+inf where k = 0); per tensor,
+          ``{leaf position: [T]}``.
+        """
+        dens = _densities(self.density, run.n_tasks)
+
+        def live(n):
+            return tuple(t for t, d in enumerate(dens) if rank_from_fraction(d, n) > 0)
+
+        def thresholds(n, keys):
+            out = jnp.full((run.n_tasks,), jnp.inf, jnp.float32)
+            alive = live(n)
+            return out if not alive else out.at[jnp.asarray(alive)].set(key_to_float(keys))
+
+        if self.scope == "tensor":
+            keys = run.kth_by_leaf(lambda n: ("tasks", live(n)),
+                                   lambda n: [rank_from_fraction(dens[t], n) for t in live(n)], magnitude=True)
+            return {j: thresholds(int(np.size(run.plan.b_leaves[j])), k) for j, k in keys.items()}
+        alive = live(run.n)
+        keys = run.kth(("tasks", alive), [rank_from_fraction(dens[t], run.n) for t in alive], magnitude=True) \
+            if alive else None
+        return thresholds(run.n, keys)
+
+    def stat_values(self, tvs: TaskVectors, name: str, given) -> list[jax.Array]:
+        """The values whose order statistics :meth:`host_stats` needs at one leaf: the live tasks' entries
+        (``name = ("tasks", live task indices)``)."""
+        return [float_leaves(tvs[t])[0] for t in name[1]]
+
+    def apply_with(self, tvs: TaskVectors, stats: jax.Array, key: jax.Array | None = None) -> TaskVectors:
+        """Keeps ``|x| >= stats[t]`` in task vector t (thresholds from :meth:`host_stats`)."""
+        paths = [p for p, x in paths_and_leaves(tvs[0]) if is_float(x)]
+        return _keep(tvs, tuple({p: stats[t] for p in paths} for t in range(len(tvs))))
+
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         ts = magnitude_thresholds_many(tvs, self.density, scope=self.scope, radix_bits=self.radix_bits)
         paths = [p for p, x in paths_and_leaves(tvs[0]) if is_float(x)]
-        tables = tuple(dict(zip(paths, t)) for t in ts)
+        return _keep(tvs, tuple(dict(zip(paths, t)) for t in ts))
 
-        def keep(xs, i, thresholds):
-            return [jnp.where(jnp.abs(x) >= t.astype(x.dtype), x, jnp.zeros_like(x)) for x, t in zip(xs, thresholds)]
 
-        return map_float_leaves(lambda xs, i, ex: keep(xs, i, ex), tvs, extras=tables)
+def _keep(tvs: TaskVectors, tables: tuple) -> TaskVectors:
+    """Each task vector with the entries below its leaf's threshold (``tables[t][path]``) set to 0."""
 
+    def keep(xs, i, thresholds):
+        return [jnp.where(jnp.abs(x) >= t.astype(x.dtype), x, jnp.zeros_like(x)) for x, t in zip(xs, thresholds)]
+
+    return map_float_leaves(lambda xs, i, ex: keep(xs, i, ex), tvs, extras=tables)

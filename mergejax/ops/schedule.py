@@ -1,0 +1,345 @@
+"""Leaf-by-leaf execution of a merge chain, for eager calls: compile time and peak memory independent of the tree.
+
+A merge traced as one program holds a copy of its code per group of same-shaped leaves, plus per-leaf slices,
+flags and outputs, so XLA's compile time grows with the number of leaves; and the program's buffers (the T task
+vectors, their trimmed and sign-filtered copies) are live at once. When a merge is called eagerly on concrete,
+unsharded arrays, :func:`merge_leaf_by_leaf` instead runs it from the host as a schedule of small jitted programs,
+each over the T + 1 input leaves of ONE leaf position:
+
+- a chain of *leafwise* stages (DARE, Breadcrumbs, every ``WeightableReduction``) runs as one
+  program per leaf: tau_t = theta_t - theta_0, the stages, theta_0 + lambda tau_m and the NaN/Inf flags of the
+  inputs, fused in one read of the leaf;
+- a stage with global statistics (the trim's thresholds, per tensor or global, the majority sign of TIES' zero-sum rule, PCB's
+  quantiles) implements ``host_stats(run)``: :class:`Runner` computes them with per-leaf programs (counts summed on
+  the host, the exact bracketing search of :func:`mergejax.ops.select.kth_largest_scheduled`), and the stage then
+  runs leafwise as ``Given(stage, stats)``.
+
+Programs are cached by the leaf's signature (shapes, dtypes, the chain's static metadata), so a 300-leaf model
+compiles as much as its few distinct leaf shapes; the leaf index (DARE's random stream), weights and statistics are
+traced. Results equal the single program's: the same stage code, the same exact thresholds.
+
+Peak memory above the inputs: the output (one model in the base's dtype) plus one leaf position's temporaries
+(O(T) leaf-sized buffers at most; the fused elementwise chains need none). With ``donate=True`` the inputs of each
+leaf are freed as soon as its output exists, so the peak stays at about the inputs' size.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mergejax.ops.base import Given, leaf_index, per_leaf_weights, run_stages
+from mergejax.ops.select import _Counter, _key_spec, kth_largest_scheduled, ordered_key
+from mergejax.tree import PyTree, TaskVector, _leaf_apply, acc_dtype, as_tree, is_float, paths_and_leaves
+
+__all__ = ["schedulable", "Runner", "merge_leaf_by_leaf"]
+
+
+def _stage_ok(stage: Any) -> bool:
+    return bool(getattr(stage, "leafwise", False)) or hasattr(stage, "host_stats")
+
+
+def _concrete_unsharded(x: Any) -> bool:
+    if isinstance(x, (np.ndarray, np.generic)):
+        return True
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return False
+    return len(x.sharding.device_set) == 1
+
+
+def schedulable(stages: Sequence[Any], base: PyTree, entries: Sequence[Any]) -> bool:
+    """Whether :func:`merge_leaf_by_leaf` can run this merge: every stage leafwise or with ``host_stats``, entries
+    models or :class:`TaskVector` s, and every array concrete and on one device (sharded leaves keep the single
+    program, whose only cross-device traffic is counts)."""
+    if not all(_stage_ok(s) for s in stages):
+        return False
+    if not all(isinstance(e, TaskVector) or not hasattr(e, "to_task_vector") for e in entries):
+        return False
+    trees = [base, *[as_tree(e) for e in entries]]
+    return all(_concrete_unsharded(x) for t in trees for x in jax.tree_util.tree_leaves(t))
+
+
+def _tau(entry: jax.Array, base: jax.Array, is_tv: bool) -> jax.Array:
+    dt = acc_dtype(base.dtype)
+    return jnp.asarray(entry, dt) if is_tv else jnp.asarray(entry, dt) - jnp.asarray(base, dt)
+
+
+def _prefix(stages: tuple, base: jax.Array, entries: tuple, index, key, tv_mask: tuple, q: int):
+    xs = tuple(_tau(e, base, t) for e, t in zip(entries, tv_mask))
+    with leaf_index(index):
+        return run_stages(stages[:q], xs, key)
+
+
+@partial(jax.jit, static_argnames=("tv_mask", "q", "name", "mode", "magnitude", "stride"))
+def _stat_program(stages, base, entries, index, key, cands, given, *, tv_mask, q, name, mode, magnitude, stride):
+    """One leaf: the stage-q input there, then its ``stat_values`` sampled, counted, bounded or returned."""
+    tvs = _prefix(stages, base, entries, index, key, tv_mask, q)
+    with leaf_index(index):
+        values = stages[q].stat_values(tvs, name, given)
+    if mode == "value":
+        return values
+    counter = _Counter([[v] for v in values], magnitude)
+    if mode in ("sample", "sample+extremes"):
+        keys = [ordered_key(jnp.abs(v) if magnitude else v).ravel() for v in values]
+        picked = jnp.stack([k[stride // 2 :: stride] if stride > 1 else k for k in keys])
+        return picked, counter.extremes() if mode == "sample+extremes" else None
+    return counter.counts(cands)
+
+
+def _final(stages, base, entries, index, key, scale, *, tv_mask, check):
+    (merged,) = _prefix(stages, base, entries, index, key, tv_mask, len(stages))
+    out = _leaf_apply(base, merged, scale)
+    return out, _flags(base, entries, tv_mask, check)
+
+
+def _head(base, entries, *, tv_mask, check):
+    dt = acc_dtype(base.dtype)
+    out = (jnp.asarray(base, dt) + sum(_tau(e, base, t) for e, t in zip(entries, tv_mask))).astype(base.dtype)
+    return out, _flags(base, entries, tv_mask, check)
+
+
+def _flags(base, entries, tv_mask, check):
+    if not check:
+        return None
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in (base, *entries)])
+
+
+_final_jit = jax.jit(_final, static_argnames=("tv_mask", "check"))
+_final_donating = jax.jit(_final, static_argnames=("tv_mask", "check"), donate_argnames=("base",))
+_head_jit = jax.jit(_head, static_argnames=("tv_mask", "check"))
+
+
+class Runner:
+    """Computes a stage's global statistics leaf by leaf (the argument of ``stage.host_stats``).
+
+    ``stage.stat_values(tvs, name, given)`` gives, at one leaf (``tvs``: T one-leaf trees, the stage's input there),
+    the values a statistic ranks or sums; ``given`` is data computed in an earlier round (e.g. PCB's clamp bounds
+    before its weights' quantile). Attributes: ``n`` (float entries per task over the merged leaves),
+    ``n_tasks``.
+    """
+
+    def __init__(self, plan: "_Plan", q: int):
+        self.plan, self.q = plan, q
+        self.n = plan.n
+        self.n_tasks = plan.n_tasks
+
+    def _call(self, j: int, cands, name: Hashable, mode: str, magnitude: bool = False, stride: int = 1,
+              given: Any = None):
+        p = self.plan
+        return _stat_program(p.stages_at(j, self.q + 1), p.b_leaves[j], p.entries_at(j), jnp.int32(p.index[j]),
+                             p.key, cands, given, tv_mask=p.tv_mask, q=self.q, name=name, mode=mode, magnitude=magnitude,
+                             stride=stride)
+
+    def total(self, name: Hashable, given: Any = None) -> Any:
+        """The sum over leaves of ``stat_values`` (int64 for integer values: exact).
+
+        Args:
+          name: which statistic (static, hashable).
+          given: data for ``stat_values``.
+
+        Returns:
+          The summed values, as numpy arrays.
+        """
+        parts = jax.device_get([self._call(j, None, name, "value", given=given) for j in self.plan.positions])
+        return jax.tree_util.tree_map(
+            lambda *xs: np.sum([np.asarray(x, np.int64 if np.issubdtype(np.asarray(x).dtype, np.integer)
+                                           else np.float64) for x in xs], axis=0), *parts)
+
+    def maximum(self, name: Hashable, given: Any = None) -> Any:
+        """The maximum over leaves of ``stat_values`` (a pytree of arrays).
+
+        Args:
+          name: which statistic (static, hashable).
+          given: data for ``stat_values``.
+
+        Returns:
+          The elementwise maxima, as numpy arrays.
+        """
+        parts = jax.device_get([self._call(j, None, name, "value", given=given) for j in self.plan.positions])
+        return jax.tree_util.tree_map(lambda *xs: np.max(np.stack(xs), axis=0), *parts)
+
+    def kth(self, name: Hashable, ks: Sequence[int], *, magnitude: bool = False, given: Any = None) -> jax.Array:
+        """Exact k-th largest of each of G value groups over all leaves (ties kept), by host-driven counting passes.
+
+        Args:
+          name: which statistic; ``stat_values`` returns G arrays shaped like the leaf.
+          ks: G ranks, 1 <= k <= n.
+          magnitude: rank |x|.
+          given: data for ``stat_values``.
+
+        Returns:
+          [G] ordered keys (``mergejax.ops.select.key_to_float`` turns them into values).
+        """
+        return self._search(self.plan.positions, name, list(ks), self.n, magnitude, given, per_leaf=False)
+
+    def kth_by_leaf(self, name_of: Callable[[int], Hashable], ks_of: Callable[[int], list[int]], *,
+                    magnitude: bool = False) -> dict[int, jax.Array]:
+        """Per merged leaf, the exact k-th largest of each of its value groups within that leaf (per-tensor scope).
+
+        The leaves of one signature are searched in lockstep (one pass counts them all), so the passes do not
+        multiply with the number of leaves.
+
+        Args:
+          name_of: the statistic's name for a leaf of this many entries (``stat_values`` returns len(ks) arrays).
+          ks_of: the ranks for a leaf of this many entries (may be empty).
+          magnitude: rank |x|.
+
+        Returns:
+          {leaf position: [G] ordered keys} (G = len(ks_of(size)); empty where it is 0).
+        """
+        plan = self.plan
+        by_sig: dict = {}
+        for j in plan.positions:
+            x = plan.b_leaves[j]
+            by_sig.setdefault((tuple(np.shape(x)), str(x.dtype)), []).append(j)
+        out: dict[int, jax.Array] = {}
+        for members in by_sig.values():
+            size = int(np.size(plan.b_leaves[members[0]]))
+            ks = ks_of(size)
+            if not ks:
+                out.update({j: None for j in members})
+                continue
+            keys = self._search(members, name_of(size), ks * len(members), size, magnitude, None, per_leaf=True)
+            out.update({j: keys[i * len(ks):(i + 1) * len(ks)] for i, j in enumerate(members)})
+        return out
+
+    def _search(self, positions, name, ks, n, magnitude, given, *, per_leaf: bool) -> jax.Array:
+        """:func:`kth_largest_scheduled` over ``positions``: their counts summed (one search of G groups over all
+        of them) or, ``per_leaf``, stacked (G groups per leaf, each leaf its own search, all in lockstep)."""
+        key_dtype = _key_spec(self.plan.float_dtype)[0]
+        G = len(ks) // len(positions) if per_leaf else len(ks)
+
+        def sample(stride, with_extremes):
+            mode = "sample+extremes" if with_extremes else "sample"
+            parts = jax.device_get([self._call(j, None, name, mode, magnitude, stride, given) for j in positions])
+            axis = 0 if per_leaf else 1
+            keys = jnp.asarray(np.concatenate([x for x, _ in parts if per_leaf or x.shape[1]], axis=axis))
+            if not with_extremes:
+                return keys, None
+            if per_leaf:
+                return (jnp.asarray(np.concatenate([e[0] for _, e in parts])),
+                        jnp.asarray(np.concatenate([e[1] for _, e in parts])))
+            return keys, (jnp.asarray(np.min([e[0] for _, e in parts], axis=0)),
+                          jnp.asarray(np.max([e[1] for _, e in parts], axis=0)))
+
+        def counts(cands):
+            if per_leaf:
+                parts = jax.device_get([self._call(j, cands[i * G:(i + 1) * G], name, "count", magnitude, given=given)
+                                        for i, j in enumerate(positions)])
+                return (jnp.asarray(np.concatenate([h for h, _ in parts])),
+                        jnp.asarray(np.concatenate([l for _, l in parts])))
+            parts = jax.device_get([self._call(j, cands, name, "count", magnitude, given=given) for j in positions])
+            total = sum((np.asarray(h, np.int64) << 16) + np.asarray(l, np.int64) for h, l in parts)
+            return jnp.asarray(total >> 16, jnp.int32), jnp.asarray(total & 0xFFFF, jnp.int32)
+
+        keys, passes = kth_largest_scheduled(n, ks, key_dtype=key_dtype, sample=sample, counts=counts,
+                                             magnitude=magnitude)
+        self.plan.passes = max(self.plan.passes, passes)
+        return keys
+
+
+class _Plan:
+    """The leaf positions of one merge, their per-leaf stage chains and inputs."""
+
+    def __init__(self, stages, base, entries, flags, weights, key):
+        self.b_leaves, self.treedef = jax.tree_util.tree_flatten(base)
+        self.e_leaves = [jax.tree_util.tree_leaves(as_tree(e)) for e in entries]
+        self.tv_mask = tuple(isinstance(e, TaskVector) for e in entries)
+        self.n_tasks = len(entries)
+        self.positions = [j for j, b in enumerate(self.b_leaves) if is_float(b) and not flags[j]]
+        self.index = {j: i for i, j in enumerate(self.positions)}  # float-leaf index among the merged leaves
+        self.n = sum(int(np.size(self.b_leaves[j])) for j in self.positions)
+        self.float_dtype = jnp.result_type(*[acc_dtype(self.b_leaves[j].dtype) for j in self.positions]) \
+            if self.positions else jnp.float32
+        self.stages = tuple(stages)
+        self.key = key
+        self.given: dict[int, Any] = {}
+        self.passes = 0
+        self.weights = self._leaf_weights(weights, flags)
+
+    def _leaf_weights(self, weights, flags) -> dict[int, Any]:
+        if weights is None:
+            return {j: None for j in self.positions}
+        if not hasattr(weights, "keys") and np.ndim(weights) == 1:
+            return {j: weights for j in self.positions}
+        paths = [p for p, _ in paths_and_leaves(jax.tree_util.tree_unflatten(self.treedef, self.b_leaves))]
+        merged = jax.tree_util.tree_unflatten(
+            self.treedef, [x if j in self.index else None for j, x in enumerate(self.b_leaves)])
+        table = per_leaf_weights(weights, merged, self.n_tasks)
+        return {j: table[paths[j]] for j in self.positions}
+
+    def stages_at(self, j: int, upto: int) -> tuple:
+        """The first ``upto`` stages at leaf j: its weights given, global statistics injected."""
+        w = self.weights[j]
+        out = []
+        for q, s in enumerate(self.stages[:upto]):
+            if hasattr(s, "canonical") and not getattr(s, "leafwise", False):
+                s = s.canonical()  # hyperparameters only its host_stats read: a new density compiles nothing
+            if w is not None:
+                s = s.with_weights(w)
+            if q in self.given:
+                stats = self.given[q]
+                out.append(Given(s, stats[j] if isinstance(stats, dict) else stats))
+            else:
+                out.append(s)
+        return tuple(out)
+
+    def entries_at(self, j: int) -> tuple:
+        return tuple(e[j] for e in self.e_leaves)
+
+
+def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[Any], scale: jax.Array, weights: Any,
+                       key: jax.Array | None, flags: Sequence[bool], *, check: bool, donate: bool = False
+                       ) -> tuple[PyTree, list[bool] | None, int]:
+    """Runs a merge chain leaf by leaf (module docstring); see :func:`schedulable` for when it applies.
+
+    Args:
+      stages: the chain's stages (exactly one reduction).
+      base: theta_0, concrete arrays.
+      entries: T fine-tuned models or :class:`TaskVector` s.
+      scale: lambda (float32 scalar).
+      weights: T per-task weights, ``{path: [T]}``, or None.
+      key: ``jax.random`` key, or None.
+      flags: per leaf of ``base``, whether it is a head leaf (base + sum_t tau_t).
+      check: compute the inputs' finiteness flags.
+      donate: delete each leaf of ``base`` and ``entries`` once its output exists (the base's buffer is donated).
+
+    Returns:
+      (the merged tree, per leaf of base then of each entry the finiteness flag of every float leaf in the order of
+      ``mergejax.merge._finite_names`` (None without ``check``), the counting passes of the last global search).
+    """
+    plan = _Plan(stages, base, entries, flags, weights, key)
+    for q, s in enumerate(plan.stages):
+        if not getattr(s, "leafwise", False):
+            plan.given[q] = s.host_stats(Runner(plan, q))
+    out = list(plan.b_leaves)
+    finite: dict[int, Any] = {}
+    for j, b in enumerate(plan.b_leaves):
+        if not is_float(b):
+            continue
+        ent = plan.entries_at(j)
+        aliased = any(e is b for e in ent)  # the same buffer passed twice cannot be donated
+        final = _final_donating if donate and not aliased else _final_jit
+        if flags[j]:
+            out[j], finite[j] = _head_jit(b, ent, tv_mask=plan.tv_mask, check=check)
+        else:
+            out[j], finite[j] = final(plan.stages_at(j, len(plan.stages)), b, ent, jnp.int32(plan.index[j]), key,
+                                      scale, tv_mask=plan.tv_mask, check=check)
+        if donate:
+            jax.block_until_ready(out[j])
+            for x in (b, *ent):
+                if isinstance(x, jax.Array) and not x.is_deleted():
+                    x.delete()
+    merged = jax.tree_util.tree_unflatten(plan.treedef, out)
+    if not check:
+        return merged, None, plan.passes
+    fl = {j: np.asarray(v) for j, v in jax.device_get(finite).items()}
+    fpos = [j for j, b in enumerate(plan.b_leaves) if is_float(b)]
+    order = [fl[j][0] for j in fpos]
+    for t in range(plan.n_tasks):
+        order += [fl[j][1 + t] for j in fpos]
+    return merged, [bool(v) for v in order], plan.passes

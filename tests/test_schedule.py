@@ -1,0 +1,165 @@
+"""Leaf-by-leaf merges (mergejax.ops.schedule): the same numbers as the single traced program, compiled programs
+that depend on leaf signatures only, NaN/Inf reports by path, buffer donation, and the fallbacks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mergejax as mj
+from mergejax.ops import schedule as sch
+from mergejax.ops.pcb import PCB
+from mergejax.merge import breadcrumbs_chain, dare_chain, ties_chain
+from tests import reference as ref
+
+KEY = jax.random.key(3)
+
+
+def make_tree(rng: np.random.Generator, n_layers: int = 2, rows: int = 160) -> dict:
+    """Kernels big enough for several counting passes (> SORT_MAX entries in all), biases, a bf16 leaf, an int."""
+    def f32(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    tree = {f"layer_{i}": {"kernel": f32(rows, 64), "bias": f32(64)} for i in range(n_layers)}
+    tree["norm"] = {"scale": f32(7).astype(jnp.bfloat16)}
+    tree["head"] = f32(5, 3)
+    tree["step"] = jnp.arange(4)
+    return tree
+
+
+@pytest.fixture(scope="module")
+def models():
+    rng = np.random.default_rng(0)
+    base = make_tree(rng)
+    fts = [jax.tree_util.tree_map(lambda b: b + (0.1 * rng.standard_normal(b.shape)).astype(b.dtype)
+                                  if jnp.issubdtype(b.dtype, jnp.floating) else b, base) for _ in range(3)]
+    return base, fts
+
+
+def assert_same(a, b, tol: float = 0.0):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=tol, atol=tol)
+
+
+CASES = {
+    "task_arithmetic": (mj.chain(mj.Sum()), {}),
+    "ties_global": (ties_chain(), {}),
+    "ties_tensor": (ties_chain(scope="tensor"), {}),
+    "ties_count_max": (ties_chain(sign_method="count", reduce="max", density=(0.1, 0.5, 1.0)), {}),
+    "ties_density_0": (ties_chain(density=0.0), {}),
+    "ties_weights": (ties_chain(), {"weights": [0.5, 1.0, 2.0]}),
+    "ties_leaf_weights": (ties_chain(), {"weights": {"layer_0/kernel": [1.0, 0.0, 3.0]}}),
+    "ties_heads": (ties_chain(), {"heads": r"^head$", "scale": 0.7}),
+    "dare": (dare_chain(), {"key": KEY}),
+    "dare_jax_rng": (mj.chain(mj.DareDrop(0.5, rng="jax"), mj.Sum()), {"key": KEY}),
+    "dare_ties_l1": (dare_chain(rescale="l1", combine="ties"), {"key": KEY}),
+    "breadcrumbs": (breadcrumbs_chain(), {}),
+    "pcb": (mj.chain(PCB(0.05)), {}),
+    "pcb_weights": (mj.chain(PCB(0.2)), {"weights": [1.0, 0.5, 2.0]}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_leaf_by_leaf_equals_one_program(models, name):
+    base, fts = models
+    m, kw = CASES[name]
+    assert sch.schedulable(m.stages, base, fts)
+    # bit for bit, but PCB's exp/tanh, which XLA vectorises differently in the two programs' fusions (an ulp)
+    tol = 1e-6 if name.startswith("pcb") else 0.0
+    assert_same(m(base, fts, schedule="leaves", **kw), m(base, fts, schedule="program", **kw), tol)
+
+
+def test_task_vectors_and_one_model_and_identical_models(models):
+    base, fts = models
+    tvs = [mj.TaskVector(mj.task_vector(ft, base)) for ft in fts]
+    m = ties_chain()
+    assert_same(m(base, [tvs[0], fts[1], tvs[2]], schedule="leaves"), m(base, fts, schedule="program"))
+    assert_same(m(base, fts[:1], schedule="leaves"), m(base, fts[:1], schedule="program"))
+    same = m(base, [fts[0]] * 3, schedule="leaves")
+    assert_same(same, m(base, [fts[0]] * 3, schedule="program"))
+    zero = m(base, [base, base], schedule="leaves")  # all-zero task vectors: every entry ties at the threshold
+    assert_same(zero, base)
+
+
+def test_global_threshold_matches_numpy_reference(models):
+    base, fts = models
+    tv = [[np.asarray(f, np.float64) - np.asarray(b, np.float64) for f, b in
+           zip(jax.tree_util.tree_leaves(ft), jax.tree_util.tree_leaves(base)) if jnp.issubdtype(b.dtype, jnp.floating)]
+          for ft in fts]
+    want = ref.ties_tv([[x.astype(np.float32) for x in t] for t in tv], 0.2, "global", "sum", "mean")
+    merged = ties_chain()(base, fts, schedule="leaves")
+    float_pos = [i for i, b in enumerate(jax.tree_util.tree_leaves(base)) if jnp.issubdtype(b.dtype, jnp.floating)]
+    for i, w in zip(float_pos, want):
+        b = jax.tree_util.tree_leaves(base)[i]
+        got = np.asarray(jax.tree_util.tree_leaves(merged)[i], np.float32)
+        np.testing.assert_allclose(got, np.asarray((np.asarray(b, np.float32) + w).astype(b.dtype), np.float32),
+                                   atol=2e-2 if b.dtype == jnp.bfloat16 else 1e-6)
+
+
+def test_programs_depend_on_leaf_signatures_not_leaf_count_or_density():
+    rng = np.random.default_rng(1)
+
+    def grow(n_layers):  # 3 or 5 layers of (90, 64) kernels: > SORT_MAX entries, the same sample stride
+        base = make_tree(rng, n_layers, rows=90)
+        return base, [jax.tree_util.tree_map(lambda b: b + 1 if jnp.issubdtype(b.dtype, jnp.floating) else b,
+                                             base), base]
+
+    caches = (sch._stat_program, sch._final_jit, sch._head_jit)
+
+    def added_by(fn):
+        before = [f._cache_size() for f in caches]
+        fn()
+        return [f._cache_size() - b for f, b in zip(caches, before)]
+
+    base, fts = grow(3)
+    first = added_by(lambda: mj.ties(base, fts, density=0.37, heads=r"^head$"))
+    assert first[0] > 0 and first[1] > 0
+    assert added_by(lambda: mj.ties(base, fts, density=0.11, heads=r"^head$")) == [0, 0, 0]  # density: data
+    base, fts = grow(5)
+    assert added_by(lambda: mj.ties(base, fts, density=0.37, heads=r"^head$")) == [0, 0, 0]  # more leaves
+
+
+def test_nan_reported_by_model_and_path_leaf_by_leaf(models):
+    base, fts = models
+    bad = jax.tree_util.tree_map(lambda x: x, fts[1])
+    bad["layer_1"]["bias"] = bad["layer_1"]["bias"].at[3].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"finetuned\[1\] has NaN or Inf in leaf 'layer_1/bias'"):
+        ties_chain()(base, [fts[0], bad], schedule="leaves")
+    ties_chain()(base, [fts[0], bad], schedule="leaves", check_finite=False)
+
+
+def test_donate_deletes_inputs_and_gives_the_same_result(models):
+    base, fts = models
+    want = mj.ties(base, fts)
+    for schedule in ("leaves", "program"):
+        b2, f2 = jax.tree_util.tree_map(jnp.copy, (base, fts))
+        got = ties_chain()(b2, f2, donate=True, schedule=schedule)
+        assert_same(got, want)
+        kernels = [b2["layer_0"]["kernel"], *[f["layer_0"]["kernel"] for f in f2]]
+        assert all(x.is_deleted() for x in kernels), schedule
+        np.testing.assert_array_equal(got["step"], base["step"])  # the int leaf (the base's) is still readable
+
+
+def test_fallbacks_and_errors(models):
+    base, fts = models
+    lines = mj.chain(mj.Sum(), mj.lines(0.1, 0.5, {"layer_0/kernel": 0, "layer_1/kernel": 1}))
+    assert not sch.schedulable(lines.stages, base, fts)  # LiNeS reads leaf paths: one program
+    with pytest.raises(ValueError, match="schedule='leaves' needs"):
+        lines(base, fts, schedule="leaves")
+    with pytest.raises(ValueError, match="schedule must be"):
+        ties_chain()(base, fts, schedule="fast")
+    # inside the caller's jit the merge is one traced program, with the same numbers
+    jitted = jax.jit(lambda b, f: mj.ties(b, f, check_finite=False))(base, fts)
+    assert_same(jitted, mj.ties(base, fts))
+
+
+def test_donate_with_a_buffer_passed_twice(models):
+    base, fts = models
+    want = mj.task_arithmetic(base, [base, fts[0], fts[0]])
+    for schedule in ("leaves", "program"):
+        b2, f2 = jax.tree_util.tree_map(jnp.copy, (base, fts[0]))
+        assert_same(mj.chain(mj.Sum())(b2, [b2, f2, f2], donate=True, schedule=schedule), want)
+        assert b2["layer_0"]["kernel"].is_deleted() and f2["layer_0"]["kernel"].is_deleted()
