@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,10 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        # This script's folder holds experiments/datasets.py, which would shadow Hugging Face's `datasets` that
+        # FusionBench imports: the peers' side runs without it on sys.path.
+        here = os.path.dirname(os.path.abspath(__file__))
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
         print(json.dumps(run_peers(dict(np.load(args.child)), args.tasks, args.repeats)))
         return
 
