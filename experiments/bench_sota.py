@@ -203,7 +203,7 @@ def main() -> None:
         peak_child(args.peak_child, args.params[0], args.width, args.tasks[0], args.wudi_steps, args.seed)
         return
 
-    console = Console()
+    console = Console(width=150)
     fns = method_table(args.wudi_steps)
     names = [m for m in METHODS if args.methods is None or m in args.methods or m == "task_arithmetic"]
     rows = []
