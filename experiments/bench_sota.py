@@ -204,6 +204,11 @@ def main() -> None:
         return
 
     console = Console(width=150)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
+                host=platform.node(), argv=sys.argv[1:], wudi_steps=args.wudi_steps, repeats=args.repeats,
+                openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS"))
     fns = method_table(args.wudi_steps)
     names = [m for m in METHODS if args.methods is None or m in args.methods or m == "task_arithmetic"]
     rows = []
@@ -227,6 +232,7 @@ def main() -> None:
                 if args.peak and si == 0:
                     row["peak_models"] = peak_models(name, args, size, T)
                 rows.append(row)
+                out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))  # after every row: partial runs count
                 console.print(f"{n / 1e6:6.1f}M T={T} {name:16s} compile {row['compile_s'] or 0:7.2f}s "
                               f"first {row['first_s']:8.2f}s best {row['best_s']:8.3f}s x{row['ratio']:7.1f}"
                               + (f" peak {row['peak_models']}" if "peak_models" in row else ""))
@@ -236,10 +242,6 @@ def main() -> None:
         if r["method"] == "emr":
             console.print(f"EMR masks {r['params'] / 1e6:.1f}M T={r['T']}: {r['mask_bits_per_param_task']:.3f} "
                           f"bit/param/task as bitmaps, {r['coded_bits_per_param_task']:.3f} coded")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
-                host=platform.node(), argv=sys.argv[1:], wudi_steps=args.wudi_steps, repeats=args.repeats)
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     console.print(f"wrote {out}")
 
