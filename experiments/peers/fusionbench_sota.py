@@ -22,7 +22,10 @@ wudi            wudi.wudi.wudi_merging (Adam lr 1e-5, ``--wudi-steps``)  merged 
                                                                         from the starting point sum_t tau_t
 emr             emr_merging.utils.emr_merge                             unified vector, masks, rescalers, task 0's
                                                                         task vector
-tall_masks      tall_mask.utils.generate_task_masks (lambda 0.6)        fraction of differing mask entries
+tall_masks      tall_mask.utils.generate_task_masks (lambda 0.6)        fraction of differing mask entries (also
+                                                                        against TallMaskTaskArithmeticAlgorithm's
+                                                                        masks, which compare |theta_0 - tau_t|, not
+                                                                        |tau_t|, with lambda |tau_MTL - tau_t|)
 consensus_ta    the same masks, count >= 2 (tall_masks'                 merged task vector
                 construct_consensus_mask rule), times sum_t tau_t
 model_stock     model_stock.model_stock.compute_angle, compute_ratio,   merged task vector (T = 2: FusionBench's
@@ -183,6 +186,13 @@ def run_fusionbench(sds: list[dict[str, np.ndarray]], wudi_steps: int) -> tuple[
             outs["tall_masks/all"] = masks.numpy()
             consensus = masks.float().sum(0) >= 2  # tall_masks' construct_consensus_mask with prun_thre_k = 2
             outs["consensus_ta/flat"] = (consensus * flat_tvs.sum(0)).numpy()
+        from fusion_bench.method.tall_mask.task_arithmetic import generate_task_masks as algorithm_masks
+
+        mtl = {k: sum(tv[k] for tv in tvs) for k in keys}  # as TallMaskTaskArithmeticAlgorithm.run calls it
+        algo = timed("tall_masks_algorithm", lambda: [algorithm_masks(mtl, tv, base, tall_mask_lambda=LAM)
+                                                      for tv in tvs])
+        if algo is not None:
+            outs["tall_masks_algorithm/all"] = torch.stack([flat(m) for m in algo]).numpy() > 0.5
 
         from fusion_bench.method.model_stock.model_stock import compute_angle, compute_ratio, merge_weights
 
@@ -351,6 +361,10 @@ def compare(ours: dict, theirs: dict, sds: list[dict], info: dict, times: dict) 
         rows.append({"method": "tall_masks", "compared": "masks: fraction of differing entries", "rel_fro": frac,
                      "rel_max": None, "worst_leaf": None, "fusionbench_s": fb_t, "mergejax_best_s": t.get("best_s"),
                      "speedup": fb_t / t["best_s"] if fb_t and t.get("best_s") else None})
+        if "tall_masks_algorithm/all" in theirs:
+            frac = float(np.mean(ours["tall_masks/all"] != theirs["tall_masks_algorithm/all"]))
+            rows.append({"method": "tall_masks", "compared": "vs TallMaskTaskArithmeticAlgorithm's masks",
+                         "rel_fro": frac, "rel_max": None, "worst_leaf": None})
         d = rel_diffs({"c/flat": ours["consensus_ta/flat"]}, {"c/flat": theirs["consensus_ta/flat"]}, "c")
         row("consensus_ta", None, "merged task vector (flattened)", diff=d, fb_time="tall_masks")
     if any(k.startswith("model_stock/") for k in theirs):
