@@ -467,3 +467,21 @@ def test_tall_masks_match_reference_and_recover_models():
             want = np.asarray(dict(paths_and_leaves(base))[p], np.float32) + masks[t][j] * mtl[j]
             np.testing.assert_allclose(np.asarray(model[p]), want, atol=1e-5, err_msg=p)
     assert int(res.model(0)["step"][0]) == int(base["step"][0])
+
+
+def test_matrix_batch_modes_agree(monkeypatch):
+    """The CPU loop (lax.map) over a shape group gives what vmap gives (Iso-C: one SVD per matrix, so the vmapped
+    program has a single batched SVD and cannot meet the concurrent-batched-SVD deadlock it avoids)."""
+    from mergejax.ops.matrix import batch_mode
+
+    base, fts = make_models(seed=3, T=3)
+    out = {}
+    for mode in ("map", "vmap"):
+        monkeypatch.setenv("MERGEJAX_MATRIX_BATCH", mode)
+        assert batch_mode() == mode
+        out[mode] = mj.iso_c(base, fts, scale=1.0)
+    for a, b in zip(jax.tree.leaves(out["map"]), jax.tree.leaves(out["vmap"])):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("MERGEJAX_MATRIX_BATCH", "loop")
+    with pytest.raises(ValueError, match="MERGEJAX_MATRIX_BATCH"):
+        batch_mode()

@@ -14,5 +14,5 @@ FIND=""
 "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q $FIND torch==2.13.0
-"$VENV/bin/pip" install -q $FIND peft==0.21.2 mergekit==0.1.5 fusion-bench==0.2.33 numpy
+"$VENV/bin/pip" install -q $FIND peft==0.21.2 mergekit==0.1.5 fusion-bench==0.2.33 numpy torch==2.13.0
 "$VENV/bin/python" -c "import torch, peft, mergekit, fusion_bench; print('peers venv ready:', torch.__version__, peft.__version__)"

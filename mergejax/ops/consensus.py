@@ -12,6 +12,7 @@ for every task.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -134,13 +135,13 @@ def tall_masks(
     from mergejax.merge import task_vectors_of
 
     tvs = task_vectors_of(base, finetuned)
-    @jax.jit
-    def run(tvs, key):
-        (mtl,) = _run(tuple(inner), tvs, key)
-        masks = [
-            jax.tree_util.tree_map(lambda m, x: tall_mask(x, m, lam) if is_float(m) else None, mtl, tv) for tv in tvs
-        ]
-        return mtl, masks
-
-    mtl, masks = run(tvs, key)
+    mtl, masks = _tall_masks_jit(tvs, key, inner=tuple(inner), lam=float(lam))
     return TallMasks(base, mtl, masks)
+
+
+@partial(jax.jit, static_argnames=("inner", "lam"))
+def _tall_masks_jit(tvs, key, *, inner: tuple, lam: float):
+    """tau_MTL and the T TALL masks, compiled once per structure, ``inner`` and ``lam``."""
+    (mtl,) = _run(inner, tvs, key)
+    masks = [jax.tree_util.tree_map(lambda m, x: tall_mask(x, m, lam) if is_float(m) else None, mtl, tv) for tv in tvs]
+    return mtl, masks

@@ -13,8 +13,15 @@ with ``layout="flax"`` (default) every 2-D leaf whose last path component is ``k
 the rule: exactly the 2-D leaves whose path matches are transposed. ``exclude=`` (a path regex, FusionBench's
 ``exclude_keys``) sends matching 2-D leaves to the averaging branch.
 
-Batching. Matrices of the same (oriented) shape and dtype are stacked and ``jax.vmap``-ed: one batched SVD per
-shape instead of a Python loop over leaves.
+Batching. Matrices of the same (oriented) shape and dtype are stacked and mapped over in one compiled op instead of
+a Python loop over leaves: ``jax.vmap`` (one batched SVD per shape) on accelerators, ``jax.lax.map`` (a compiled loop
+of unbatched SVDs) on CPU. The reason for the CPU exception: jaxlib 0.10's batched CPU ``gesdd`` kernel splits its
+batch over XLA:CPU's intra-op thread pool and blocks until the pieces finish; when as many batched SVDs run
+concurrently as the pool has threads (two shape groups on a 2-core host), every thread waits on work queued behind it
+and the program deadlocks (seen in ``gdb``: all ``tf_XLAEigen`` threads in ``jax::ParallelBatchMap``). Unbatched
+SVDs run inline and independent groups still run concurrently. ``MERGEJAX_MATRIX_BATCH=vmap|map`` overrides the choice.
+CPU threads: jaxlib's SVD calls scipy's OpenBLAS, whose own threads compete with XLA's pool; on a loaded 2-core host
+``OPENBLAS_NUM_THREADS=1`` (set before numpy/jax load) made a (768, 3072) SVD 10x faster.
 
 Sharding. XLA's SVD is not partitioned: under ``jit`` a sharded matrix is all-gathered and its SVD computed
 replicated on every device; the merged matrix is put back in the input's sharding
@@ -24,6 +31,7 @@ Peak extra memory per device: the stacked group of one shape (B matrices x T tas
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Callable, Literal, Sequence
 
@@ -34,7 +42,8 @@ from mergejax.ops.base import Reduction, TaskVectors, per_leaf_weights
 from mergejax.tree import PyTree, is_float, path_str
 
 __all__ = [
-    "Layout", "MatrixGroup", "transposes", "collect_matrices", "map_matrices", "check_layout", "static",
+    "Layout", "MatrixGroup", "transposes", "collect_matrices", "map_matrices", "batched", "batch_mode", "check_layout",
+    "static",
     "scale_task_vectors", "PreWeighted", "PreWeightedInputs",
 ]
 
@@ -171,8 +180,29 @@ def map_matrices(
     groups, leaves0, columns, other, treedef = collect_matrices(
         tvs, layout=layout, transpose=transpose, exclude=exclude, orient=orient
     )
-    merged = [jax.vmap(lambda *xs: fn(list(xs)))(*g.stacks) for g in groups]
+    merged = [batched(fn, g.stacks) for g in groups]
     return (rebuild(groups, merged, leaves0, columns, other, treedef, other_fn),)
+
+
+def batch_mode() -> str:
+    """"vmap" or "map": how :func:`batched` maps over a shape group (``MERGEJAX_MATRIX_BATCH``, else "map" on the CPU
+    backend and "vmap" elsewhere; see the module docstring for the CPU deadlock this avoids)."""
+    mode = os.environ.get("MERGEJAX_MATRIX_BATCH") or ("map" if jax.default_backend() == "cpu" else "vmap")
+    if mode not in ("vmap", "map"):
+        raise ValueError(f"MERGEJAX_MATRIX_BATCH must be 'vmap' or 'map', got {mode!r}")
+    return mode
+
+
+def batched(fn: Callable[[list[jax.Array]], jax.Array], stacks: Sequence[jax.Array]) -> jax.Array:
+    """``fn`` on every matrix of a shape group: ``stacks[t]`` is ``[B, m, n]``, the result ``[B, m', n']``.
+
+    Args:
+      fn: the per-matrix merge of the T task matrices.
+      stacks: per task, its B stacked matrices.
+    """
+    if batch_mode() == "vmap" or stacks[0].shape[0] == 1:
+        return jax.vmap(lambda *xs: fn(list(xs)))(*stacks)
+    return jax.lax.map(lambda xs: fn(list(xs)), tuple(stacks))
 
 
 def scale_task_vectors(tvs: Sequence[PyTree], weights) -> TaskVectors:
