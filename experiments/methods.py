@@ -29,18 +29,28 @@ if TYPE_CHECKING:  # pragma: no cover
 class Grids:
     """Hyperparameter grids (validation split picks the best point)."""
 
-    ta_scales: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+    ta_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0, 1.5)
     ties_densities: tuple[float, ...] = (0.1, 0.2)
-    ties_scales: tuple[float, ...] = (0.5, 0.7, 1.0, 1.3)
+    ties_scales: tuple[float, ...] = (0.7, 1.0, 1.5)
     dare_drops: tuple[float, ...] = (0.5, 0.9)
     breadcrumbs_betas: tuple[float, ...] = (0.1, 0.2)
-    pcb_ratios: tuple[float, ...] = (0.05, 0.1, 0.2)
+    pcb_ratios: tuple[float, ...] = (0.1, 0.2)
     pcb_scales: tuple[float, ...] = (0.8, 1.2, 1.6)
     lines_alphas: tuple[float, ...] = (0.5, 1.0)
     lines_betas: tuple[float, ...] = (0.5, 1.0)
     regmean_alphas: tuple[float, ...] = (0.5, 0.9)
     compeft_densities: tuple[float, ...] = (0.05, 0.1, 0.2)
-    compeft_alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+    compeft_alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    sota_scales: tuple[float, ...] = (0.5, 1.0, 1.5)
+    """TSV-M and DELLA's lambda (FusionBench: 1.0)."""
+    iso_scales: tuple[float, ...] = (1.0, 1.5, 2.0)
+    """Iso-C / Iso-CTS lambda (the paper tunes it on validation; FusionBench about 1.5)."""
+    cart_coeffs: tuple[float, ...] = (1.0, 2.0)
+    """CART's low-rank coefficient (the authors' 8-task default 2.0), rank ratio 0.12."""
+    consensus_lams: tuple[float, ...] = (0.4, 0.6)
+    """TALL-mask lambda of Consensus TA/TIES (the paper's grid is 0.2-0.6), k = 2."""
+    della_densities: tuple[float, ...] = (0.2, 0.5)
+    """DELLA's mean keep probability (epsilon 0.1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +155,37 @@ def _compeft_ties(run: "Run", hp: dict) -> Any:
                                   scale=hp["scale"]))
 
 
+def _sota(fn: Callable[..., Any]) -> Callable[["Run", dict], Any]:
+    """A data-free mergejax method called on the head-stripped experts with the grid point ``hp`` as keywords."""
+    def build(run: "Run", hp: dict) -> Any:
+        # every one of these is base + scale * tau_merged: merge once at scale 1, rescale per grid point
+        rest = {k: v for k, v in hp.items() if k != "scale"}
+        key = (fn.__name__, tuple(sorted(rest.items())))
+        if key not in run.merge_cache:  # cleared after each method (benchmark.run_method)
+            run.merge_cache[key] = fn(run.backbone.base, run.stripped, **rest)
+        return run.with_heads(run.rescaled(run.merge_cache[key], hp.get("scale", 1.0)))
+
+    return build
+
+
+def _wudi(run: "Run", hp: dict) -> Any:
+    # the token/position embeddings go to the averaging branch: WUDI's input-side Gram is defined for the linear
+    # layers (FusionBench merges the transformer's linear layers)
+    return run.with_heads(mj.wudi(run.backbone.base, run.stripped, steps=run.cfg.wudi_steps,
+                                  exclude=r"embeddings/", progress=run.cfg.progress))
+
+
+def _della(run: "Run", hp: dict) -> Any:
+    # DARE-like: MagPrune drop with 1/p rescaling, then a plain (task-arithmetic) sum
+    return run.with_heads(mj.della(run.backbone.base, run.stripped, key=run.key("della"), density=hp["density"],
+                                   epsilon=0.1, combine="task_arithmetic", scale=hp["scale"]))
+
+
+def _emr(run: "Run", hp: dict) -> list[Any]:
+    merged = mj.emr(run.backbone.base, run.stripped, heads=HEADS)
+    return [run.with_heads(merged.model(t)) for t in range(len(run.tasks))]
+
+
 # --------------------------------------------------------------------------------------------- the table
 METHODS: tuple[Method, ...] = (
     Method("base", lambda hp: "zero-shot base (expert heads)", _none, _base),
@@ -183,6 +224,27 @@ METHODS: tuple[Method, ...] = (
            lambda g, r: _product(scale=g.ta_scales), _compeft_ta),
     Method("compeft_ties", lambda hp: f"TIES of ComPEFT experts (lambda={hp['scale']:g})",
            lambda g, r: _product(scale=g.ties_scales), _compeft_ties),
+    # methods beyond the issue's list (key = mergejax function name). model_stock is left out: it averages
+    # fine-tunes of ONE task (Jang et al., 2024), so it has no meaning on a multi-task table.
+    Method("tsv", lambda hp: f"TSV-M (lambda={hp['scale']:g})", lambda g, r: _product(scale=g.sota_scales),
+           _sota(mj.tsv)),
+    Method("iso_c", lambda hp: f"Iso-C (lambda={hp['scale']:g})", lambda g, r: _product(scale=g.iso_scales),
+           _sota(mj.iso_c)),
+    Method("iso_cts", lambda hp: f"Iso-CTS (lambda={hp['scale']:g})", lambda g, r: _product(scale=g.iso_scales),
+           _sota(mj.iso_cts)),
+    Method("wudi", lambda hp: "WUDI merging", _none, _wudi),
+    Method("cart", lambda hp: f"CART (k=12%, c={hp['coeff']:g})",
+           lambda g, r: _product(rank_ratio=(0.12,), coeff=g.cart_coeffs), _sota(mj.cart)),
+    Method("consensus_ta", lambda hp: f"Consensus TA (lam={hp['lam']:g}, lambda={hp['scale']:g})",
+           lambda g, r: _product(lam=g.consensus_lams, k=(2,), scale=(r.chosen("task_arithmetic", "scale", 0.3),)),
+           _sota(mj.consensus_ta)),
+    Method("consensus_ties",
+           lambda hp: f"Consensus TIES (lam={hp['lam']:g}, k={_pct(hp['density'])}, lambda={hp['scale']:g})",
+           lambda g, r: _product(lam=g.consensus_lams, k=(2,), density=(r.chosen("ties", "density", 0.2),),
+                                 scale=(r.chosen("ties", "scale", 1.0),)), _sota(mj.consensus_ties)),
+    Method("della", lambda hp: f"DELLA + TA (p_keep={hp['density']:g}, lambda={hp['scale']:g})",
+           lambda g, r: _product(density=g.della_densities, scale=g.sota_scales), _della),
+    Method("emr", lambda hp: "EMR-Merging (per-task masks, rescalers)", _none, _emr),
 )
 METHOD_KEYS = tuple(m.key for m in METHODS)
 

