@@ -94,32 +94,52 @@ def _task_arithmetic(run: "Run", hp: dict) -> Any:
     return run.with_heads(mj.task_arithmetic(run.backbone.base, run.stripped, scale=hp["scale"]))
 
 
+def _at_scale(run: "Run", key: tuple, make: Callable[[], Any], scale: float, keep: bool = False) -> Any:
+    """Every data-free merge here is theta_0 + lambda * tau_merged (mergejax.merge): ``make()`` merges once at
+    lambda = 1 (cached under ``key``), each grid point rescales. ``keep``: cache for the whole seed (TIES, reused by
+    LiNeS), else until the method is done (``benchmark.run_method`` clears ``run.merge_cache``)."""
+    store = run._cache if keep else run.merge_cache
+    if key not in store:
+        store[key] = make()
+    return run.with_heads(run.rescaled(store[key], scale))
+
+
+def _ties_unit(run: "Run", density: float) -> Any:
+    return _at_scale(run, ("ties", density), lambda: mj.ties(run.backbone.base, run.stripped, density=density),
+                     1.0, keep=True)
+
+
 def _ties(run: "Run", hp: dict) -> Any:
-    return run.with_heads(mj.ties(run.backbone.base, run.stripped, density=hp["density"], scale=hp["scale"]))
+    _ties_unit(run, hp["density"])
+    return run.with_heads(run.rescaled(run._cache[("ties", hp["density"])], hp["scale"]))
 
 
 def _dare(combine: str) -> Callable[["Run", dict], Any]:
     def build(run: "Run", hp: dict) -> Any:
         extra = {"density": hp["density"]} if combine == "ties" else {}
-        return run.with_heads(mj.dare(run.backbone.base, run.stripped, key=run.key("dare"), drop_rate=hp["drop_rate"],
-                                      combine=combine, scale=hp["scale"], **extra))
+        return _at_scale(run, ("dare", combine, hp["drop_rate"], *extra.values()), lambda: mj.dare(
+            run.backbone.base, run.stripped, key=run.key("dare"), drop_rate=hp["drop_rate"], combine=combine,
+            **extra), hp["scale"])
 
     return build
 
 
 def _breadcrumbs(run: "Run", hp: dict) -> Any:
-    return run.with_heads(mj.breadcrumbs(run.backbone.base, run.stripped, beta=hp["beta"], gamma=hp["gamma"],
-                                         scale=hp["scale"]))
+    return _at_scale(run, ("breadcrumbs", hp["beta"], hp["gamma"]), lambda: mj.breadcrumbs(
+        run.backbone.base, run.stripped, beta=hp["beta"], gamma=hp["gamma"], scale=1.0), hp["scale"])
 
 
 def _pcb(run: "Run", hp: dict) -> Any:
-    return run.with_heads(mj.pcb(run.backbone.base, run.stripped, ratio=hp["ratio"], scale=hp["scale"]))
+    return _at_scale(run, ("pcb", hp["ratio"]), lambda: mj.pcb(run.backbone.base, run.stripped, ratio=hp["ratio"],
+                                                               scale=1.0), hp["scale"])
 
 
 def _lines(run: "Run", hp: dict) -> Any:
+    # TIES + LiNeS = LiNeS applied to TIES's merged task vector (chain(Trim, ElectSign, DisjointMean, LiNeS)):
+    # the one TIES vector at lambda = 1 (cached by the TIES row), scaled layer by layer
+    ties_unit = _ties_unit(run, hp["density"])
     lines = mj.lines(hp["alpha"], hp["beta"], run.backbone.blocks)
-    chain = mj.chain(mj.Trim(hp["density"]), mj.ElectSign(), mj.DisjointMean(), lines)
-    return run.with_heads(chain(run.backbone.base, run.stripped, scale=1.0))
+    return run.with_heads(mj.chain(lines, mj.Sum())(run.backbone.base, [run.strip_heads(ties_unit)], scale=1.0))
 
 
 def _fisher(run: "Run", hp: dict) -> Any:
@@ -145,25 +165,22 @@ def _compeft_experts(run: "Run", hp: dict) -> list[Any]:
 
 
 def _compeft_ta(run: "Run", hp: dict) -> Any:
-    return run.with_heads(mj.task_arithmetic(run.backbone.base, run.compeft(run.chosen_compeft_density()),
-                                             scale=hp["scale"]))
+    return _at_scale(run, ("compeft_ta",), lambda: mj.task_arithmetic(
+        run.backbone.base, run.compeft(run.chosen_compeft_density())), hp["scale"])
 
 
 def _compeft_ties(run: "Run", hp: dict) -> Any:
     # the experts are already trimmed to ComPEFT's density: TIES keeps them all (density 1) and elects signs
-    return run.with_heads(mj.ties(run.backbone.base, run.compeft(run.chosen_compeft_density()), density=1.0,
-                                  scale=hp["scale"]))
+    return _at_scale(run, ("compeft_ties",), lambda: mj.ties(
+        run.backbone.base, run.compeft(run.chosen_compeft_density()), density=1.0), hp["scale"])
 
 
 def _sota(fn: Callable[..., Any]) -> Callable[["Run", dict], Any]:
     """A data-free mergejax method called on the head-stripped experts with the grid point ``hp`` as keywords."""
     def build(run: "Run", hp: dict) -> Any:
-        # every one of these is base + scale * tau_merged: merge once at scale 1, rescale per grid point
         rest = {k: v for k, v in hp.items() if k != "scale"}
-        key = (fn.__name__, tuple(sorted(rest.items())))
-        if key not in run.merge_cache:  # cleared after each method (benchmark.run_method)
-            run.merge_cache[key] = fn(run.backbone.base, run.stripped, **rest)
-        return run.with_heads(run.rescaled(run.merge_cache[key], hp.get("scale", 1.0)))
+        return _at_scale(run, (fn.__name__, *sorted(rest.items())), lambda: fn(run.backbone.base, run.stripped, **rest),
+                         hp.get("scale", 1.0))
 
     return build
 
@@ -177,8 +194,9 @@ def _wudi(run: "Run", hp: dict) -> Any:
 
 def _della(run: "Run", hp: dict) -> Any:
     # DARE-like: MagPrune drop with 1/p rescaling, then a plain (task-arithmetic) sum
-    return run.with_heads(mj.della(run.backbone.base, run.stripped, key=run.key("della"), density=hp["density"],
-                                   epsilon=0.1, combine="task_arithmetic", scale=hp["scale"]))
+    return _at_scale(run, ("della", hp["density"]), lambda: mj.della(
+        run.backbone.base, run.stripped, key=run.key("della"), density=hp["density"], epsilon=0.1,
+        combine="task_arithmetic"), hp["scale"])
 
 
 def _emr(run: "Run", hp: dict) -> list[Any]:

@@ -199,3 +199,28 @@ def test_isolating_experiments_wiring(pools, tmp_path):
     (fi,) = out["fisher"]
     assert len(fi["below_floor"]) == 2 and all(0.0 <= f <= 1.0 for f in fi["below_floor"])
     assert json.loads((tmp_path / "iso" / "isolate.json").read_text())["seed"] == 0
+
+
+def test_unit_scale_caching_matches_the_direct_merges():
+    """The benchmark merges once at lambda = 1 and rescales; LiNeS reuses TIES's vector: both equal direct calls."""
+    import jax
+    import jax.numpy as jnp
+
+    import mergejax as mj
+
+    rng = np.random.default_rng(0)
+    base = {"params": {"l_0": {"w": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)},
+                       "l_1": {"w": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)}}}
+    fts = [jax.tree.map(lambda x: x + jnp.asarray(rng.normal(size=x.shape), jnp.float32), base) for _ in range(3)]
+    run = benchmark.Run.__new__(benchmark.Run)
+    run.backbone = type("B", (), {"base": base})()
+    unit = mj.ties(base, fts, density=0.4)
+    for got, want in zip(jax.tree.leaves(run.rescaled(unit, 1.5)),
+                         jax.tree.leaves(mj.ties(base, fts, density=0.4, scale=1.5))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    blocks = mj.blocks_from_regex(base, r"l_(\d+)/")
+    lines = mj.lines(0.5, 1.0, blocks)
+    direct = mj.chain(mj.Trim(0.4), mj.ElectSign(), mj.DisjointMean(), lines)(base, fts, scale=1.0)
+    cached = mj.chain(lines, mj.Sum())(base, [unit], scale=1.0)
+    for got, want in zip(jax.tree.leaves(cached), jax.tree.leaves(direct)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
