@@ -80,7 +80,9 @@ class Config:
     heldout: tuple[str, ...] = ()
     """Tasks held out of the merge for the linear-probe protocol (default: the last two tasks)."""
     n_probe: int = 512
-    sweep_densities: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+    protocol_task_counts: tuple[int, ...] = (2, 4, 6)
+    """Numbers of merged tasks (the first n tasks) of the tasks-count protocol; counts above T are dropped."""
+    sweep_densities: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5)
     cache: str = "results/cache"
     out: str = ""
     """Output directory (default results/<suite>, or results/quick-<suite> with --quick)."""
@@ -367,7 +369,8 @@ def protocol_num_tasks(run: Run, expert_acc: dict[str, float]) -> dict[str, Any]
     out: dict[str, Any] = {"n": [], "task_arithmetic": [], "ties": [], "adamerging_layer": []}
     ta_scale = run.chosen("task_arithmetic", "scale", 0.3)
     ties_hp = run.chosen_hp.get("ties", {"density": 0.2, "scale": 1.0})
-    for n in tqdm(range(2, len(run.tasks) + 1), desc="protocol: number of tasks", disable=not run.cfg.progress):
+    counts = sorted({n for n in run.cfg.protocol_task_counts if 2 <= n <= len(run.tasks)} | {len(run.tasks)})
+    for n in tqdm(counts, desc="protocol: number of tasks", disable=not run.cfg.progress):
         idx, names = list(range(n)), list(run.tasks[:n])
         sub = [run.stripped[i] for i in idx]
         models = {
@@ -390,6 +393,13 @@ def _probe(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndar
     scaler = StandardScaler().fit(train[0])
     clf = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(train[0]), train[1])
     return 100.0 * float(np.mean(clf.predict(scaler.transform(test[0])) == test[1]))
+
+
+def _ties_model(run: Run, density: float, scale: float) -> Any:
+    """TIES of every task at (density, scale), through the TIES row's lambda = 1 cache."""
+    from experiments.methods import _ties
+
+    return _ties(run, {"density": density, "scale": scale})
 
 
 def protocol_heldout(run: Run) -> dict[str, Any]:
@@ -421,7 +431,7 @@ def protocol_density(run: Run, expert_acc: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {"density": list(run.cfg.sweep_densities), "ties": [], "dare_task_arithmetic": [],
                            "compeft_experts": [], "compeft_bits_per_param": []}
     for d in tqdm(run.cfg.sweep_densities, desc="protocol: density", disable=not run.cfg.progress):
-        out["ties"].append(norm(run.with_heads(mj.ties(run.backbone.base, run.stripped, density=d, scale=ties_scale))))
+        out["ties"].append(norm(_ties_model(run, d, ties_scale)))
         drop = min(1.0 - d, 0.999)
         out["dare_task_arithmetic"].append(norm(run.with_heads(
             mj.dare(run.backbone.base, run.stripped, key=run.key("dare-sweep"), drop_rate=drop, scale=ta_scale))))
@@ -613,17 +623,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logs, protocols, walls, done = [], {}, {}, []
     backbone_name = ""
     summary, written = {}, []
+    proto_run: Run | None = None
     for seed in cfg.seeds:
         t_seed = time.perf_counter()
         seed_file, proto_file = out / "per_seed" / f"seed_{seed}.json", out / "per_seed" / "protocols.json"
         cached = _load_done(seed_file, rkey) if cfg.resume else None
         want_protocols = cfg.protocols and seed == cfg.seeds[0]
         cached_protocols = _load_done(proto_file, rkey) if cfg.resume and want_protocols else None
-        if cached is not None and (not want_protocols or cached_protocols is not None):
+        if cached_protocols is not None:
+            protocols, walls["protocols_s"] = cached_protocols["protocols"], cached_protocols["seconds"]
+        if cached is not None:
             log, backbone_name = cached["log"], cached["backbone"]
             walls[f"seed_{seed}"] = cached["walls"]
-            if want_protocols:
-                protocols, walls["protocols_s"] = cached_protocols["protocols"], cached_protocols["seconds"]
             print(f"seed {seed}: reusing {seed_file}")
         else:
             run = Run(cfg, seed, pools, splits)
@@ -636,15 +647,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                      "methods_s": {k: v["seconds"] for k, v in log.items()}}
             _save_done(seed_file, rkey, {"log": log, "backbone": backbone_name, "walls": walls[f"seed_{seed}"]})
             if want_protocols:
-                t_p = time.perf_counter()
-                protocols["num_tasks"] = protocol_num_tasks(run, log["experts"]["test"])
-                protocols["heldout"] = protocol_heldout(run)
-                protocols["density"] = protocol_density(run, log["experts"]["test"])
-                walls["protocols_s"] = time.perf_counter() - t_p
-                _save_done(proto_file, rkey, {"protocols": protocols, "seconds": walls["protocols_s"]})
+                proto_run = run  # the protocols run after every seed's table, on this run and its merge caches
             del run
         logs.append(json.loads(json.dumps(log, default=_json_default)))
         done.append(seed)
+        walls["total_s"] = time.perf_counter() - t_start
+        summary, written = write_outputs(cfg, backbone_name, pools, splits, done, logs, protocols, walls, out)
+    if cfg.protocols and not protocols:
+        t_p = time.perf_counter()
+        if proto_run is None:  # seed 0's table came from per_seed/: rebuild its run (experts from the cache)
+            proto_run = Run(cfg, cfg.seeds[0], pools, splits)
+            proto_run.train_experts()
+            proto_run.chosen_hp = {k: v["hyperparameters"] for k, v in logs[0].items()}
+        expert_acc = logs[0]["experts"]["test"]
+        protocols["num_tasks"] = protocol_num_tasks(proto_run, expert_acc)
+        protocols["heldout"] = protocol_heldout(proto_run)
+        protocols["density"] = protocol_density(proto_run, expert_acc)
+        walls["protocols_s"] = time.perf_counter() - t_p
+        _save_done(out / "per_seed" / "protocols.json", rkey, {"protocols": protocols, "seconds": walls["protocols_s"]})
         walls["total_s"] = time.perf_counter() - t_start
         summary, written = write_outputs(cfg, backbone_name, pools, splits, done, logs, protocols, walls, out)
     print_table(summary, f"{backbone_name}: test accuracy (%) per task, seeds {list(cfg.seeds)}, "
