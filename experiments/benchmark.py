@@ -479,6 +479,33 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def protocol_markdown(protocols: dict[str, Any]) -> str:
+    """Markdown tables of the protocols (normalised accuracy %, probe accuracy %)."""
+    parts = []
+    if "num_tasks" in protocols:
+        p = protocols["num_tasks"]
+        keys = [k for k in ("task_arithmetic", "ties", "adamerging_layer") if k in p]
+        parts.append("Average normalised accuracy against the number of merged tasks (the first n):\n\n"
+                     "| n | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1) + "\n"
+                     + "".join(f"| {n} | " + " | ".join(f"{p[k][i]:.1f}" for k in keys) + " |\n"
+                               for i, n in enumerate(p["n"])))
+    if "heldout" in protocols:
+        p = protocols["heldout"]
+        names = list(p["probe"])
+        parts.append(f"Linear probes on frozen features of held-out tasks (merged: {', '.join(p['merged_tasks'])}):"
+                     "\n\n| task | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 1) + "\n"
+                     + "".join(f"| {t} | " + " | ".join(f"{p['probe'][m][t]:.1f}" for m in names) + " |\n"
+                               for t in p["heldout"]))
+    if "density" in protocols:
+        p = protocols["density"]
+        keys = ("ties", "dare_task_arithmetic", "compeft_experts")
+        parts.append("Average normalised accuracy against density (DARE: 1 - p; ComPEFT: entropy-coded bits/param):"
+                     "\n\n| density | " + " | ".join(keys) + " | ComPEFT bits/param |\n|" + "---|" * 5 + "\n"
+                     + "".join(f"| {d:g} | " + " | ".join(f"{p[k][i]:.1f}" for k in keys)
+                               + f" | {p['compeft_bits_per_param'][i]:.2f} |\n" for i, d in enumerate(p["density"])))
+    return "\n".join(parts)
+
+
 def print_table(summary: dict[str, Any], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -606,7 +633,7 @@ def write_outputs(cfg: Config, backbone_name: str, pools: dict[str, datasets.Poo
                "classes": {t: list(p.classes) for t, p in pools.items()},
                "split_sizes": {t: {k: len(getattr(s, k)) for k in ("train", "val", "test")} for t, s in splits.items()}}
     (out / "details.json").write_text(json.dumps(details, indent=1, default=_json_default))
-    (out / "table.md").write_text(markdown_table(summary))
+    (out / "table.md").write_text(markdown_table(summary) + ("\n" + protocol_markdown(protocols) if protocols else ""))
     return summary, plots(summary, protocols, out)
 
 
