@@ -593,12 +593,13 @@ def prepare_data(cfg: Config) -> tuple[dict[str, datasets.Pool], dict[str, datas
     return pools, splits
 
 
-def _resume_key(cfg: Config) -> str:
-    """Hash of everything but the seeds and the bookkeeping fields: per-seed results with it are reusable."""
+def _resume_key(cfg: Config, rows: bool = False) -> str:
+    """Hash of everything but the seeds and the bookkeeping fields: per-seed results with it are reusable.
+    ``rows``: the key of single finished rows (``seed_<s>.partial.json``), which does not depend on the method list."""
     import hashlib
 
     d = dataclasses.asdict(cfg)
-    for k in ("seeds", "out", "progress", "cache", "resume", "protocols"):
+    for k in ("seeds", "out", "progress", "cache", "resume", "protocols") + (("methods",) if rows else ()):
         d.pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -648,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     methods = by_key(cfg.methods or None)
     if "experts" not in {m.key for m in methods}:
         raise ValueError("the method list must include 'experts' (normalised accuracy divides by it)")
-    rkey = _resume_key(cfg)
+    rkey, row_key = _resume_key(cfg), _resume_key(cfg, rows=True)
     logs, protocols, walls, done = [], {}, {}, []
     backbone_name = ""
     summary, written = {}, []
@@ -669,9 +670,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             run = Run(cfg, seed, pools, splits)
             backbone_name = run.backbone.name
             run.train_experts()
-            log = {}
+            partial_file = out / "per_seed" / f"seed_{seed}.partial.json"
+            log = (_load_done(partial_file, row_key) if cfg.resume else None) or {}
             for m in tqdm(methods, desc=f"methods (seed {seed})", disable=not cfg.progress):
+                if m.key in log:  # finished by an interrupted run: reuse its row and its choice
+                    run.chosen_hp[m.key] = log[m.key]["hyperparameters"]
+                    continue
                 run_method(run, m, log)
+                _save_done(partial_file, row_key, log)
+            log = {m.key: log[m.key] for m in methods}  # table order
             walls[f"seed_{seed}"] = {"finetune_s": run.finetune_s, "total_s": time.perf_counter() - t_seed,
                                      "methods_s": {k: v["seconds"] for k, v in log.items()}}
             _save_done(seed_file, rkey, {"log": log, "backbone": backbone_name, "walls": walls[f"seed_{seed}"]})
