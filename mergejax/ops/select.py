@@ -186,8 +186,9 @@ def count_ge(
 
 def _maybe_sharded(x: jax.Array) -> bool:
     """True unless ``x`` is known to live whole on every device that holds it (one device, or replicated)."""
-    sharding = getattr(x, "sharding", None)
-    if sharding is not None and not isinstance(x, jax.core.Tracer):
+    # a Tracer's .sharding raises an AttributeError whose message walks the whole jaxpr (quadratic tracing time)
+    sharding = None if isinstance(x, jax.core.Tracer) else getattr(x, "sharding", None)
+    if sharding is not None:
         return not (len(sharding.device_set) == 1 or sharding.is_fully_replicated)
     try:
         sharding = jax.typeof(x).sharding
