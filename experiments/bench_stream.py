@@ -134,7 +134,7 @@ def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, float
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-S", "-c", LAUNCH_SCRIPT, *argv], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-                               "HF_HUB_OFFLINE": "1", "MERGEJAX_MMAP_THRESHOLD": "1", **(env or {})})
+                               "HF_HUB_OFFLINE": "1", **(env or {})})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:4])} failed:\n{proc.stderr[-3000:]}")

@@ -49,9 +49,8 @@ Interruptions: shards are written under a temporary name and renamed when comple
 the finished shards and the global statistics; rerunning the same merge into the same directory skips them. Progress
 (a tqdm bar over bytes read, with the read throughput) and logging come from process 0 only.
 
-Host memory details: with ``MERGEJAX_MMAP_THRESHOLD=1`` glibc's mmap threshold is fixed at 1 MiB while merging (freed
-tensors go back to the OS at once, instead of staying in the malloc arenas of the reader and XLA threads; opt-in,
-see ``_return_freed_memory``), and the buffers whose zero-copy device views
+Host memory details: glibc's mmap threshold is fixed at 1 MiB while merging (freed tensors go back to the OS at once,
+instead of staying in the malloc arenas of the reader and XLA threads), and the buffers whose zero-copy device views
 XLA released on its own threads are freed after each unit of work.
 """
 
@@ -443,10 +442,6 @@ def _return_freed_memory() -> None:
     heap arenas of the main, reader and XLA threads, which keep freed blocks resident: the peak RSS of a merge then
     grew by T + 1 tensors over its (T + 2). Process-wide and idempotent; a no-op where libc is not glibc.
     """
-    # Opt-in (MERGEJAX_MMAP_THRESHOLD=1; bench_stream and the peak-RSS test set it): with it on, the full test
-    # suite crashed twice (SIGSEGV) in a later, unrelated XLA call of the same process; not isolated yet.
-    if os.environ.get("MERGEJAX_MMAP_THRESHOLD", "0") != "1":
-        return
     try:
         import ctypes
 

@@ -232,8 +232,7 @@ def _rss_models(tmp: Path, n_leaves: int, leaf: tuple[int, int], T: int):
 
 def _peak_kib(paths, out, method):
     # one CPU device, as a user runs it (conftest's 8 fake devices add XLA threads and their malloc arenas)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
-           "MERGEJAX_MMAP_THRESHOLD": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(paths[0]), ",".join(map(str, paths[1:])), str(out),
                         method], env=env, check=True, capture_output=True, text=True)
     return int(r.stdout.split("VmHWM")[-1].split()[0].strip("'[]"))
