@@ -6,6 +6,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent XLA cache in the test process: the CLI tests call mergejax.cli in-process, which would turn it on
+# (under ~/.cache, min compile time 0) for every later test; the full suite then crashed (SIGSEGV) in a later
+# compile that wrote to the cache. Subprocess tests of the CLI pop this and keep their own cache.
+os.environ.setdefault("MERGEJAX_COMPILE_CACHE", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

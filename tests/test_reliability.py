@@ -51,6 +51,7 @@ def cache_dir(tmp_path_factory):
 def _cli(args, cache_dir, *, kill_at=None, check=False):
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "MERGEJAX_CACHE": str(cache_dir)}
     env.pop(fsutil._KILL_ENV, None)
+    env.pop("MERGEJAX_COMPILE_CACHE", None)  # the CLI as users run it: with its compile cache
     if kill_at:
         env[fsutil._KILL_ENV] = kill_at
     proc = subprocess.run([sys.executable, "-m", "mergejax", *map(str, args)], capture_output=True, text=True,
