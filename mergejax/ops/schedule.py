@@ -134,6 +134,10 @@ class Runner:
                              p.key, cands, given, tv_mask=p.tv_mask, q=self.q, name=name, mode=mode, magnitude=magnitude,
                              stride=stride)
 
+    def _values(self, name: Hashable, given: Any) -> list:
+        """``stat_values`` of every leaf position, on the host."""
+        return jax.device_get([self._call(j, None, name, "value", given=given) for j in self.plan.positions])
+
     def total(self, name: Hashable, given: Any = None) -> Any:
         """The sum over leaves of ``stat_values`` (int64 for integer values: exact).
 
@@ -144,7 +148,7 @@ class Runner:
         Returns:
           The summed values, as numpy arrays.
         """
-        parts = jax.device_get([self._call(j, None, name, "value", given=given) for j in self.plan.positions])
+        parts = self._values(name, given)
         return jax.tree_util.tree_map(
             lambda *xs: np.sum([np.asarray(x, np.int64 if np.issubdtype(np.asarray(x).dtype, np.integer)
                                            else np.float64) for x in xs], axis=0), *parts)
@@ -159,7 +163,7 @@ class Runner:
         Returns:
           The elementwise maxima, as numpy arrays.
         """
-        parts = jax.device_get([self._call(j, None, name, "value", given=given) for j in self.plan.positions])
+        parts = self._values(name, given)
         return jax.tree_util.tree_map(lambda *xs: np.max(np.stack(xs), axis=0), *parts)
 
     def kth(self, name: Hashable, ks: Sequence[int], *, magnitude: bool = False, given: Any = None) -> jax.Array:
