@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 import mergejax as mj
 from mergejax import fisher as mj_fisher
 from mergejax import ternary
+from mergejax.cli import enable_compile_cache
 from mergejax.regmean import gram_matrices
 from mergejax.tree import path_str
 
@@ -641,9 +642,7 @@ def write_outputs(cfg: Config, backbone_name: str, pools: dict[str, datasets.Poo
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
     t_start = time.perf_counter()
-    if os.environ.get("MERGEJAX_COMPILE_CACHE", "1").lower() not in ("0", "false", "off", "no"):  # as the CLI
-        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.cache).absolute() / "jax"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    enable_compile_cache(cfg.cache, min_compile_secs=1.0)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     pools, splits = prepare_data(cfg)

@@ -28,6 +28,7 @@ import numpy as np
 
 import mergejax as mj
 from mergejax import fisher as mj_fisher
+from mergejax.cli import enable_compile_cache
 from mergejax.tree import path_str
 
 from experiments import backbones
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="results/isolate")
     args, rest = p.parse_known_args(argv)
     cfg = parse_args([a for a in rest if a != "--"])
-    jax.config.update("jax_compilation_cache_dir", str(Path(cfg.cache).absolute() / "jax"))
+    enable_compile_cache(cfg.cache, min_compile_secs=1.0)
     pools, splits = prepare_data(cfg)
     run = Run(cfg, args.seed, pools, splits)
     run.train_experts()

@@ -355,18 +355,21 @@ def one_line(err: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def enable_compile_cache() -> None:
-    """JAX's persistent compilation cache under ``$MERGEJAX_CACHE/jax`` (``~/.cache/mergejax/jax``), unless
-    ``MERGEJAX_COMPILE_CACHE=0``; a later run of the same merge skips its XLA compiles."""
+def enable_compile_cache(root: str | os.PathLike | None = None, *, min_compile_secs: float = 0.0) -> None:
+    """JAX's persistent compilation cache under ``root/jax`` (default ``$MERGEJAX_CACHE``, else
+    ``~/.cache/mergejax``), unless ``MERGEJAX_COMPILE_CACHE=0``; a later run of the same merge skips its XLA
+    compiles. Used by the CLI and the experiment scripts; the test suite sets ``MERGEJAX_COMPILE_CACHE=0``."""
     if os.environ.get("MERGEJAX_COMPILE_CACHE", "1").lower() in ("0", "false", "off", "no"):
         return
-    root = os.environ.get("MERGEJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mergejax")
+    if root is None:
+        root = os.environ.get("MERGEJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mergejax")
+    path = os.path.join(os.path.abspath(root), "jax")
     try:
         import jax
 
-        os.makedirs(os.path.join(root, "jax"), exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     except (OSError, AttributeError, ValueError):  # read-only home or an older jax: run without the cache
         return
 
