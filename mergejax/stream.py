@@ -85,13 +85,21 @@ from mergejax.convert.io import (
     parse_size,
 )
 from mergejax.merge import Merger, _average_jit, breadcrumbs_chain, chain, dare_chain, ties_chain
-from mergejax.ops.base import leaf_keys, per_leaf_weights, rank_from_fraction
+from mergejax.ops.base import Given, leaf_index, leaf_keys, per_leaf_weights, rank_from_fraction
 from mergejax.ops.breadcrumbs import BreadcrumbsMask
+from mergejax.ops.consensus import Consensus, consensus_mask, consensus_ta_stages, consensus_ties_stages
 from mergejax.ops.dare import DareDrop, drop_and_rescale
+from mergejax.ops.della import Della, della_prune
 from mergejax.ops.lines import LiNeS
+from mergejax.ops.matrix import PreWeighted, scale_task_vectors, transposes
+from mergejax.ops.model_stock import ModelStock
+from mergejax.ops.pcb import PCB
 from mergejax.ops.reduce import DisjointMax, DisjointMean, DisjointSum, Mean, Sum, WeightedSum
+from mergejax.ops.select import ordered_key
 from mergejax.ops.sign import ElectSign, keep_agreeing, sign_mass
+from mergejax.ops.svd import CART, TSV, IsoC, IsoCTS
 from mergejax.ops.trim import Trim
+from mergejax.ops.wudi import WUDI
 from mergejax.tree import _leaf_apply, _leaf_task_vector, acc_dtype
 
 __all__ = ["merge", "merge_tensors", "load_sharded", "OrbaxSource", "OrbaxShardsSource", "open_source", "STATE_FILE",
@@ -822,62 +830,199 @@ class _ShardSink:
 
 _PER_LEAF = (BreadcrumbsMask, Sum, Mean, DisjointMean, DisjointSum, DisjointMax, WeightedSum)
 _ELEMENTWISE = (Sum, Mean, DisjointMean, DisjointSum, DisjointMax, WeightedSum, ElectSign)
+_PER_MATRIX = (TSV, IsoC, IsoCTS, CART, WUDI, ModelStock)  # one leaf's output depends on that leaf alone
+_PATH_FIELDS = ("exclude", "transpose", "layout")  # the stage fields that make a leaf's output depend on its path
+
+Pos = tuple[int, ...]  # a stage's position: (i,) in the chain, (i, q) for stage q inside a Consensus at i
 
 
-def _named_chain(method: str, hp: dict[str, Any]) -> Merger:
-    """The chain of a named method with the same stages and defaults as ``mergejax.<method>``."""
+def _factories() -> dict[str, tuple[Callable[..., Any], Callable[..., tuple]]]:
+    """Named methods: (the in-memory function, whose keywords and defaults the stream takes, its stages)."""
+    from mergejax import merge as merge_mod, methods_sota as ms
+
+    def della(density, epsilon, rescale, combine, layout):
+        drop = Della(density, epsilon, rescale, layout)
+        if combine not in ("ties", "task_arithmetic"):
+            raise ValueError(f"combine must be 'ties' or 'task_arithmetic', got {combine!r}")
+        return (drop, ElectSign(), DisjointMean()) if combine == "ties" else (drop, Sum())
+
+    return {
+        "pcb": (merge_mod.pcb, lambda ratio: (PCB(ratio),)),
+        "tsv": (ms.tsv, lambda exclude: (TSV(exclude),)),
+        "iso_c": (ms.iso_c, lambda exclude: (IsoC(exclude),)),
+        "iso_cts": (ms.iso_cts, lambda common_fraction, layout, transpose, exclude: (
+            IsoCTS(common_fraction, layout, transpose, exclude),)),
+        "wudi": (ms.wudi, lambda steps, lr, normalize, layout, transpose, exclude, progress: (
+            WUDI(steps, lr, normalize, layout, transpose, exclude, False),)),  # the stream's bar shows progress
+        "cart": (ms.cart, lambda rank_ratio, coeff, exclude: (CART(rank_ratio, coeff, exclude),)),
+        "consensus_ta": (ms.consensus_ta, lambda lam, k: (Consensus(consensus_ta_stages(), lam, k),)),
+        "consensus_ties": (ms.consensus_ties, lambda lam, k, density: (
+            Consensus(consensus_ties_stages(density), lam, k),)),
+        "della": (ms.della, della),
+        "model_stock": (ms.model_stock, lambda: (ModelStock(),)),
+    }
+
+
+_NOT_HYPERPARAMETERS = {"base", "finetuned", "scale", "weights", "heads", "check_finite", "key", "donate"}
+
+
+def _named_chain(method: str, hp: dict[str, Any]) -> tuple[Merger, float]:
+    """The chain of a named method with the same stages and defaults as ``mergejax.<method>``, and its default
+    lambda."""
     hp = dict(hp)
     factories = {"task_arithmetic": lambda: chain(Sum()), "ties": ties_chain, "dare": dare_chain,
                  "breadcrumbs": breadcrumbs_chain}
+    sota = _factories()
+    if method == "emr":
+        raise ValueError("method emr cannot stream: its result is a unified task vector plus per-task masks and "
+                         "rescalers (mergejax.emr), not one merged checkpoint")
+    if method in sota:
+        fn, build = sota[method]
+        params = {n: p for n, p in inspect.signature(fn).parameters.items() if n not in _NOT_HYPERPARAMETERS}
+        unknown = sorted(set(hp) - set(params))
+        if unknown:
+            raise ValueError(f"method {method} does not take: {', '.join(unknown)}")
+        args = {n: hp.get(n, p.default) for n, p in params.items()}
+        return chain(*build(**args)), float(inspect.signature(fn).parameters["scale"].default)
     if method not in factories:
         raise ValueError(
-            f"method {method!r} cannot stream; use one of average, task_arithmetic, ties, dare, breadcrumbs or a "
-            "mergejax.chain(...) of per-tensor stages (PCB and LiNeS need whole-model quantities)"
+            f"method {method!r} cannot stream; use one of average, task_arithmetic, ties, dare, breadcrumbs, "
+            f"{', '.join(sota)} or a mergejax.chain(...) of the stages listed in mergejax.stream's docstring"
         )
     params = inspect.signature(factories[method]).parameters
     unknown = sorted(set(hp) - set(params))
     if unknown:
         raise ValueError(f"method {method} does not take: {', '.join(unknown)}")
-    return factories[method](**hp)
+    return factories[method](**hp), 1.0
+
+
+def _core(s: Any) -> Any:
+    """The stage a per-task-weights wrapper (``PreWeighted``, from ``with_weights``) wraps, or the stage itself."""
+    return s.inner if isinstance(s, PreWeighted) else s
+
+
+def _has_host_stats(s: Any) -> bool:
+    return all(hasattr(s, a) for a in ("host_stats", "stat_values", "apply_with"))
 
 
 def _check_streamable(m: Merger) -> None:
+    def ok(s: Any) -> bool:
+        if isinstance(s, Consensus):
+            return all(ok(t) and not isinstance(t, Consensus) for t in s.inner)
+        return (isinstance(s, (Trim, ElectSign, DareDrop, LiNeS, Della, *_PER_LEAF, *_PER_MATRIX))
+                or bool(getattr(s, "leafwise", False)) or _has_host_stats(s))
+
     for s in m.stages:
-        if not isinstance(s, (Trim, ElectSign, DareDrop, LiNeS, *_PER_LEAF)):
+        if not ok(s):
             raise ValueError(
-                f"stage {type(s).__name__} cannot stream (streaming supports Trim, ElectSign, DareDrop, LiNeS, "
-                "BreadcrumbsMask and the Sum/Mean/Disjoint*/WeightedSum reductions)"
+                f"stage {type(s).__name__} cannot stream: it needs whole-model data that is neither a per-tensor "
+                "function nor a host_stats statistic (see mergejax.stream's docstring for the stages that stream)"
             )
+
+
+def _positions(m: Merger) -> list[tuple[Pos, Any]]:
+    """Every stage of the chain with its position, in execution order (a Consensus's inner stages before it)."""
+    out: list[tuple[Pos, Any]] = []
+    for si, s in enumerate(m.stages):
+        if isinstance(s, Consensus):
+            out += [((si, q), t) for q, t in enumerate(s.inner)]
+        out.append(((si,), s))
+    return out
+
+
+def _tag(pos: Pos) -> str:
+    return ".".join(str(p) for p in pos)
+
+
+def _path_sensitive(m: Merger) -> list[Any]:
+    return [s for _, s in _positions(m) if any(getattr(s, f, None) is not None for f in _PATH_FIELDS)]
+
+
+def _leaf_paths(m: Merger, names: Sequence[str]) -> dict[str, str]:
+    """The key of each tensor's one-leaf tree: ``_LEAF`` unless a stage reads leaf paths (a regex, the Flax-kernel
+    rule); then the first tensor name with the same answers to those stages' path rules, so each class of tensors
+    compiles once and every stage sees a path that it treats as the tensor's own."""
+    stages = _path_sensitive(m)
+    if not stages:
+        return {n: _LEAF for n in names}
+
+    def features(name: str) -> tuple:
+        out = []
+        for s in stages:
+            exclude = getattr(s, "exclude", None)
+            out.append(None if exclude is None else re.search(exclude, name) is not None)
+            if getattr(s, "layout", None) is not None:
+                out.append(transposes(name, s.layout, getattr(s, "transpose", None)))
+        return tuple(out)
+
+    first: dict[tuple, str] = {}
+    return {n: first.setdefault(features(n), n) for n in names}
 
 
 _LEAF = "leaf"  # the one-leaf trees' key (a constant, so every tensor of a shape shares one compiled program)
 
 
+def _only(tv: dict) -> tuple[str, jax.Array]:
+    (item,) = tv.items()
+    return item
+
+
 def _raw_sign(s: ElectSign, tvs: tuple) -> jax.Array:
     """sgn(sum_t w_t tau_t) (or of the sign count) of one leaf, before the zero-sum rule (ElectSign's election)."""
-    w = None if s.weights is None else per_leaf_weights(s.weights, tvs[0], len(tvs))[_LEAF]
-    return jnp.sign(sign_mass([tv[_LEAF] for tv in tvs], s.method, w))
+    path = _only(tvs[0])[0]
+    w = None if s.weights is None else per_leaf_weights(s.weights, tvs[0], len(tvs))[path]
+    return jnp.sign(sign_mass([tv[path] for tv in tvs], s.method, w))
 
 
-def _apply_stage(s: Any, si: int, tvs: tuple, stats: dict, i: jax.Array, key: jax.Array | None) -> tuple:
-    """Stage ``si`` of the chain on the one-leaf task vectors ``tvs``, with the whole-model statistics ``stats``."""
-    skey = None if key is None else jax.random.fold_in(key, si)  # as mergejax.merge._run
+def _apply_stage(s: Any, pos: Pos, tvs: tuple, stats: dict, i: jax.Array, skey: jax.Array | None) -> tuple:
+    """The stage at ``pos`` on the one-leaf task vectors ``tvs`` (float-leaf index ``i``, stage key ``skey``), with
+    the whole-model statistics ``stats``."""
+    tag = _tag(pos)
     if isinstance(s, Trim) and s.scope == "global":
-        t = stats[f"trim{si}"]
+        t = stats[f"trim{tag}"]
         return tuple({n: jnp.where(jnp.abs(x) >= t[j].astype(x.dtype), x, jnp.zeros_like(x)) for n, x in tv.items()}
                      for j, tv in enumerate(tvs))
     if isinstance(s, ElectSign):
         raw = _raw_sign(s, tvs)
-        sign = jnp.where(raw == 0, stats[f"sign{si}"].astype(raw.dtype), raw)
-        return keep_agreeing(tvs, {_LEAF: sign})
+        sign = jnp.where(raw == 0, stats[f"sign{tag}"].astype(raw.dtype), raw)
+        return keep_agreeing(tvs, {_only(tvs[0])[0]: sign})
     if isinstance(s, DareDrop):
         return tuple({n: drop_and_rescale(x, leaf_keys(skey, t, i), s.drop_rate, s.rescale) for n, x in tv.items()}
                      for t, tv in enumerate(tvs))
+    if isinstance(s, Della):  # MagPrune with this tensor's (task, float-leaf index) stream, as in memory
+        if float(s.density) >= 1:
+            return tuple(tvs)
+        out = []
+        for t, tv in enumerate(tvs):
+            n, x = _only(tv)
+            axis = 0 if (x.ndim == 2 and transposes(n, s.layout, s.transpose)) else -1
+            u = jax.random.uniform(leaf_keys(skey, t, i), x.shape, x.dtype)
+            out.append({n: della_prune(x, u, s.density, s.epsilon, axis=axis, rescale=s.rescale)})
+        return tuple(out)
     if isinstance(s, LiNeS):  # this tensor's block (traced: one program for every block) from its name
-        deep = stats[f"inblock{si}"] & (s.num_blocks > 1)
-        c = jnp.where(deep, s.alpha + s.beta * stats[f"block{si}"] / max(s.num_blocks - 1, 1), s.alpha)
+        deep = stats[f"inblock{tag}"] & (s.num_blocks > 1)
+        c = jnp.where(deep, s.alpha + s.beta * stats[f"block{tag}"] / max(s.num_blocks - 1, 1), s.alpha)
         return tuple({n: x * jnp.asarray(c, x.dtype) for n, x in tv.items()} for tv in tvs)
-    return s(tvs, skey)
+    if f"given{tag}" in stats:  # a host_stats stage (PCB): its statistics were computed in streaming passes
+        return Given(s, stats[f"given{tag}"])(tvs, skey)
+    core = _core(s)
+    if isinstance(core, Consensus):  # tau_MTL by the inner stages (their statistics streamed), then Eq. 5
+        if core is not s:
+            tvs = scale_task_vectors(tvs, s.weights)
+        (mtl,) = _run_stages(core.inner, pos, tvs, stats, i, skey)
+        n, m = _only(mtl)
+        keep = consensus_mask([_only(tv)[1] for tv in tvs], m, core.lam, int(core.k))
+        return ({n: jnp.where(keep, m, jnp.zeros_like(m))},)
+    with leaf_index(i):  # leafwise stages that draw per leaf see this tensor's float-leaf index
+        return s(tvs, skey)
+
+
+def _run_stages(stages: Sequence[Any], prefix: Pos, tvs: tuple, stats: dict, i, key) -> tuple:
+    """``stages`` (at positions ``prefix + (q,)``) in order, stage q keyed by ``fold_in(key, q)`` (as
+    ``mergejax.ops.base.run_stages``)."""
+    for q, s in enumerate(stages):
+        tvs = _apply_stage(s, (*prefix, q), tvs, stats, i, None if key is None else jax.random.fold_in(key, q))
+    return tvs
 
 
 def _leaf_stats(m: Merger, name: str) -> dict[str, jax.Array]:
@@ -899,8 +1044,6 @@ def _check_lines(m: Merger, names: Sequence[str]) -> None:
                 raise ValueError(f"LiNeS block map names tensors that are not in the checkpoint: {unknown[:5]}")
 
 
-
-
 class _TV(NamedTuple):
     """A fine-tuned input that is already a task vector tau_t (a ternary expert's decoded leaf), for the jitted
     programs (a pytree node: which inputs are task vectors is part of the traced structure)."""
@@ -916,33 +1059,146 @@ def _tau(ft: Any, base: jax.Array) -> jax.Array:
     return _leaf_task_vector(ft, base)
 
 
-def _prefix_impl(m: Merger, upto: int, stats: dict, i, base, fts, key, weights) -> tuple:
+def _stage_at(m: Merger, pos: Pos) -> Any:
+    s = m.stages[pos[0]]
+    return s if len(pos) == 1 else _core(s).inner[pos[1]]
+
+
+def _prefix_impl(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, path: str) -> tuple:
+    """The T one-leaf task vectors entering the stage at ``upto`` (the whole chain: ``(len(m.stages),)``)."""
     m = m.with_weights(weights)  # inside the jit, as the in-memory merge does
-    tvs = tuple({_LEAF: _tau(ft, base)} for ft in fts)
-    for si, s in enumerate(m.stages[:upto]):
-        tvs = _apply_stage(s, si, tvs, stats, i, key)
+    tvs = tuple({path: _tau(ft, base)} for ft in fts)
+    tvs = _run_stages(m.stages[: upto[0]], (), tvs, stats, i, key)
+    if len(upto) > 1:  # inside the Consensus at upto[0]: its (weighted) inputs through its first inner stages
+        s = m.stages[upto[0]]
+        if _core(s) is not s:
+            tvs = scale_task_vectors(tvs, s.weights)
+        skey = None if key is None else jax.random.fold_in(key, upto[0])
+        tvs = _run_stages(_core(s).inner[: upto[1]], upto[:1], tvs, stats, i, skey)
     return tvs
 
 
-@functools.partial(jax.jit, static_argnums=1)  # the chain is a pytree: its data fields are traced, as in memory
-def _prefix(m: Merger, upto: int, stats: dict, i, base, fts, key, weights) -> list:
-    """The T per-task leaves entering stage ``upto`` of the chain (for the statistic passes)."""
-    return [tv[_LEAF] for tv in _prefix_impl(m, upto, stats, i, base, fts, key, weights)]
+@functools.partial(jax.jit, static_argnums=1, static_argnames=("path",))  # the chain's data fields are traced
+def _prefix(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, path: str = _LEAF) -> list:
+    """The T per-task leaves entering the stage at ``upto`` (for the statistic passes)."""
+    return [tv[path] for tv in _prefix_impl(m, upto, stats, i, base, fts, key, weights, path)]
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _prefix_sign(m: Merger, upto: int, stats: dict, i, base, fts, key, weights) -> jax.Array:
-    """The raw elected sign of one leaf at ElectSign stage ``upto`` (for the majority pass)."""
-    tvs = _prefix_impl(m, upto, stats, i, base, fts, key, weights)
-    return _raw_sign(m.with_weights(weights).stages[upto], tvs)
+@functools.partial(jax.jit, static_argnums=1, static_argnames=("path",))
+def _prefix_sign(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, path: str = _LEAF) -> jax.Array:
+    """The raw elected sign of one leaf at the ElectSign at ``upto`` (for the majority pass)."""
+    tvs = _prefix_impl(m, upto, stats, i, base, fts, key, weights, path)
+    return _raw_sign(_stage_at(m.with_weights(weights), upto), tvs)
 
 
-@jax.jit
-def _merge_leaf(m: Merger, stats: dict, i, base, fts, key, weights, scale):
+@functools.partial(jax.jit, static_argnums=1, static_argnames=("name", "mode", "path"))
+def _stat_values(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, given, *, name, mode: str,
+                 path: str = _LEAF) -> Any:
+    """One tensor's ``stat_values`` of the host_stats stage at ``upto``: as is (``mode="value"``) or as ordered
+    keys, of |x| with ``mode="abs"`` (``mergejax.ops.select.ordered_key``, for the order statistics)."""
+    tvs = _prefix_impl(m, upto, stats, i, base, fts, key, weights, path)
+    with leaf_index(i):
+        values = _stage_at(m.with_weights(weights), upto).stat_values(tvs, name, given)
+    if mode == "value":
+        return values
+    return [ordered_key(jnp.abs(v) if mode == "abs" else v) for v in values]
+
+
+@functools.partial(jax.jit, static_argnames=("path",))
+def _merge_leaf(m: Merger, stats: dict, i, base, fts, key, weights, scale, path: str = _LEAF):
     """theta_0 + scale * (the chain on one tensor), in the base's dtype: the in-memory merge's per-leaf program."""
-    (merged,) = _prefix_impl(m, len(m.stages), stats, i, base, fts, key, weights)
-    return _leaf_apply(base, merged[_LEAF], scale)
+    (merged,) = _prefix_impl(m, (len(m.stages),), stats, i, base, fts, key, weights, path)
+    return _leaf_apply(base, merged[path], scale)
 
+
+class _StreamRunner:
+    """The ``host_stats(run)`` protocol of a stage (what :class:`mergejax.ops.schedule.Runner` offers in memory)
+    over checkpoints on disk: every call is one or more streaming passes over the stage's input, tensor by tensor.
+
+    ``kth`` is exact: the ordered keys' bits are histogrammed 16 at a time from the top (two passes for float32),
+    each pass narrowing to the bin that holds the k-th largest, so it returns exactly the k-th largest key, as the
+    in-memory search does.
+    """
+
+    def __init__(self, scan: Callable[..., None], n: int, n_tasks: int, desc: str):
+        """Args:
+          scan: ``scan(f, desc, name, given, mode)`` calls ``f(tensor name, values)`` for every tensor, ``values``
+            being ``stat_values(tvs, name, given)`` there (``mode="value"``) or their ordered keys (``"key"``, of
+            |x| with ``"abs"``).
+          n: float entries per task over the merged tensors.
+          n_tasks: T.
+          desc: progress label.
+        """
+        self._scan, self.n, self.n_tasks, self._desc = scan, n, n_tasks, desc
+
+    def _fold(self, name: Any, given: Any, combine: Callable[[Any, Any], Any], what: str) -> Any:
+        acc = None
+
+        def f(label: str, values: Any) -> None:
+            nonlocal acc
+            acc = values if acc is None else jax.tree_util.tree_map(combine, acc, values)
+
+        self._scan(f, f"{self._desc}: {what} {name}", name, given, "value")
+        return acc
+
+    def total(self, name: Any, given: Any = None) -> Any:
+        """The sum over tensors of ``stat_values`` (int64 for integers: exact; float64 otherwise)."""
+        def wide(x: Any) -> np.ndarray:
+            x = np.asarray(x)
+            return x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float64)
+
+        return self._fold(name, given, lambda a, b: wide(a) + wide(b), "total")
+
+    def maximum(self, name: Any, given: Any = None) -> Any:
+        """The elementwise maximum over tensors of ``stat_values``."""
+        return self._fold(name, given, lambda a, b: np.maximum(np.asarray(a), np.asarray(b)), "maximum")
+
+    def kth(self, name: Any, ks: Sequence[int], *, magnitude: bool = False, given: Any = None) -> jax.Array:
+        """Per value group g (``stat_values`` returns G arrays per tensor), the exact ks[g]-th largest ordered key
+        over the whole model (of |x| with ``magnitude``), as ``mergejax.ops.select`` keys."""
+        mode = "abs" if magnitude else "key"
+        nbits = None
+
+        def scan(f: Callable[[str, list[np.ndarray]], None], desc: str) -> None:
+            def g(label: str, keys: Any) -> None:
+                nonlocal nbits
+                nbits = 8 * np.asarray(keys[0]).dtype.itemsize
+                f(label, [np.asarray(k) for k in keys])
+
+            self._scan(g, desc, name, given, mode)
+
+        keys = _kth_keys(scan, list(ks), f"{self._desc}: kth {name}", lambda: nbits)
+        return jnp.asarray(np.asarray(keys, np.uint64 if nbits == 64 else np.uint32))
+
+    def kth_by_leaf(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError("a per-tensor statistic (kth_by_leaf) does not stream as a host_stats pass; the stage "
+                         "runs on each tensor itself")
+
+    @property
+    def plan(self) -> Any:
+        raise ValueError("this stage's host_stats reads the in-memory leaf plan (run.plan): it cannot stream")
+
+
+def _encode(x: Any) -> Any:
+    """A host_stats result (nested tuples/lists/dicts of arrays, None) as JSON for the state file (exact)."""
+    if x is None:
+        return None
+    if isinstance(x, (tuple, list)):
+        return {"seq": [_encode(v) for v in x]}
+    if isinstance(x, dict):
+        return {"map": {str(k): _encode(v) for k, v in x.items()}}
+    a = np.asarray(x)
+    return {"array": a.tolist(), "dtype": a.dtype.name}
+
+
+def _decode(x: Any) -> Any:
+    if x is None:
+        return None
+    if "seq" in x:
+        return tuple(_decode(v) for v in x["seq"])
+    if "map" in x:
+        return {k: _decode(v) for k, v in x["map"].items()}
+    return jnp.asarray(np.asarray(x["array"], np.dtype(x["dtype"])))
 
 def _hist_select(counts: np.ndarray, k: int) -> tuple[int, int]:
     """(bin, rank within it) of the k-th largest entry given per-bin counts (bin = high bits, larger bin = larger)."""
@@ -1040,12 +1296,14 @@ def merge(
     if isinstance(method, Merger):
         if hyperparameters:
             raise ValueError(f"hyperparameters {sorted(hyperparameters)} apply to named methods only")
-        m, fp_name = method, repr(method)
+        m, fp_name, default_scale = method, repr(method), 1.0
     else:
-        m, fp_name = _named_chain(method, hyperparameters), method
+        (m, default_scale), fp_name = _named_chain(method, hyperparameters), method
     _check_streamable(m)
     m._check_key(key)
-    lam = jnp.asarray(1.0 if scale is None else scale, jnp.float32)
+    if any(isinstance(s, ModelStock) for s in m.stages) and len(finetuned) < 2:
+        raise ValueError(f"model_stock needs at least 2 fine-tuned models, got {len(finetuned)}")
+    lam = jnp.asarray(default_scale if scale is None else scale, jnp.float32)
     raw_key = None if key is None else jax.random.key_data(key)
     fp_weights = None
     if weights is not None:
@@ -1067,7 +1325,8 @@ def merge(
         garbage collection)."""
         bd, fd = _dev(b), inp.wrap(_dev(x) for x in fts)
         leaf = {} if name is None else _leaf_stats(m, name)
-        out = jax.block_until_ready(g({**stats, **leaf}, i, bd, fd, key, weights, *extra))
+        kw = {} if name is None else {"path": paths[name]}
+        out = jax.block_until_ready(g({**stats, **leaf}, i, bd, fd, key, weights, *extra, **kw))
         del bd, fd
         return out
 
@@ -1094,11 +1353,14 @@ def merge(
             def size(n: str) -> int:
                 return inp.infos[n].nbytes * len(inp.sources)
 
-            def scan(f: Callable[[str, Callable], None], desc: str) -> None:
+            def scan(f: Callable[[str, Callable], None], desc: str, raw: bool = False) -> None:
                 bar = _progress(sum(size(n) for n in names), progress, desc)
                 for n, (b, fts) in _pipelined(names, inp.read, budget, size):
-                    f(n, lambda g, n=n, b=b, fts=fts: [np.asarray(x) for x in _as_list(call(g, jnp.int32(index[n]),
-                                                                                               b, fts, name=n))])
+                    def get(g: Callable, n: str = n, b: np.ndarray = b, fts: list = fts) -> Any:
+                        out = jax.device_get(call(g, jnp.int32(index[n]), b, fts, name=n))
+                        return out if raw else [np.asarray(x) for x in _as_list(out)]
+
+                    f(n, get)
                     if bar is not None:
                         bar.update(size(n))
                     _release_views()
@@ -1107,19 +1369,31 @@ def merge(
 
         T = len(inp.sources) - 1
         n_float = sum(int(np.prod(inp.infos[n].shape)) for n in names)
-        for si, s in enumerate(m.stages):  # in chain order: a statistic's pass uses the earlier ones
+        for pos, s in _positions(m):  # in chain order: a statistic's pass uses the earlier ones
+            tag = _tag(pos)
             if isinstance(s, Trim) and s.scope == "global":
                 dens = s.density if isinstance(s.density, (tuple, list)) else (s.density,) * T
                 ks = [rank_from_fraction(d, n_float) for d in dens]
-                prefix = functools.partial(_prefix, m, si)
-                value = state.stat(f"trim{si}", lambda: _global_thresholds(
-                    lambda f, d: scan(lambda label, get: f(label, get(prefix)), d), ks, f"trim (stage {si})"))
-                stats[f"trim{si}"] = jnp.asarray(value, jnp.float32)
+                prefix = functools.partial(_prefix, m, pos)
+                value = state.stat(f"trim{tag}", lambda: _global_thresholds(
+                    lambda f, d: scan(lambda label, get: f(label, get(prefix)), d), ks, f"trim (stage {tag})"))
+                stats[f"trim{tag}"] = jnp.asarray(value, jnp.float32)
             elif isinstance(s, ElectSign):
-                prefix = functools.partial(_prefix_sign, m, si)
-                value = state.stat(f"sign{si}", lambda: _majority_sign(
-                    lambda f, d: scan(lambda label, get: f(get(prefix)[0]), d), f"sign (stage {si})"))
-                stats[f"sign{si}"] = jnp.asarray(value, jnp.int32)
+                prefix = functools.partial(_prefix_sign, m, pos)
+                value = state.stat(f"sign{tag}", lambda: _majority_sign(
+                    lambda f, d: scan(lambda label, get: f(get(prefix)[0]), d), f"sign (stage {tag})"))
+                stats[f"sign{tag}"] = jnp.asarray(value, jnp.int32)
+            elif _has_host_stats(s) and not isinstance(s, Trim):  # PCB: the stage's own statistics, streamed
+                def stat_scan(f: Callable[[str, Any], None], desc: str, name: Any, given: Any, mode: str,
+                              pos: Pos = pos) -> None:
+                    def prog(st, i, b, fts, k, w, path=_LEAF):
+                        return _stat_values(m, pos, st, i, b, fts, k, w, given, name=name, mode=mode, path=path)
+
+                    scan(lambda label, get: f(label, get(prog)), desc, raw=True)
+
+                runner = _StreamRunner(stat_scan, n_float, T, f"stage {tag}")
+                value = state.stat(f"given{tag}", lambda: _encode(s.host_stats(runner)))
+                stats[f"given{tag}"] = _decode(value)
 
     def fn(name: str, b: np.ndarray | None, fts: list[np.ndarray]) -> np.ndarray:
         if not _is_float(b.dtype):
@@ -1132,6 +1406,7 @@ def merge(
     inp = _Inputs(base, finetuned)
     try:
         head = _head_names(inp.names, heads)
+        paths = _leaf_paths(m, inp.names)
         _check_lines(m, inp.names)
         chunked = None
         if flat:
@@ -1183,11 +1458,55 @@ def _mag_bits(x: np.ndarray, name: str) -> np.ndarray:
 Scan = Callable[[Callable[..., None], str], None]
 
 
-def _global_thresholds(scan: Scan, ks: list[int], desc: str) -> list[float]:
-    """Per task t, the exact k_t-th largest |x| over every float tensor: two histogram passes over the float32 bits.
+def _kth_keys(scan: Scan, ks: list[int], desc: str, nbits: Callable[[], int | None] | int = 32) -> list[int]:
+    """Per group g, the exact ks[g]-th largest of unsigned integer keys over every unit of the model (ties counted
+    with multiplicity), by histogram passes of 16 bits from the top: pass p counts the next 16 bits of the keys whose
+    higher bits equal the prefix chosen so far and picks the bin holding the k-th largest (two passes for 32-bit
+    keys).
 
-    The bits of a non-negative float32 order like the float, so the high 16 bits (pass 1) find the bin holding the
-    k-th largest and the low 16 bits of that bin's entries (pass 2) finish it; k = 0 gives +inf (nothing kept).
+    Args:
+      scan: ``scan(f, desc)`` calls ``f(label, keys)`` for every unit of the model (a tensor or a flat chunk;
+        ``keys`` are the G groups' keys there, ``label`` names it in errors).
+      ks: 1 <= k_g <= the group's size.
+      desc: progress bar label.
+      nbits: the keys' width (32 or 64), or a callable giving it once the first pass has seen them.
+
+    Returns:
+      The G keys.
+    """
+    G = len(ks)
+    prefix, rank = [0] * G, list(ks)
+    p, width = 0, nbits if isinstance(nbits, int) else None
+    while width is None or 16 * p < width:
+        shift = None if width is None else width - 16 * (p + 1)
+        hist = np.zeros((G, 1 << 16), np.int64)
+
+        def count(label: str, keys: list[np.ndarray]) -> None:
+            nonlocal width, shift
+            for g, key in enumerate(keys):
+                key = np.asarray(key).reshape(-1)
+                if width is None:
+                    width = 8 * key.dtype.itemsize
+                if shift is None:
+                    shift = width - 16
+                if p:
+                    key = key[(key >> (shift + 16)) == prefix[g]]
+                hist[g] += np.bincount(((key >> shift) & 0xFFFF).astype(np.intp), minlength=1 << 16)
+
+        scan(count, f"{desc} pass {p + 1}")
+        if width is None:  # no unit at all
+            raise ValueError(f"{desc}: the model has no float tensor to rank")
+        for g in range(G):
+            b, rank[g] = _hist_select(hist[g], rank[g])
+            prefix[g] = (prefix[g] << 16) | b
+        p += 1
+    return prefix
+
+
+def _global_thresholds(scan: Scan, ks: list[int], desc: str) -> list[float]:
+    """Per task t, the exact k_t-th largest |x| over every float tensor (k = 0 gives +inf: nothing kept).
+
+    The bits of a non-negative float32 order like the float, so :func:`_kth_keys` on them (two passes) gives it.
 
     Args:
       scan: ``scan(f, desc)`` calls ``f(label, leaves)`` for every unit of the model (a tensor or a flat chunk;
@@ -1201,28 +1520,10 @@ def _global_thresholds(scan: Scan, ks: list[int], desc: str) -> list[float]:
     T = len(ks)
     if not any(ks):
         return [float("inf")] * T
-    hi = np.zeros((T, 1 << 16), np.int64)
-
-    def high(label: str, leaves: list[np.ndarray]) -> None:
-        for t, x in enumerate(leaves):
-            hi[t] += np.bincount(_mag_bits(x, label) >> 16, minlength=1 << 16)
-
-    scan(high, f"{desc} pass 1/2")
-    sel = [_hist_select(hi[t], max(k, 1)) for t, k in enumerate(ks)]
-    lo = np.zeros((T, 1 << 16), np.int64)
-
-    def low(label: str, leaves: list[np.ndarray]) -> None:
-        for t, x in enumerate(leaves):
-            bits = _mag_bits(x, label)
-            lo[t] += np.bincount(bits[(bits >> 16) == sel[t][0]] & 0xFFFF, minlength=1 << 16)
-
-    scan(low, f"{desc} pass 2/2")
-    out = []
-    for t in range(T):
-        low_bits, _ = _hist_select(lo[t], sel[t][1])
-        value = float(np.array([(sel[t][0] << 16) | low_bits], np.uint32).view(np.float32)[0])
-        out.append(value if ks[t] > 0 else float("inf"))
-    return out
+    keys = _kth_keys(lambda f, d: scan(lambda label, leaves: f(label, [_mag_bits(x, label) for x in leaves]), d),
+                     [max(k, 1) for k in ks], desc, 32)
+    values = np.asarray(keys, np.uint32).view(np.float32)
+    return [float(v) if k > 0 else float("inf") for v, k in zip(values, ks)]
 
 
 def _majority_sign(scan: Scan, desc: str) -> int:

@@ -134,10 +134,15 @@ def test_average_and_custom_chain(tmp_path):
 
 def test_refusals(tmp_path):
     _, _, bpath, fpaths = _write_models(tmp_path, T=2)
-    with pytest.raises(ValueError, match="pcb"):
-        stream.merge(bpath, fpaths, "pcb", tmp_path / "o", progress=False)
-    with pytest.raises(ValueError, match="PCB"):
-        stream.merge(bpath, fpaths, mj.chain(mj.PCB()), tmp_path / "o", progress=False)
+    with pytest.raises(ValueError, match="emr cannot stream"):
+        stream.merge(bpath, fpaths, "emr", tmp_path / "o", progress=False)
+
+    class WholeModel(mj.ops.base.Reduction):  # a reduction over all leaves at once: neither per tensor nor host_stats
+        def __call__(self, tvs, key=None):
+            return (tvs[0],)
+
+    with pytest.raises(ValueError, match="WholeModel cannot stream"):
+        stream.merge(bpath, fpaths, mj.chain(WholeModel()), tmp_path / "o", progress=False)
     with pytest.raises(ValueError, match="key"):
         stream.merge(bpath, fpaths, "dare", tmp_path / "o", progress=False)
     with pytest.raises(ValueError, match="frob"):

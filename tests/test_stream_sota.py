@@ -1,0 +1,101 @@
+"""Streaming PCB and the SOTA data-free merges equal their in-memory merges on a multi-shard safetensors fixture."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import mergejax as mj
+from mergejax import methods_sota as ms
+from mergejax import stream
+from tests.test_stream import SHAPES, _as_jax, _read, _write_models
+
+KEY = jax.random.key(3)
+
+# (method, hyperparameters, in-memory reference, exact). Not exact: Iso-CTS and WUDI, whose in-memory merge batches
+# the two same-shaped up_proj matrices (one lax.map / one Adam loop over both), and DELLA's rescale="l1" (each
+# tensor's L1 norms summed in another order, as DARE's): float rounding differs in the last bits.
+CASES = [
+    ("pcb", {"ratio": 0.1}, lambda b, f: mj.pcb(b, f, ratio=0.1), True),
+    ("pcb", {"ratio": 0.3, "scale": 0.9, "weights": [0.5, 2.0, 1.0]},
+     lambda b, f: mj.pcb(b, f, ratio=0.3, scale=0.9, weights=[0.5, 2.0, 1.0]), True),
+    ("tsv", {}, ms.tsv, True),
+    ("tsv", {"exclude": r"layers\.1\."}, lambda b, f: ms.tsv(b, f, exclude=r"layers\.1\."), True),
+    ("iso_c", {"scale": 1.5}, lambda b, f: ms.iso_c(b, f, scale=1.5), True),
+    ("iso_cts", {"common_fraction": 0.5}, lambda b, f: ms.iso_cts(b, f, common_fraction=0.5), False),
+    ("cart", {"rank_ratio": 0.25}, lambda b, f: ms.cart(b, f, rank_ratio=0.25), True),
+    ("wudi", {"steps": 8, "lr": 1e-3}, lambda b, f: ms.wudi(b, f, steps=8, lr=1e-3, progress=False), False),
+    ("consensus_ta", {"k": 2}, ms.consensus_ta, True),
+    ("consensus_ties", {"density": 0.3, "weights": [1.0, 0.5, 2.0]},
+     lambda b, f: ms.consensus_ties(b, f, density=0.3, weights=[1.0, 0.5, 2.0]), True),
+    ("della", {"key": KEY, "density": 0.6, "epsilon": 0.2}, lambda b, f: ms.della(b, f, key=KEY, density=0.6,
+                                                                                  epsilon=0.2), True),
+    ("della", {"key": KEY, "combine": "task_arithmetic", "rescale": "l1"},
+     lambda b, f: ms.della(b, f, key=KEY, combine="task_arithmetic", rescale="l1"), False),
+    ("model_stock", {}, ms.model_stock, True),
+]
+
+
+@pytest.mark.parametrize("method, hp, ref, exact", CASES, ids=[f"{c[0]}{i}" for i, c in enumerate(CASES)])
+def test_streaming_sota_equals_in_memory(tmp_path, method, hp, ref, exact):
+    base, fts, bpath, fpaths = _write_models(tmp_path)  # 3 tasks, shards of 2 KB: several files per model
+    assert len(list(bpath.glob("*.safetensors"))) > 1
+    out = stream.merge(bpath, fpaths, method, tmp_path / "out", progress=False, max_shard_size="2KB", **hp)
+    got = _read(out)
+    want = ref(_as_jax(base), [_as_jax(f) for f in fts])
+    assert sorted(got) == sorted(want) == sorted(SHAPES)
+    for name in want:
+        w = np.asarray(want[name])
+        assert got[name].dtype == w.dtype and got[name].shape == w.shape, name
+        if exact:
+            np.testing.assert_array_equal(got[name], w, err_msg=f"{method}: {name}")
+        else:  # last-bit rounding: batched vs single matrices, or DELLA's L1 sums (vmap over same-shaped leaves)
+            np.testing.assert_allclose(got[name], w, rtol=2e-5, atol=1e-6, err_msg=f"{method}: {name}")
+    assert not list(out.glob("*.partial")) and not (out / stream.STATE_FILE).exists()
+
+
+def test_pcb_chain_with_trim_before_it(tmp_path):
+    """A host_stats stage after a global trim: PCB's statistics are streamed over the trimmed task vectors."""
+    base, fts, bpath, fpaths = _write_models(tmp_path, T=2)
+    m = mj.chain(mj.Trim(0.5, "global"), mj.PCB(0.2))
+    got = _read(stream.merge(bpath, fpaths, m, tmp_path / "out", scale=1.1, progress=False))
+    want = m(_as_jax(base), [_as_jax(f) for f in fts], scale=1.1)
+    for name in want:
+        np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
+
+
+def test_pcb_resume_reuses_streamed_statistics(tmp_path, monkeypatch):
+    """The host_stats result is kept in the state file exactly (a resumed run does not recompute it)."""
+    stats = (np.array([0.5, np.inf], np.float32), np.array([1, -2], np.int32), None)
+    back = stream._decode(stream._encode(stats))  # noqa: SLF001
+    for a, b in zip(back[:2], stats[:2]):
+        assert np.asarray(a).dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert back[2] is None
+
+
+def test_kth_keys_is_exact(tmp_path):
+    """The streamed order statistic equals a sort, for signed keys, ties and k at both ends."""
+    rng = np.random.default_rng(4)
+    chunks = [np.round(rng.normal(size=n), 2).astype(np.float32) for n in (100, 7, 333)]
+    keys = [np.asarray(mj.ops.select.ordered_key(c)) for c in chunks]
+    allk = np.sort(np.concatenate(keys))[::-1]
+    ks = [1, 17, 200, len(allk)]
+
+    def scan(f, desc):
+        for i, k in enumerate(keys):
+            f(str(i), [k] * len(ks))
+
+    got = stream._kth_keys(scan, ks, "test")  # noqa: SLF001
+    assert got == [int(allk[k - 1]) for k in ks]
+
+
+def test_sota_refusals(tmp_path):
+    _, _, bpath, fpaths = _write_models(tmp_path, T=2)
+    with pytest.raises(ValueError, match="does not take: frob"):
+        stream.merge(bpath, fpaths, "tsv", tmp_path / "o", frob=1, progress=False)
+    with pytest.raises(ValueError, match="key"):
+        stream.merge(bpath, fpaths, "della", tmp_path / "o", progress=False)
+    with pytest.raises(ValueError, match="at least 2"):
+        stream.merge(bpath, fpaths[:1], "model_stock", tmp_path / "o", progress=False)
