@@ -1,8 +1,8 @@
 """Streaming, out-of-core merges: checkpoints on disk in, a sharded safetensors checkpoint out, piece by piece.
 
-:func:`merge` runs a mergejax method (``task_arithmetic``, ``ties``, ``dare``, ``breadcrumbs``, ``average``, or a
-:class:`mergejax.Merger` of the stages below) over Hugging Face safetensors directories (sharded with an index or
-not) or orbax checkpoints, and writes ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``
+:func:`merge` runs a mergejax method (``task_arithmetic``, ``ties``, ``dare``, ``breadcrumbs``, ``average``, ``pcb``,
+the SOTA data-free methods of the table below, or a :class:`mergejax.Merger` of those stages) over Hugging Face
+safetensors directories (sharded with an index or not) or orbax checkpoints, and writes ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``
 (config.json and tokenizer files copied from the base), with the same jitted stages as the in-memory merge.
 
 Two engines:
@@ -43,7 +43,37 @@ Output: sharded safetensors, or with ``out_format="orbax"`` one orbax checkpoint
 completes (``orbax-0000i-of-0000N`` + ``orbax.index.json``, read back by :class:`OrbaxShardsSource`), from one
 process.
 
-Not streamed: PCB (two whole-model order statistics of derived quantities; refused by name).
+Which methods stream, and how (every one equal to the in-memory ``mergejax.<method>`` on the same tensors):
+
+==========================================  ==============================================================
+method (``method=``)                        how it streams
+==========================================  ==============================================================
+``average``, ``task_arithmetic``            chunked, one pass
+``ties`` (global trim)                      chunked: 2 histogram passes (trim) + 1 counting pass (sign) + merge
+``ties`` (``scope="tensor"``), ``dare``,    per tensor, one pass (DARE's masks keyed by (task, float-leaf
+``breadcrumbs``, LiNeS chains               index), per-tensor ranks within the tensor)
+``pcb``                                     per tensor: PCB's own ``host_stats`` (the clamp bounds, then the
+                                            balancing weights' quantile and maximum), answered by exact
+                                            streaming passes (:class:`_StreamRunner`: 2 histogram passes per
+                                            order statistic, 1 per maximum), then one merge pass: 6 passes
+``tsv``, ``iso_c``, ``iso_cts``, ``cart``,  per tensor, one pass: each matrix's merge depends on that matrix
+``wudi``, ``model_stock``                   alone (non-matrix tensors averaged); WUDI runs its Adam loop per
+                                            matrix (equal up to float rounding, see below)
+``consensus_ta``, ``consensus_ties``        per tensor: tau_MTL's statistics (TIES' global trim and majority
+                                            sign) streamed first, then the TALL masks and Eq. 5 per tensor
+``della``                                   per tensor, one pass (+ the sign pass with ``combine="ties"``);
+                                            MagPrune's draws keyed by (task, float-leaf index), as in memory
+==========================================  ==============================================================
+
+A :class:`mergejax.Merger` streams when every stage is one of those, a ``leafwise`` stage, or a stage with the
+``host_stats`` / ``stat_values`` / ``apply_with`` protocol of :mod:`mergejax.ops.schedule` (whole-model order
+statistics, totals and maxima; a per-tensor ``kth_by_leaf`` does not stream). Refused with an error naming the
+stage: stages that need the whole model at once otherwise (RegMean and Fisher need data anyway); ``emr`` (its result
+is a unified vector plus per-task masks, not one checkpoint). Exceptions to bit-equality, all float rounding in the
+last bits: Iso-CTS and WUDI (in memory, same-shaped matrices are batched: one ``lax.map`` / one Adam loop over all of
+them), DELLA's and DARE's ``rescale="l1"`` (each tensor's L1 sums in another order). Stages whose leaf function reads
+the leaf's path (``exclude=``, ``transpose=``, the Flax-kernel ``layout`` rule) see the tensor's name, or another name
+with the same answers to those rules (one compiled program per class of tensors).
 
 Interruptions: shards are written under a temporary name and renamed when complete, and a small state file records
 the finished shards and the global statistics; rerunning the same merge into the same directory skips them. Progress
@@ -1250,10 +1280,12 @@ def merge(
       base: the pre-trained checkpoint (a safetensors file, a directory, or a sharded directory with an index);
         ignored by ``method="average"``, which averages ``finetuned``.
       finetuned: the fine-tuned checkpoints, with the base's tensor names and shapes.
-      method: ``"average"``, ``"task_arithmetic"``, ``"ties"``, ``"dare"``, ``"breadcrumbs"`` (the stages and
-        paper defaults of ``mergejax.<method>``), or a :class:`mergejax.Merger` of per-tensor stages.
+      method: ``"average"``, ``"task_arithmetic"``, ``"ties"``, ``"dare"``, ``"breadcrumbs"``, ``"pcb"`` or a SOTA
+        data-free method (``"tsv"``, ``"iso_c"``, ``"iso_cts"``, ``"cart"``, ``"wudi"``, ``"consensus_ta"``,
+        ``"consensus_ties"``, ``"della"``, ``"model_stock"``), with the stages, hyperparameters and defaults of
+        ``mergejax.<method>`` (module docstring: how each streams), or a :class:`mergejax.Merger`.
       out: output directory; rerunning the same merge into it resumes an interrupted run.
-      scale: lambda (default: the named method's, 1.0).
+      scale: lambda (default: the named method's: 1.0, PCB's 1.2).
       weights: T per-task weights, as ``weights=`` of the in-memory methods (each stage's ``with_weights``).
       key: ``jax.random`` key (DARE).
       max_shard_size: shard size limit of the output ("5GB" or bytes).

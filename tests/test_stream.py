@@ -417,10 +417,10 @@ def test_chunked_equals_in_memory(tmp_path, monkeypatch, method, hp, ref, dtype)
 
 
 def test_per_tensor_chains_are_not_chunked():
-    assert not stream._elementwise(stream._named_chain("dare", {"drop_rate": 0.5}))
-    assert not stream._elementwise(stream._named_chain("breadcrumbs", {}))
-    assert not stream._elementwise(stream._named_chain("ties", {"scope": "tensor"}))
-    assert stream._elementwise(stream._named_chain("ties", {}))
+    assert not stream._elementwise(stream._named_chain("dare", {"drop_rate": 0.5})[0])
+    assert not stream._elementwise(stream._named_chain("breadcrumbs", {})[0])
+    assert not stream._elementwise(stream._named_chain("ties", {"scope": "tensor"})[0])
+    assert stream._elementwise(stream._named_chain("ties", {})[0])
 
 
 def test_readahead_is_bounded_by_bytes():
