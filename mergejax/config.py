@@ -14,8 +14,11 @@ Supported YAML (mergekit 0.1.5)::
     parameters: {normalize: true, int8_mask: true, lambda: 1.0, rescale: false}
     dtype: float32                 # inputs are cast to it on load, as mergekit does; out_dtype optional
 
-Every mergekit method here is **per tensor** (mergekit's generalized task arithmetic), so a config merges one tensor
-at a time whatever the model size. mergekit's semantics, followed here (they differ from the papers, and from
+Every mergekit method here is **per tensor** (mergekit's generalized task arithmetic), so a config streams whatever
+the model size: coordinatewise configs (linear, task_arithmetic, and any method whose models are not sparsified)
+over flat chunks that join small tensors and cut large ones (:func:`merge_chunk`, mergejax.stream's chunked
+engine); sparsified ones (per-tensor top-k, DARE masks, Breadcrumbs bands: statistics of each tensor) one whole
+tensor at a time. mergekit's semantics, followed here (they differ from the papers, and from
 ``mergejax.ties`` / ``mergejax.dare`` whose defaults follow the papers):
 
 - sparsification per tensor, each model with its own density: ``magnitude`` keeps the top k = max(1, int(d * n))
@@ -66,6 +69,8 @@ __all__ = [
     "load_config",
     "parse_config",
     "merge_tensor",
+    "coordinatewise",
+    "merge_chunk",
     "merge_in_memory",
     "run_config",
     "main",
@@ -345,6 +350,40 @@ def out_dtype(cfg: MergeConfig, stored: np.dtype) -> np.dtype:
     return _DTYPES[name] if name else np.dtype(stored)
 
 
+def coordinatewise(cfg: MergeConfig) -> bool:
+    """Whether the config maps coordinates independently within every tensor (no per-tensor statistic): linear,
+    task_arithmetic, and the other methods when no model is sparsified (every density >= 1, mergekit's shortcut).
+    Such a config streams over flat chunks that join small tensors and cut large ones."""
+    return cfg.sparsification is None or all(m.density >= 1 for m in cfg.models)
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _merge_chunk_jit(cfg: MergeConfig, base, finetuned: tuple, dtype: np.dtype):
+    """:func:`merge_tensor` of a coordinatewise config on flat chunks, the ``dtype`` casts inside one program."""
+    cast = (lambda x: x) if cfg.dtype is None else (lambda x: x.astype(_DTYPES[cfg.dtype]))
+    b = jnp.zeros((), jnp.float32) if base is None else cast(base)
+    return _merge_tensor_jit(cfg, b, tuple(cast(x) for x in finetuned), None).astype(dtype)
+
+
+def merge_chunk(cfg: MergeConfig, base: jax.Array | None, finetuned: list[jax.Array]) -> jax.Array:
+    """A coordinatewise config (:func:`coordinatewise`) on flat chunks of float tensors (any concatenation of
+    their elements): the same values as :func:`merge_tensor` on each tensor, in the output dtype.
+
+    Args:
+      cfg: the parsed config.
+      base: the base's chunk (None for ``linear``).
+      finetuned: the chunks of ``cfg.models``, in order.
+
+    Returns:
+      The merged chunk.
+    """
+    if not coordinatewise(cfg):
+        raise ValueError(f"merge_method {cfg.method} with density < 1 ranks or draws within each tensor: "
+                         "merge it tensor by tensor (merge_tensor)")
+    ref = finetuned[0] if base is None else base
+    return _merge_chunk_jit(cfg, base, tuple(finetuned), out_dtype(cfg, ref.dtype))
+
+
 def merge_tensor(
     cfg: MergeConfig, name: str, base: Any, finetuned: list[Any], *, key: jax.Array | None = None
 ) -> jax.Array:
@@ -418,11 +457,16 @@ def run_config(
     seed: int = 0,
     max_shard_size: int | str = "5GB",
     progress: bool = True,
+    chunk: int | str | None = None,
 ) -> Path:
     """Merges the checkpoints a mergekit config names into ``out`` (sharded safetensors + index + config.json).
 
-    Reads tensor by tensor (peak host memory about (T + 2) x the largest tensor) through
-    :func:`mergejax.stream.merge_tensors`, which also makes the run resumable.
+    Streams through :func:`mergejax.stream.merge_tensors` (resumable): a coordinatewise config (linear,
+    task_arithmetic, any method without sparsification; :func:`coordinatewise`) over flat chunks of ``chunk`` bytes
+    that join small tensors and cut large ones (one compiled program per dtype signature and size bucket, one
+    dispatch per chunk), the others (per-tensor top-k, DARE masks, Breadcrumbs bands: mergekit's per-tensor
+    statistics) tensor by tensor (peak host memory about (T + 2) x the largest tensor). Both write the tensors
+    :func:`merge_tensor` gives.
 
     Args:
       config: a YAML path or a parsed :class:`MergeConfig` (relative model paths resolve against the cwd).
@@ -430,8 +474,9 @@ def run_config(
       seed: seed of the dare_* masks.
       max_shard_size: shard size limit ("5GB", bytes).
       progress: show a progress bar.
+      chunk: the flat chunk of a coordinatewise config ("16MiB" or bytes).
     """
-    from mergejax.stream import merge_tensors
+    from mergejax.stream import CHUNK, merge_tensors
 
     cfg = (config if isinstance(config, MergeConfig) else load_config(config)).resolve()
     inputs = [m.path for m in cfg.models]
@@ -451,6 +496,8 @@ def run_config(
         max_shard_size=max_shard_size,
         progress=progress,
         copy_from=cfg.base_model or inputs[0],
+        elementwise=partial(merge_chunk, cfg) if coordinatewise(cfg) else None,
+        chunk=CHUNK if chunk is None else chunk,
     )
 
 

@@ -389,6 +389,8 @@ def merge_tensors(
     state_hook: Callable[["_State", "_Inputs"], None] | None = None,
     chunked: "_Chunked | None" = None,
     out_format: str = "safetensors",
+    elementwise: Callable[[jax.Array | None, list[jax.Array]], jax.Array] | None = None,
+    chunk: int | str = CHUNK,
 ) -> Path:
     """Writes ``fn(name, base_tensor, finetuned_tensors)`` for every tensor name, shard by shard, resumably.
 
@@ -406,6 +408,11 @@ def merge_tensors(
       readahead: at most this many bytes of inputs read ahead ("256MB" or bytes): peak host memory is about
         (T + 2) x the largest tensor + ``readahead`` + a constant.
       out_format: ``"safetensors"`` or ``"orbax"`` (one orbax checkpoint per output shard, see :func:`merge`).
+      elementwise: when ``fn`` maps coordinates independently, the same map on flat chunks,
+        ``elementwise(base_chunk or None, finetuned_chunks) -> merged chunk`` (device arrays of any concatenation of
+        float tensors' elements, zero-padded); the float tensors then stream over chunks of ``chunk`` bytes (see
+        :func:`merge`), the others through ``fn``.
+      chunk: the flat chunk of ``elementwise`` ("16MiB" or bytes).
       inputs, state_hook, chunked: internal (:func:`merge` runs its statistic passes in ``state_hook`` and its
         elementwise chains over flat chunks).
 
@@ -420,6 +427,10 @@ def merge_tensors(
                          "load_sharded + an in-memory merge with orbax instead")
     inp = inputs or _Inputs(base, finetuned)
     try:
+        if chunked is None and elementwise is not None:
+            chunked = _Chunked(lambda dev: elementwise(dev[0], list(dev[1:])) if inp.has_base else
+                               elementwise(None, list(dev)), lambda name: fn(name, *inp.read(name)),
+                               max(1, parse_size(chunk) // 4))
         infos = {
             n: TensorInfo(i.shape, np.dtype(out_dtype(i)) if out_dtype else i.dtype) for n, i in inp.infos.items()
         }
