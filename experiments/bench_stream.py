@@ -10,7 +10,11 @@ that repeats its work ``--repeat`` times:
      checkpoints and writes one: its I/O floor);
   3. ``mergejax.stream.merge`` (task_arithmetic; ties with the paper's global trim: 3 statistic passes + the merge);
   4. ``python -m mergejax merge CONFIG.yaml OUT`` on mergekit YAML configs (task_arithmetic, ties), and the same
-     configs through ``mergekit-yaml`` when its virtualenv is given.
+     configs through ``mergekit-yaml`` when its virtualenv is given;
+  5. the write path alone: one model's bytes, already in memory, written to a new file by ``ndarray.tofile``, over
+     an existing file's pages ("overwrite"), by ``dd`` (its first shard, from the page cache), and by
+     ``io.SafetensorsWriter`` in the chunked engine's 16 MiB pieces (with and without ``fallocate``, and with an
+     ``fsync``), each after ``os.sync()`` (no earlier dirty pages pending).
 Throughput is checkpoint bytes read (x passes) per second of in-process work (wall time for the CLIs); the first run
 of a process includes JAX's start and the compiles, the later ones ("warm") reuse them, as a large model would after
 its first chunks; the best of the later runs is reported, as the machine may be shared. Peak RSS is the child's
@@ -53,6 +57,42 @@ for rep in range(int(sys.argv[1])):
         if out is not None:
             out.close()
         src.close()
+    print("WORK_SECONDS", time.perf_counter() - t0)
+"""
+
+WRITE_SCRIPT = """
+import os, subprocess, sys, time
+import numpy as np
+from mergejax.convert import io
+from mergejax.convert.io import SafetensorsWriter, open_checkpoint
+variant, reps, out, model = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+src = open_checkpoint(model)
+tensors = [(k, src.info(k), np.ascontiguousarray(src.read(k))) for k in src.keys()]  # the bytes, in memory
+files = sorted(p for p in os.listdir(model) if p.endswith(".safetensors"))
+src.close()
+piece = 16 << 20  # the chunked engine's writes
+if variant == "writer-no-fallocate":
+    io._reserve = lambda fd, size: None
+for rep in range(reps):
+    if os.path.exists(out) and variant != "overwrite":
+        os.unlink(out)
+    os.sync()  # no dirty pages of an earlier run (or of writing the inputs) left to write back
+    t0 = time.perf_counter()
+    if variant in ("writer", "writer-no-fallocate", "writer+fsync"):
+        w = SafetensorsWriter(out, [(k, i) for k, i, _ in tensors])
+        for _, _, x in tensors:
+            flat = x.reshape(-1).view(np.uint8)
+            for s in range(0, flat.size, piece):
+                w.write(flat[s : s + piece].view(x.dtype))
+        if variant == "writer+fsync":
+            os.fsync(w._file.fileno())
+        w.close()
+    elif variant in ("tofile", "overwrite"):
+        with open(out, "r+b" if os.path.exists(out) else "wb") as f:  # overwrite: the file's pages already exist
+            for _, _, x in tensors:
+                x.tofile(f)
+    elif variant == "dd":  # the model's first file copied by dd from the page cache (bs = one piece)
+        subprocess.run(["dd", f"if={os.path.join(model, files[0])}", f"of={out}", "bs=16M", "status=none"], check=True)
     print("WORK_SECONDS", time.perf_counter() - t0)
 """
 
@@ -172,6 +212,16 @@ def main() -> None:
     row("raw read", *timed([py, "-c", READ_SCRIPT, str(args.repeat), "-", *map(str, paths)]))
     row("raw read + write one (I/O floor)", *timed([py, "-c", READ_SCRIPT, str(args.repeat), str(work / "copy.bin"),
                                                    *map(str, paths)]))
+    write_rows = []
+    first_file = sorted(paths[0].glob("*.safetensors"))[0].stat().st_size
+    for variant in ("tofile", "overwrite", "dd", "writer", "writer-no-fallocate", "writer+fsync"):
+        wall, rss, work_s, warm = timed([py, "-c", WRITE_SCRIPT, variant, str(args.repeat), str(work / "write.bin"),
+                                         str(paths[0])])
+        nbytes = first_file if variant == "dd" else model_bytes
+        best = min(x for x in (work_s, warm) if x is not None)
+        write_rows.append({"variant": variant, "MiB": nbytes / 2**20, "best_seconds": best,
+                           "write_MBps": nbytes / 2**20 / best})
+    (work / "write.bin").unlink(missing_ok=True)
     fts = ",".join(map(str, paths[1:]))
     for method, hp, passes in (("task_arithmetic", {"scale": 0.5}, 1), ("ties", {"density": 0.2}, 4)):
         out = work / f"out_stream_{method}"
@@ -218,9 +268,18 @@ def main() -> None:
         print(f"{r['run']:36s} {r['seconds']:7.2f} {work:>7s} {r['read_MBps']:7.0f} {r['vs_raw_read']:6.2f} {warm:>6s} "
               f"{r['peak_rss_MiB']:8.0f} {r.get('time_vs_mergekit', float('nan')):5.2f} "
               f"{r.get('rss_vs_mergekit', float('nan')):6.2f}")
+    print(f"\nwrite path (one model's bytes from memory to a new file in the page cache; best of {args.repeat}, each "
+          "after os.sync()); raw read of the same bytes: "
+          f"{raw:.0f} MB/s")
+    print(f"{'variant':22s} {'MiB':>6s} {'s':>6s} {'MB/s':>7s} {'/raw read':>9s} {'/tofile':>7s}")
+    plain = next(w["write_MBps"] for w in write_rows if w["variant"] == "tofile")
+    for w in write_rows:
+        w["vs_raw_read"], w["vs_tofile"] = w["write_MBps"] / raw, w["write_MBps"] / plain
+        print(f"{w['variant']:22s} {w['MiB']:6.0f} {w['best_seconds']:6.2f} {w['write_MBps']:7.0f} "
+              f"{w['vs_raw_read']:9.2f} {w['vs_tofile']:7.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"models": len(paths), "model_MiB": model_bytes / 2**20,
-                                          "dtype": args.dtype, "rows": rows}, indent=1) + "\n")
+                                          "dtype": args.dtype, "rows": rows, "write": write_rows}, indent=1) + "\n")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

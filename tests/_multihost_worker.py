@@ -10,14 +10,13 @@ reference (tests/reference.py) computed locally. Exit status 0 and a final ``WOR
 
 from __future__ import annotations
 
-import os
 import sys
 
 LOCAL_DEVICES = 2
 
-# Before JAX starts: CPU only, a few fake devices per process.
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
+from tests._multihost import cpu_devices, finish, initialize  # noqa: E402
+
+cpu_devices(LOCAL_DEVICES)  # before JAX starts: CPU only, a few fake devices per process
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -92,16 +91,7 @@ def check_shards(name: str, got: dict, want: dict, inputs: dict) -> int:
 
 
 def main(port: int, num_processes: int, process_id: int, seed: int) -> None:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    shd.initialize_distributed(
-        coordinator_address=f"127.0.0.1:{port}",
-        num_processes=num_processes,
-        process_id=process_id,
-        coordinator_bind_address=f"127.0.0.1:{port}",
-        initialization_timeout=60,
-        heartbeat_timeout_seconds=30,
-        shutdown_timeout_seconds=30,
-    )
+    initialize(port, num_processes, process_id)
     assert jax.process_count() == num_processes and jax.process_index() == process_id
     assert jax.device_count() == LOCAL_DEVICES * num_processes, jax.devices()
     assert shd.is_primary() == (process_id == 0)
@@ -125,8 +115,7 @@ def main(port: int, num_processes: int, process_id: int, seed: int) -> None:
     want = expected(base_np, fts_np, summed, 0.4)
     checked += check_shards("task_arithmetic", mj.task_arithmetic(base, fts, scale=0.4), want, base)
     print(f"process {process_id}: {checked} shards checked", flush=True)
-    jax.distributed.shutdown()
-    print("WORKER_OK", flush=True)
+    finish()
 
 
 if __name__ == "__main__":

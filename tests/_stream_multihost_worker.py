@@ -9,13 +9,13 @@ saves both with orbax from every process (each writes its shards, process 0 comm
 
 from __future__ import annotations
 
-import os
 import sys
+
+from tests._multihost import cpu_devices, finish, initialize
 
 port, nproc, pid, local = (int(a) for a in sys.argv[1:5])
 ckpt, out = sys.argv[5], sys.argv[6]
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local}"
+cpu_devices(local)
 
 import jax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
@@ -25,10 +25,7 @@ import mergejax as mj  # noqa: E402
 from mergejax import sharding as shd  # noqa: E402
 from mergejax.stream import load_sharded  # noqa: E402
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-shd.initialize_distributed(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid,
-                           coordinator_bind_address=f"127.0.0.1:{port}", initialization_timeout=60,
-                           heartbeat_timeout_seconds=30, shutdown_timeout_seconds=30)
+initialize(port, nproc, pid)
 mesh = shd.make_mesh()
 paths = sorted(p for p in Path(ckpt).iterdir() if p.name.startswith("ft"))
 base = load_sharded(Path(ckpt) / "base", mesh)
@@ -44,5 +41,4 @@ for name, tree in merged.items():
     ckptr.save(Path(out) / name, tree)
 ckptr.wait_until_finished()
 print(f"process {pid}: saved", flush=True)
-jax.distributed.shutdown()
-print("WORKER_OK", flush=True)
+finish()

@@ -13,21 +13,18 @@ from __future__ import annotations
 import os
 import sys
 
+from tests._multihost import cpu_devices, finish, initialize
+
 port, nproc, pid, local = (int(a) for a in sys.argv[1:5])
 out = sys.argv[5]
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local}"
+cpu_devices(local)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mergejax import sharding as shd  # noqa: E402
 from mergejax import ternary  # noqa: E402
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-shd.initialize_distributed(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid,
-                           coordinator_bind_address=f"127.0.0.1:{port}", initialization_timeout=60,
-                           heartbeat_timeout_seconds=30, shutdown_timeout_seconds=30)
+initialize(port, nproc, pid)
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
 P = jax.sharding.PartitionSpec
 
@@ -60,5 +57,4 @@ for j in range(len(ttv.mask)):
     assert float(loaded.scale[j]) == float(np.asarray(ttv.scale[j].addressable_data(0)))
 ternary.save(out, ttv)  # replacing an earlier multi-process checkpoint
 print(f"process {pid}: saved {files}", flush=True)
-jax.distributed.shutdown()
-print("WORKER_OK", flush=True)
+finish()

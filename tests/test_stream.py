@@ -298,25 +298,12 @@ def test_orbax_inputs(tmp_path):
 def test_multihost_sharded_load_equals_single_process(tmp_path, nproc, local):
     """2 local jax.distributed processes (gloo) x 4 CPU devices, each reading only its own slices: bit for bit the
     single-process merge (in memory and streamed)."""
-    from tests.test_multihost import _free_port, _worker_env
+    from tests._multihost import run_workers
 
     shapes = {"model.embed_tokens.weight": (64, 16), "model.layers.0.up.weight": (32, 24),
               "model.norm.weight": (16,), "model.position_ids": (1, 8), "scale": ()}
     base, fts, bpath, fpaths = _write_models(tmp_path / "ckpt", shapes=shapes, T=3)
-    port = _free_port()
-    worker = ROOT / "tests" / "_stream_multihost_worker.py"
-    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(nproc), str(i), str(local),
-                               str(tmp_path / "ckpt"), str(tmp_path / "out")], cwd=ROOT, env=_worker_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(nproc)]
-    try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, (p, o) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0 and "WORKER_OK" in o, f"process {i}:\n{o[-4000:]}"
+    run_workers(ROOT / "tests" / "_stream_multihost_worker.py", nproc, [local, tmp_path / "ckpt", tmp_path / "out"])
     b, f = _as_jax(base), [_as_jax(x) for x in fts]
     want = {"ties": mj.ties(b, f, density=0.3),
             "dare": mj.dare(b, f, drop_rate=0.5, combine="ties", density=0.4, key=jax.random.key(4))}

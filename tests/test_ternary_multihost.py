@@ -3,36 +3,21 @@ bitmap shards, process 0 finalises; the checkpoint loads in one process equal to
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests._multihost import run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.multihost
 def test_multiprocess_ternary_save_writes_per_process_shards(tmp_path):
-    from tests.test_multihost import _free_port, _worker_env
-
     nproc, local = 2, 4
-    port = _free_port()
     out = tmp_path / "expert"
-    worker = ROOT / "tests" / "_ternary_multihost_worker.py"
-    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(nproc), str(i), str(local), str(out)],
-                              cwd=ROOT, env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(nproc)]
-    try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, (p, o) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0 and "WORKER_OK" in o, f"process {i}:\n{o[-4000:]}"
+    run_workers(ROOT / "tests" / "_ternary_multihost_worker.py", nproc, [local, out])
 
     from mergejax import ternary
     from mergejax.ternary.storage import TernarySource, read_metadata
