@@ -648,15 +648,17 @@ def _chunked_pass(ch: _Chunked, names: list[str], inp: _Inputs, infos: dict[str,
     k + 1 read (one thread, at most ``budget`` bytes ahead)."""
     items = _plan_chunks(names, inp, ch.elements, ch.wholes)
     reader = _ChunkReader(inp)
-    pending: tuple[_Chunk, jax.Array, list[jax.Array]] | None = None
+    pending: tuple[_Chunk, jax.Array, list[jax.Array], list[np.ndarray]] | None = None
 
     def drain() -> None:
-        chunk, merged, _ = pending  # (the inputs stay referenced until the program finished: see merge's call)
+        chunk, merged, _, bufs = pending  # (the inputs stay referenced until the program finished: see merge's call)
         host = np.asarray(merged)
         pos = 0
         for name, _, n in chunk.segments:
             sink.put(name, host[pos : pos + n])
             pos += n
+        del host
+        reader.recycle(bufs)  # the program has finished (its output is written): its inputs are free
         if bar is not None:
             bar.update(chunk.size * sum(dt.itemsize for dt in chunk.dtypes))
         _release_views()
@@ -674,11 +676,10 @@ def _chunked_pass(ch: _Chunked, names: list[str], inp: _Inputs, infos: dict[str,
             continue
         dev = [_dev(x) for x in bufs]
         merged = ch.compute(dev)  # dispatched asynchronously
-        del bufs
         if pending is not None:
             drain()
-        pending = (item, merged, dev)
-        del dev
+        pending = (item, merged, dev, bufs)
+        del dev, bufs
     if pending is not None:
         drain()
 
@@ -758,11 +759,30 @@ def _plan_chunks(names: Sequence[str], inp: "_Inputs", limit: int, whole: frozen
 
 class _ChunkReader:
     """Fills a chunk's flat input buffers: positioned reads straight into them for safetensors, else a copy from the
-    source's last whole tensor (orbax, torch: one tensor per source cached)."""
+    source's last whole tensor (orbax, torch: one tensor per source cached).
+
+    Buffers come from a pool that :meth:`recycle` refills once a chunk's program has finished: with glibc's mmap
+    threshold at 1 MiB (:func:`_return_freed_memory`) a fresh 16 MiB buffer is a fresh memory map, whose first
+    touch page-faults and zeroes every page; reusing the few buffers in flight made the chunk reads about as fast as
+    a plain read of the same bytes (``experiments/bench_stream.py``). The pool holds at most the buffers in flight.
+    """
 
     def __init__(self, inp: "_Inputs"):
         self.inp = inp
         self._cache: list[tuple[str, np.ndarray] | None] = [None] * len(inp.sources)
+        self._pool: dict[tuple[int, str], collections.deque] = {}
+
+    def _buffer(self, n: int, dtype: np.dtype) -> np.ndarray:
+        free = self._pool.get((n, np.dtype(dtype).str))
+        try:
+            return free.pop() if free else _aligned_empty(n, dtype)
+        except IndexError:  # taken meanwhile
+            return _aligned_empty(n, dtype)
+
+    def recycle(self, bufs: Sequence[np.ndarray]) -> None:
+        """Returns a chunk's input buffers to the pool: call only once no running program reads them."""
+        for b in bufs:
+            self._pool.setdefault((b.size, b.dtype.str), collections.deque()).append(b)
 
     def _into(self, s: int, name: str, start: int, out: np.ndarray) -> None:
         src = self.inp.sources[s]
@@ -779,7 +799,7 @@ class _ChunkReader:
     def read(self, chunk: _Chunk) -> list[np.ndarray]:
         bufs = []
         for s, dt in enumerate(chunk.dtypes):
-            buf = _aligned_empty(chunk.padded, dt)
+            buf = self._buffer(chunk.padded, dt)
             buf[chunk.size :] = 0
             pos = 0
             for name, start, n in chunk.segments:
@@ -1387,6 +1407,8 @@ def merge(
                 for c, bufs in _pipelined(units, reader.read, ahead, _chunk_bytes):
                     f(c.segments[0][0], lambda g, c=c, bufs=bufs: [np.asarray(x)[: c.size]
                                                                    for x in _as_list(call(g, zero, bufs[0], bufs[1:]))])
+                    reader.recycle(bufs)  # f has consumed the program's (finished) results
+                    del bufs
                     if bar is not None:
                         bar.update(c.size * sum(d.itemsize for d in c.dtypes))
                     _release_views()
