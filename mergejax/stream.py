@@ -71,7 +71,8 @@ statistics, totals and maxima; a per-tensor ``kth_by_leaf`` does not stream). Re
 stage: stages that need the whole model at once otherwise (RegMean and Fisher need data anyway); ``emr`` (its result
 is a unified vector plus per-task masks, not one checkpoint). Exceptions to bit-equality, all float rounding in the
 last bits: Iso-CTS and WUDI (in memory, same-shaped matrices are batched: one ``lax.map`` / one Adam loop over all of
-them), DELLA's and DARE's ``rescale="l1"`` (each tensor's L1 sums in another order). Stages whose leaf function reads
+them), DELLA's and DARE's ``rescale="l1"`` (each tensor's L1 sums in another order), the matrix methods with
+``weights=`` (XLA fuses the weighting into the in-memory program differently). Stages whose leaf function reads
 the leaf's path (``exclude=``, ``transpose=``, the Flax-kernel ``layout`` rule) see the tensor's name, or another name
 with the same answers to those rules (one compiled program per class of tensors).
 

@@ -13,9 +13,11 @@ from tests.test_stream import SHAPES, _as_jax, _read, _write_models
 
 KEY = jax.random.key(3)
 
-# (method, hyperparameters, in-memory reference, exact). Not exact: Iso-CTS and WUDI, whose in-memory merge batches
+# (method, hyperparameters, in-memory reference, True for bit-equal or the absolute tolerance). Not exact: Iso-CTS and WUDI, whose in-memory merge batches
 # the two same-shaped up_proj matrices (one lax.map / one Adam loop over both), and DELLA's rescale="l1" (each
-# tensor's L1 norms summed in another order, as DARE's): float rounding differs in the last bits.
+# tensor's L1 norms summed in another order, as DARE's), and a matrix method with weights= (in memory XLA fuses the
+# weighting into the whole-model program differently; CART's rank-4 truncation amplifies it to ~1e-5, and there the
+# stream is the closer one to a float64 numpy CART, 2e-6 against 1.4e-5): float rounding differs in the last bits.
 CASES = [
     ("pcb", {"ratio": 0.1}, lambda b, f: mj.pcb(b, f, ratio=0.1), True),
     ("pcb", {"ratio": 0.3, "scale": 0.9, "weights": [0.5, 2.0, 1.0]},
@@ -23,16 +25,17 @@ CASES = [
     ("tsv", {}, ms.tsv, True),
     ("tsv", {"exclude": r"layers\.1\."}, lambda b, f: ms.tsv(b, f, exclude=r"layers\.1\."), True),
     ("iso_c", {"scale": 1.5}, lambda b, f: ms.iso_c(b, f, scale=1.5), True),
-    ("iso_cts", {"common_fraction": 0.5}, lambda b, f: ms.iso_cts(b, f, common_fraction=0.5), False),
-    ("cart", {"rank_ratio": 0.25}, lambda b, f: ms.cart(b, f, rank_ratio=0.25), True),
-    ("wudi", {"steps": 8, "lr": 1e-3}, lambda b, f: ms.wudi(b, f, steps=8, lr=1e-3, progress=False), False),
+    ("iso_cts", {"common_fraction": 0.5}, lambda b, f: ms.iso_cts(b, f, common_fraction=0.5), 1e-6),
+    ("cart", {"rank_ratio": 0.25, "weights": [1.5, 0.5, 1.0]},
+     lambda b, f: ms.cart(b, f, rank_ratio=0.25, weights=[1.5, 0.5, 1.0]), 2e-5),
+    ("wudi", {"steps": 8, "lr": 1e-3}, lambda b, f: ms.wudi(b, f, steps=8, lr=1e-3, progress=False), 1e-6),
     ("consensus_ta", {"k": 2}, ms.consensus_ta, True),
     ("consensus_ties", {"density": 0.3, "weights": [1.0, 0.5, 2.0]},
      lambda b, f: ms.consensus_ties(b, f, density=0.3, weights=[1.0, 0.5, 2.0]), True),
     ("della", {"key": KEY, "density": 0.6, "epsilon": 0.2}, lambda b, f: ms.della(b, f, key=KEY, density=0.6,
                                                                                   epsilon=0.2), True),
     ("della", {"key": KEY, "combine": "task_arithmetic", "rescale": "l1"},
-     lambda b, f: ms.della(b, f, key=KEY, combine="task_arithmetic", rescale="l1"), False),
+     lambda b, f: ms.della(b, f, key=KEY, combine="task_arithmetic", rescale="l1"), 1e-6),
     ("model_stock", {}, ms.model_stock, True),
 ]
 
@@ -48,10 +51,10 @@ def test_streaming_sota_equals_in_memory(tmp_path, method, hp, ref, exact):
     for name in want:
         w = np.asarray(want[name])
         assert got[name].dtype == w.dtype and got[name].shape == w.shape, name
-        if exact:
+        if exact is True:
             np.testing.assert_array_equal(got[name], w, err_msg=f"{method}: {name}")
-        else:  # last-bit rounding: batched vs single matrices, or DELLA's L1 sums (vmap over same-shaped leaves)
-            np.testing.assert_allclose(got[name], w, rtol=2e-5, atol=1e-6, err_msg=f"{method}: {name}")
+        else:  # rounding: batched vs single matrices, DELLA's L1 sums, weights fused otherwise (see CASES)
+            np.testing.assert_allclose(got[name], w, rtol=2e-5, atol=exact, err_msg=f"{method}: {name}")
     assert not list(out.glob("*.partial")) and not (out / stream.STATE_FILE).exists()
 
 
