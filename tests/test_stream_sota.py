@@ -102,3 +102,16 @@ def test_sota_refusals(tmp_path):
         stream.merge(bpath, fpaths, "della", tmp_path / "o", progress=False)
     with pytest.raises(ValueError, match="at least 2"):
         stream.merge(bpath, fpaths[:1], "model_stock", tmp_path / "o", progress=False)
+
+
+def test_pcb_bf16_with_heads(tmp_path):
+    """bfloat16 checkpoints (float32 statistics) and a head tensor kept per task, outside PCB's statistics."""
+    import ml_dtypes
+
+    base, fts, bpath, fpaths = _write_models(tmp_path, dtype=ml_dtypes.bfloat16, T=2)
+    heads = r"embed_tokens"
+    got = _read(stream.merge(bpath, fpaths, "pcb", tmp_path / "out", ratio=0.2, heads=heads, progress=False))
+    want = mj.pcb(_as_jax(base), [_as_jax(f) for f in fts], ratio=0.2, heads=heads)
+    for name in want:
+        assert got[name].dtype == np.asarray(want[name]).dtype, name
+        np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
