@@ -115,3 +115,31 @@ def test_pcb_bf16_with_heads(tmp_path):
     for name in want:
         assert got[name].dtype == np.asarray(want[name]).dtype, name
         np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
+
+
+@pytest.mark.parametrize("method, hp", [("iso_cts", {"common_fraction": 0.5}),
+                                        ("della", {"key": KEY, "density": 0.5, "epsilon": 0.2})])
+def test_flax_kernel_layout_from_orbax(tmp_path, method, hp):
+    """Orbax (Flax) inputs: the stages that orient Flax ``kernel`` leaves see each tensor's path, as in memory."""
+    import orbax.checkpoint as ocp
+
+    from mergejax.tree import paths_and_leaves
+
+    rng = np.random.default_rng(2)
+    base = {"params": {"dense": {"kernel": rng.normal(size=(16, 8)).astype(np.float32),
+                                 "bias": rng.normal(size=(8,)).astype(np.float32)},
+                       "emb": {"embedding": rng.normal(size=(12, 8)).astype(np.float32)}}}
+    fts = [jax.tree_util.tree_map(lambda x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype), base) for _ in range(2)]
+    ckpt = ocp.StandardCheckpointer()
+    for name, tree in [("base", base), ("a", fts[0]), ("b", fts[1])]:
+        ckpt.save(tmp_path / name, tree)
+    ckpt.wait_until_finished()
+    got = _read(stream.merge(tmp_path / "base", [tmp_path / "a", tmp_path / "b"], method, tmp_path / "out",
+                             progress=False, **hp))
+    jx = lambda t: jax.tree_util.tree_map(jax.numpy.asarray, t)  # noqa: E731
+    want = getattr(ms, method)(jx(base), [jx(f) for f in fts], **hp)
+    flipped = getattr(ms, method)(jx(base), [jx(f) for f in fts], **hp, layout="torch")  # no kernel transposed
+    assert not np.array_equal(np.asarray(want["params"]["dense"]["kernel"]),
+                              np.asarray(flipped["params"]["dense"]["kernel"]))  # the orientation matters here
+    for path, leaf in paths_and_leaves(want):
+        np.testing.assert_array_equal(got[path], np.asarray(leaf), err_msg=path)
