@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -69,7 +71,30 @@ def test_pcb_chain_with_trim_before_it(tmp_path):
 
 
 def test_pcb_resume_reuses_streamed_statistics(tmp_path, monkeypatch):
-    """The host_stats result is kept in the state file exactly (a resumed run does not recompute it)."""
+    """An interrupted streaming PCB keeps its host_stats result in the state file: the rerun does not recompute it
+    (exactly: the output equals the in-memory merge) and skips the finished shards."""
+    base, fts, bpath, fpaths = _write_models(tmp_path, T=2)
+    real_put, calls = stream._ShardSink.put, [0]  # noqa: SLF001
+
+    def failing_put(self, name, piece):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt("interrupted")
+        return real_put(self, name, piece)
+
+    monkeypatch.setattr(stream._ShardSink, "put", failing_put)  # noqa: SLF001
+    with pytest.raises(KeyboardInterrupt):
+        stream.merge(bpath, fpaths, "pcb", tmp_path / "out", ratio=0.2, max_shard_size="2KB", progress=False)
+    state = json.loads((tmp_path / "out" / stream.STATE_FILE).read_text())
+    assert "given0" in state["stats"] and state["done"]
+    monkeypatch.setattr(stream._ShardSink, "put", real_put)  # noqa: SLF001
+    monkeypatch.setattr(mj.PCB, "host_stats", lambda self, run: pytest.fail("statistics recomputed"))
+    got = _read(stream.merge(bpath, fpaths, "pcb", tmp_path / "out", ratio=0.2, max_shard_size="2KB",
+                             progress=False))
+    monkeypatch.undo()
+    want = mj.pcb(_as_jax(base), [_as_jax(f) for f in fts], ratio=0.2)
+    for name in want:
+        np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
     stats = (np.array([0.5, np.inf], np.float32), np.array([1, -2], np.int32), None)
     back = stream._decode(stream._encode(stats))  # noqa: SLF001
     for a, b in zip(back[:2], stats[:2]):
