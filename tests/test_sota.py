@@ -94,15 +94,20 @@ def test_iso_cts_sizes(r, T, frac):
 # ----------------------------------------------------------------------------------------------------- WUDI
 def test_wudi_matches_reference_adam():
     xs = _mats(RNG(3), 3, (12, 20))
-    stack = jnp.asarray(np.stack(xs))[None]
+    stack = jnp.asarray(np.stack(xs))
     for normalize, squared in (("squared", True), ("norm", False)):
-        got = jax.jit(
-            lambda s: wudi.wudi_optimize([s.sum(1)], [wudi.wudi_statistics(s, normalize)], steps=40, lr=1e-2)[0][0]
-        )(stack)
         want = R.wudi(xs, 40, 1e-2, squared=squared)
         moved = np.abs(want - np.sum(xs, 0)).max()
         assert moved > 0.1
-        np.testing.assert_allclose(np.asarray(got), want, atol=1e-3 * moved)
+        for flip in (False, True):  # flip: the matrices stored transposed (Flax kernels), no transpose made
+            s = stack.transpose(0, 2, 1) if flip else stack
+            got = jax.jit(
+                lambda s: wudi.wudi_optimize(
+                    [s.sum(0)], [wudi.wudi_statistics(s, normalize, flip=flip)], steps=40, lr=1e-2, flips=[flip]
+                )[0]
+            )(s)
+            got = np.asarray(got).T if flip else np.asarray(got)
+            np.testing.assert_allclose(got, want, atol=1e-3 * moved, err_msg=f"{normalize} flip={flip}")
 
 
 def test_wudi_gradient_is_the_loss_gradient():
@@ -116,7 +121,7 @@ def test_wudi_gradient_is_the_loss_gradient():
 def test_wudi_zero_task_and_loss_decreases():
     xs = _mats(RNG(5), 3, (12, 20), zero=(2,))
     stack = jnp.asarray(np.stack(xs))
-    out = wudi.wudi_optimize([stack.sum(0)[None]], [wudi.wudi_statistics(stack[None])], steps=50, lr=1e-2)[0][0]
+    out = wudi.wudi_optimize([stack.sum(0)], [wudi.wudi_statistics(stack)], steps=50, lr=1e-2)[0]
     assert np.all(np.isfinite(np.asarray(out)))
     assert float(wudi.wudi_loss(out, stack)) < float(wudi.wudi_loss(stack.sum(0), stack))
     np.testing.assert_allclose(np.asarray(out), R.wudi(xs, 50, 1e-2), atol=2e-3)

@@ -43,7 +43,7 @@ from mergejax.tree import PyTree, is_float, path_str
 
 __all__ = [
     "Layout", "MatrixGroup", "transposes", "collect_matrices", "map_matrices", "batched", "batch_mode", "check_layout",
-    "static",
+    "static", "place", "sharding_of",
     "scale_task_vectors", "PreWeighted", "PreWeightedInputs",
 ]
 
@@ -79,7 +79,8 @@ class MatrixGroup:
         self.positions, self.flip, self.stacks, self.shardings = positions, flip, stacks, shardings
 
 
-def _sharding_of(x: jax.Array):
+def sharding_of(x: jax.Array):
+    """The sharding of ``x`` (None where it has none, e.g. under an older JAX)."""
     try:
         return jax.typeof(x).sharding
     except Exception:  # pragma: no cover - older JAX / non-array leaves
@@ -123,11 +124,12 @@ def collect_matrices(
         for t in range(len(tvs)):
             mats = [columns[i][t].T if flip else columns[i][t] for i in pos]
             stacks.append(mats[0][None] if len(mats) == 1 else jnp.stack(mats))
-        groups.append(MatrixGroup(pos, flip, stacks, [_sharding_of(columns[i][0]) for i in pos]))
+        groups.append(MatrixGroup(pos, flip, stacks, [sharding_of(columns[i][0]) for i in pos]))
     return groups, [c[0] for c in columns], columns, other, treedef
 
 
-def _place(x: jax.Array, sharding) -> jax.Array:
+def place(x: jax.Array, sharding) -> jax.Array:
+    """``x`` constrained to ``sharding`` (unchanged without one)."""
     if sharding is None or not hasattr(sharding, "spec"):
         return x
     try:
@@ -150,7 +152,7 @@ def rebuild(
     for g, stack in zip(groups, merged_stacks):
         for b, i in enumerate(g.positions):
             m = stack[b].T if g.flip else stack[b]
-            out[i] = _place(m, g.shardings[b])
+            out[i] = place(m, g.shardings[b])
     for i in other:
         out[i] = other_fn(columns[i])
     return jax.tree_util.tree_unflatten(treedef, out)
