@@ -357,6 +357,37 @@ def test_della_keep_rate_l1_and_density_one():
     assert_tree_close(same, {p: np.asarray(v) for p, v in paths_and_leaves(mj.task_arithmetic(base, fts))}, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["wudi", "wudi_rules", "della", "della_torch"],
+)
+def test_leaf_schedule_equals_one_program(name):
+    """Eager merges run these stages leaf by leaf (at_leaf decides the path rules per leaf); the result equals the
+    single traced program's, including the transpose/exclude regexes and DELLA's per-(task, leaf) draws."""
+    from mergejax.ops.reduce import DisjointMean
+    from mergejax.ops.sign import ElectSign
+
+    stages = {
+        "wudi": (mj.WUDI(8, 1e-3, progress=False),),
+        "wudi_rules": (mj.WUDI(8, 1e-3, transpose=r"Dense_1|Embed_0", exclude=r"Dense_0", progress=False),),
+        "della": (mj.Della(0.4, 0.2), ElectSign(), DisjointMean()),
+        "della_torch": (mj.Della(0.4, 0.2, layout="torch"), mj.Sum()),
+    }[name]
+    base, fts = make_models(seed=25, T=3)
+    merger = mj.chain(*stages)
+    key = jax.random.key(5) if name.startswith("della") else None
+    leaves = merger(base, fts, key=key, schedule="leaves")
+    program = merger(base, fts, key=key, schedule="program")
+    for (path, a), (_, b) in zip(paths_and_leaves(leaves), paths_and_leaves(program)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-6,
+                                   err_msg=path)
+    if name == "wudi_rules":  # the excluded kernel is the mean; the others moved away from it
+        tvs = tvs_np(base, fts)
+        b0 = np.asarray(base["Dense_0"]["kernel"], np.float32)
+        np.testing.assert_allclose(np.asarray(leaves["Dense_0"]["kernel"]), b0 + np.mean(tvs["Dense_0/kernel"], 0),
+                                   atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------- Model Stock
 @pytest.mark.parametrize("T", [2, 4])
 def test_model_stock_matches_reference(T):
