@@ -17,7 +17,6 @@ one vmapped copy (:func:`mergejax.ops.base.map_float_leaves`).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar, Literal
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mergejax.ops.base import TaskVectors, Transform, check_fraction, leaf_keys, map_float_leaves
-from mergejax.ops.matrix import Layout, check_layout, static, transposes
+from mergejax.ops.matrix import Layout, check_layout, resolve_path_rules, static, transposes
 
 __all__ = ["della_ranks", "della_probabilities", "della_prune", "Della"]
 
@@ -104,8 +103,7 @@ class Della(Transform):
 
     def at_leaf(self, path: str) -> "Della":
         """This stage for the one leaf at ``path``: its ranking axis decided (the leaf-by-leaf schedule)."""
-        flip = transposes(path, self.layout, self.transpose)
-        return dataclasses.replace(self, transpose="" if flip else "(?!)")
+        return resolve_path_rules(self, path)
 
     def _axis(self, path: str) -> int:
         """The ranking axis of a 2-D leaf at ``path``: 0 for a Flax kernel (its PyTorch rows), else -1."""

@@ -31,6 +31,7 @@ Peak extra memory per device: the stacked group of one shape (B matrices x T tas
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Callable, Literal, Sequence
@@ -43,7 +44,7 @@ from mergejax.tree import PyTree, is_float, path_str
 
 __all__ = [
     "Layout", "MatrixGroup", "transposes", "collect_matrices", "map_matrices", "batched", "batch_mode", "check_layout",
-    "static", "place", "sharding_of",
+    "static", "place", "sharding_of", "resolve_path_rules",
     "scale_task_vectors", "PreWeighted", "PreWeightedInputs",
 ]
 
@@ -70,6 +71,27 @@ def transposes(path: str, layout: Layout, transpose: str | None) -> bool:
     if transpose is not None:
         return re.search(transpose, path) is not None
     return layout == "flax" and path.rsplit("/", 1)[-1] == "kernel"
+
+
+def resolve_path_rules(stage, path: str):
+    """``stage`` with its path regexes decided for the one leaf at ``path`` (a stage's ``at_leaf``).
+
+    ``transpose`` (with ``layout``) and ``exclude`` each become "" (matches every path) or "(?!)" (matches none), so
+    the stage gives the same result on that leaf alone whatever its path there (the leaf-by-leaf schedule passes a
+    bare leaf, path "").
+
+    Args:
+      stage: a frozen stage with ``layout`` and ``transpose`` fields (and optionally ``exclude``).
+      path: the leaf's path in the model.
+
+    Returns:
+      The stage with the rules replaced.
+    """
+    flip = transposes(path, stage.layout, stage.transpose)
+    changes = {"transpose": "" if flip else "(?!)"}
+    if getattr(stage, "exclude", None) is not None:
+        changes["exclude"] = "" if re.search(stage.exclude, path) else "(?!)"
+    return dataclasses.replace(stage, **changes)
 
 
 class MatrixGroup:

@@ -37,7 +37,6 @@ leaf by leaf about 5 float32 copies of one matrix; as one program, of the matrix
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from functools import partial
@@ -48,10 +47,12 @@ import jax.numpy as jnp
 import optax
 
 from mergejax.ops.base import Reduction, TaskVectors
-from mergejax.ops.matrix import Layout, PreWeightedInputs, check_layout, mean_leaves, place, sharding_of, static, transposes
+from mergejax.ops.matrix import (
+    Layout, PreWeightedInputs, check_layout, mean_leaves, place, resolve_path_rules, sharding_of, static, transposes,
+)
 from mergejax.tree import is_float, path_str
 
-__all__ = ["wudi_statistics", "wudi_gradient", "wudi_loss", "wudi_optimize", "WUDI", "resolve_path_rules"]
+__all__ = ["wudi_statistics", "wudi_gradient", "wudi_loss", "wudi_optimize", "WUDI"]
 
 Normalize = Literal["squared", "norm"]
 
@@ -180,17 +181,6 @@ def wudi_optimize(
 
     delta, _ = jax.lax.fori_loop(0, steps, body, (zeros, state))
     return [x + d for x, d in zip(init, delta)]
-
-
-def resolve_path_rules(stage, path: str):
-    """``stage`` with its path regexes (``transpose``, ``exclude``) decided for the one leaf at ``path``: each becomes
-    "" (matches every path) or "(?!)" (matches none), so the stage gives the same result on that leaf alone, whatever
-    its path there (the leaf-by-leaf schedule passes a bare leaf)."""
-    flip = transposes(path, stage.layout, stage.transpose)
-    changes = {"transpose": "" if flip else "(?!)"}
-    if getattr(stage, "exclude", None) is not None:
-        changes["exclude"] = "" if re.search(stage.exclude, path) else "(?!)"
-    return dataclasses.replace(stage, **changes)
 
 
 @dataclass(frozen=True)
