@@ -133,8 +133,13 @@ def wudi(
 ) -> PyTree:
     """WUDI merging (Cheng et al., ICML 2025, Eq. 9): per matrix, Adam on
     sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2 from tau_m = sum_i tau_i (``steps`` and ``lr`` as the
-    official repository); one jitted loop over all matrices, with a progress bar. Non-matrix leaves averaged.
-    The result is applied with scale 1 (FusionBench)."""
+    official repository), with a progress bar. Non-matrix leaves averaged. The result is applied with scale 1
+    (FusionBench).
+
+    Execution: called eagerly, matrix by matrix from the host (one compiled Adam loop per matrix shape, reused for
+    every matrix of that shape; a bar per matrix); under the caller's ``jit``, one ``fori_loop`` over all matrices.
+    Every product is a 2-D matrix product (see :mod:`mergejax.ops.wudi` for why: XLA:CPU ran the batched form
+    20-60x slower)."""
     stage = WUDI(steps, lr, normalize, layout, transpose, exclude, progress)
     return _run((stage,), base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)
 

@@ -94,15 +94,20 @@ def test_iso_cts_sizes(r, T, frac):
 # ----------------------------------------------------------------------------------------------------- WUDI
 def test_wudi_matches_reference_adam():
     xs = _mats(RNG(3), 3, (12, 20))
-    stack = jnp.asarray(np.stack(xs))[None]
+    stack = jnp.asarray(np.stack(xs))
     for normalize, squared in (("squared", True), ("norm", False)):
-        got = jax.jit(
-            lambda s: wudi.wudi_optimize([s.sum(1)], [wudi.wudi_statistics(s, normalize)], steps=40, lr=1e-2)[0][0]
-        )(stack)
         want = R.wudi(xs, 40, 1e-2, squared=squared)
         moved = np.abs(want - np.sum(xs, 0)).max()
         assert moved > 0.1
-        np.testing.assert_allclose(np.asarray(got), want, atol=1e-3 * moved)
+        for flip in (False, True):  # flip: the matrices stored transposed (Flax kernels), no transpose made
+            s = stack.transpose(0, 2, 1) if flip else stack
+            got = jax.jit(
+                lambda s: wudi.wudi_optimize(
+                    [s.sum(0)], [wudi.wudi_statistics(s, normalize, flip=flip)], steps=40, lr=1e-2, flips=[flip]
+                )[0]
+            )(s)
+            got = np.asarray(got).T if flip else np.asarray(got)
+            np.testing.assert_allclose(got, want, atol=1e-3 * moved, err_msg=f"{normalize} flip={flip}")
 
 
 def test_wudi_gradient_is_the_loss_gradient():
@@ -116,7 +121,7 @@ def test_wudi_gradient_is_the_loss_gradient():
 def test_wudi_zero_task_and_loss_decreases():
     xs = _mats(RNG(5), 3, (12, 20), zero=(2,))
     stack = jnp.asarray(np.stack(xs))
-    out = wudi.wudi_optimize([stack.sum(0)[None]], [wudi.wudi_statistics(stack[None])], steps=50, lr=1e-2)[0][0]
+    out = wudi.wudi_optimize([stack.sum(0)], [wudi.wudi_statistics(stack)], steps=50, lr=1e-2)[0]
     assert np.all(np.isfinite(np.asarray(out)))
     assert float(wudi.wudi_loss(out, stack)) < float(wudi.wudi_loss(stack.sum(0), stack))
     np.testing.assert_allclose(np.asarray(out), R.wudi(xs, 50, 1e-2), atol=2e-3)
@@ -350,6 +355,37 @@ def test_della_keep_rate_l1_and_density_one():
     base, fts = make_models(seed=18, T=2)
     same = mj.della(base, fts, key=jax.random.key(0), density=1.0, combine="task_arithmetic")
     assert_tree_close(same, {p: np.asarray(v) for p, v in paths_and_leaves(mj.task_arithmetic(base, fts))}, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["wudi", "wudi_rules", "della", "della_torch"],
+)
+def test_leaf_schedule_equals_one_program(name):
+    """Eager merges run these stages leaf by leaf (at_leaf decides the path rules per leaf); the result equals the
+    single traced program's, including the transpose/exclude regexes and DELLA's per-(task, leaf) draws."""
+    from mergejax.ops.reduce import DisjointMean
+    from mergejax.ops.sign import ElectSign
+
+    stages = {
+        "wudi": (mj.WUDI(8, 1e-3, progress=False),),
+        "wudi_rules": (mj.WUDI(8, 1e-3, transpose=r"Dense_1|Embed_0", exclude=r"Dense_0", progress=False),),
+        "della": (mj.Della(0.4, 0.2), ElectSign(), DisjointMean()),
+        "della_torch": (mj.Della(0.4, 0.2, layout="torch"), mj.Sum()),
+    }[name]
+    base, fts = make_models(seed=25, T=3)
+    merger = mj.chain(*stages)
+    key = jax.random.key(5) if name.startswith("della") else None
+    leaves = merger(base, fts, key=key, schedule="leaves")
+    program = merger(base, fts, key=key, schedule="program")
+    for (path, a), (_, b) in zip(paths_and_leaves(leaves), paths_and_leaves(program)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-6,
+                                   err_msg=path)
+    if name == "wudi_rules":  # the excluded kernel is the mean; the others moved away from it
+        tvs = tvs_np(base, fts)
+        b0 = np.asarray(base["Dense_0"]["kernel"], np.float32)
+        np.testing.assert_allclose(np.asarray(leaves["Dense_0"]["kernel"]), b0 + np.mean(tvs["Dense_0/kernel"], 0),
+                                   atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------- Model Stock

@@ -85,6 +85,23 @@ def make_state_dicts(width: int, blocks: int, vocab: int, n_tasks: int, seed: in
     return [base, *fts]
 
 
+def save_state_dicts(path: str, sds: list[dict[str, np.ndarray]]) -> None:
+    """[base, ft_1..ft_T] into one npz (keys ``m{i}/{name}``), for a FusionBench child (``--load``)."""
+    np.savez(path, **{f"m{i}/{k}": v for i, sd in enumerate(sds) for k, v in sd.items()})
+
+
+def load_state_dicts(path: str) -> list[dict[str, np.ndarray]]:
+    """The inverse of :func:`save_state_dicts` (key order kept)."""
+    data = np.load(path)
+    sds: list[dict[str, np.ndarray]] = []
+    for name in data.files:
+        i, k = name.split("/", 1)
+        while len(sds) <= int(i[1:]):
+            sds.append({})
+        sds[int(i[1:])][k] = data[name]
+    return sds
+
+
 def to_flax(sd: dict[str, np.ndarray]) -> dict:
     """A state dict as a Flax tree: ``*.weight`` of Linear layers -> ``kernel`` (transposed), embeddings as they are,
     LayerNorm ``weight`` -> ``scale``."""
@@ -125,8 +142,19 @@ def from_flax(tree: dict, keys: list[str]) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------ FusionBench child
-def run_fusionbench(sds: list[dict[str, np.ndarray]], wudi_steps: int) -> tuple[dict[str, np.ndarray], dict]:
-    """In the peers venv: FusionBench's functions on the task vectors; (outputs keyed "method/param", info)."""
+PEER_METHODS = ("tsv", "iso_c", "iso_cts", "emr", "tall_masks", "model_stock", "wudi")
+
+
+def run_fusionbench(sds: list[dict[str, np.ndarray]], wudi_steps: int, only: set[str] | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict]:
+    """In the peers venv: FusionBench's functions on the task vectors; (outputs keyed "method/param", info).
+
+    Args:
+      sds: [base, ft_1..ft_T] PyTorch-oriented state dicts.
+      wudi_steps: WUDI's Adam steps.
+      only: run just these of :data:`PEER_METHODS` (default: all).
+    """
+    want = lambda name: only is None or name in only  # noqa: E731
     import torch
 
     torch.manual_seed(0)
@@ -160,13 +188,16 @@ def run_fusionbench(sds: list[dict[str, np.ndarray]], wudi_steps: int) -> tuple[
         from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
         from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
 
-        put("tsv", timed("tsv", lambda: compute_and_sum_svd_mem_reduction(tvs, accelerator="cpu")))
-        put("iso_c", timed("iso_c", lambda: iso_c(tvs, accelerator="cpu")))
-        put("iso_cts", timed("iso_cts", lambda: iso_cts(tvs, COMMON_FRACTION, accelerator="cpu")))
+        if want("tsv"):
+            put("tsv", timed("tsv", lambda: compute_and_sum_svd_mem_reduction(tvs, accelerator="cpu")))
+        if want("iso_c"):
+            put("iso_c", timed("iso_c", lambda: iso_c(tvs, accelerator="cpu")))
+        if want("iso_cts"):
+            put("iso_cts", timed("iso_cts", lambda: iso_cts(tvs, COMMON_FRACTION, accelerator="cpu")))
 
         from fusion_bench.method.emr_merging.utils import emr_merge
 
-        res = timed("emr", lambda: emr_merge(tvs))
+        res = timed("emr", lambda: emr_merge(tvs)) if want("emr") else None
         if res is not None:
             uni, masks, rescalers = res
             put("emr_unified", uni)
@@ -179,9 +210,13 @@ def run_fusionbench(sds: list[dict[str, np.ndarray]], wudi_steps: int) -> tuple[
 
         keys = list(base)
         flat = lambda sd: torch.cat([sd[k].reshape(-1) for k in keys])  # noqa: E731
-        flat_tvs = torch.stack([flat(tv) for tv in tvs])
-        flat_fts = torch.stack([flat(ft) for ft in fts])
-        masks = timed("tall_masks", lambda: generate_task_masks(flat_tvs, flat_fts, flat(base), tall_mask_lambda=LAM))
+        if want("tall_masks"):
+            flat_tvs = torch.stack([flat(tv) for tv in tvs])
+            flat_fts = torch.stack([flat(ft) for ft in fts])
+        masks = None
+        if want("tall_masks"):
+            masks = timed("tall_masks", lambda: generate_task_masks(flat_tvs, flat_fts, flat(base),
+                                                                    tall_mask_lambda=LAM))
         if masks is not None:
             outs["tall_masks/all"] = masks.numpy()
             consensus = masks.float().sum(0) >= 2  # tall_masks' construct_consensus_mask with prun_thre_k = 2
@@ -190,7 +225,7 @@ def run_fusionbench(sds: list[dict[str, np.ndarray]], wudi_steps: int) -> tuple[
 
         mtl = {k: sum(tv[k] for tv in tvs) for k in keys}  # as TallMaskTaskArithmeticAlgorithm.run calls it
         algo = timed("tall_masks_algorithm", lambda: [algorithm_masks(mtl, tv, base, tall_mask_lambda=LAM)
-                                                      for tv in tvs])
+                                                      for tv in tvs]) if want("tall_masks") else None
         if algo is not None:
             outs["tall_masks_algorithm/all"] = torch.stack([flat(m) for m in algo]).numpy() > 0.5
 
@@ -201,7 +236,7 @@ def run_fusionbench(sds: list[dict[str, np.ndarray]], wudi_steps: int) -> tuple[
             merged = merge_weights(fts[0], fts[1], base, ratio)
             return {k: merged[k] - base[k] for k in base}
 
-        put("model_stock", timed("model_stock", model_stock) if len(fts) >= 2 else None)
+        put("model_stock", timed("model_stock", model_stock) if len(fts) >= 2 and want("model_stock") else None)
 
         from fusion_bench.method.wudi.wudi import wudi_merging
 
@@ -210,7 +245,8 @@ def run_fusionbench(sds: list[dict[str, np.ndarray]], wudi_steps: int) -> tuple[
                 merged = wudi_merging(tvs, accelerator="cpu", iter_num=wudi_steps)
             return {k: v.detach() for k, v in merged.items()}
 
-        put("wudi", timed("wudi", wudi))
+        if want("wudi"):
+            put("wudi", timed("wudi", wudi))
     return outs, info
 
 
@@ -395,10 +431,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/fusionbench_sota.json")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--load", help=argparse.SUPPRESS)  # child: state dicts from an npz of save_state_dicts
+    ap.add_argument("--only", nargs="+", choices=PEER_METHODS, help=argparse.SUPPRESS)  # child: these methods
     args = ap.parse_args()
-    sds = make_state_dicts(args.width, args.blocks, args.vocab, args.tasks, args.seed)
+    if args.load:
+        sds = load_state_dicts(args.load)
+    else:
+        sds = make_state_dicts(args.width, args.blocks, args.vocab, args.tasks, args.seed)
     if args.child:
-        outs, info = run_fusionbench(sds, args.wudi_steps)
+        outs, info = run_fusionbench(sds, args.wudi_steps, set(args.only) if args.only else None)
         np.savez(args.child[0], **outs)
         Path(args.child[1]).write_text(json.dumps(info))
         return

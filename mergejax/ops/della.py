@@ -9,21 +9,43 @@ with ``rescale: true``). Rows follow the PyTorch layout, as mergekit: each outpu
 row). Ties in |tau| are ranked by position (mergekit's ``argsort`` leaves them unspecified); a one-entry row gets
 rank 1 (p = density + epsilon). Random draws: ``uniform(fold_in(fold_in(key, task), leaf))`` per leaf, keep where
 ``u < p_i``.
+
+Execution: leaf by leaf in an eager merge (``leafwise``; :meth:`Della.at_leaf` decides the ranking axis from the
+path), so its compile time depends on the distinct leaf shapes only; in one traced program, same-shaped leaves share
+one vmapped copy (:func:`mergejax.ops.base.map_float_leaves`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from mergejax.ops.base import TaskVectors, Transform, check_fraction, leaf_keys
-from mergejax.ops.matrix import Layout, check_layout, static, transposes
-from mergejax.tree import is_float, path_str
+from mergejax.ops.base import TaskVectors, Transform, check_fraction, leaf_keys, map_float_leaves
+from mergejax.ops.matrix import Layout, check_layout, resolve_path_rules, static, transposes
 
-__all__ = ["della_probabilities", "della_prune", "Della"]
+__all__ = ["della_ranks", "della_probabilities", "della_prune", "Della"]
+
+
+def della_ranks(a: jax.Array, axis: int = -1) -> jax.Array:
+    """The rank of every entry of ``a`` within its row along ``axis`` (0 = smallest; ties by position), int32.
+
+    One stable sort per row (the values with their positions as payload) and a scatter of the positions back,
+    instead of the double ``argsort`` (two sorts): about 1.7x faster on XLA:CPU, where the sort dominates DELLA.
+    The row axis is moved last first (sorting along a major axis was slower still).
+    """
+    moved = jnp.moveaxis(a, axis, -1)
+    n = moved.shape[-1]
+    rows = moved.reshape(-1, n)
+    pos = lax.broadcasted_iota(jnp.int32, rows.shape, 1)
+    _, order = lax.sort((rows, pos), dimension=1, is_stable=True, num_keys=1)
+    row_id = lax.broadcasted_iota(jnp.int32, rows.shape, 0)
+    ranks = jnp.zeros(rows.shape, jnp.int32).at[row_id, order].set(pos, unique_indices=True)
+    return jnp.moveaxis(ranks.reshape(moved.shape), -1, axis)
 
 
 def della_probabilities(x: jax.Array, density: float, epsilon: float, axis: int = -1) -> jax.Array:
@@ -32,7 +54,7 @@ def della_probabilities(x: jax.Array, density: float, epsilon: float, axis: int 
     if a.ndim == 0:
         a = a[None]
     n = a.shape[axis]
-    ranks = jnp.argsort(jnp.argsort(a, axis=axis, stable=True), axis=axis, stable=True).astype(jnp.float32)
+    ranks = della_ranks(a, axis).astype(jnp.float32)
     rank_norm = ranks / (n - 1) if n > 1 else jnp.ones_like(ranks)
     return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(jnp.shape(x)).astype(x.dtype)
 
@@ -68,6 +90,7 @@ class Della(Transform):
     layout: Layout = static("flax")
     transpose: str | None = static(None)
     needs_key: ClassVar[bool] = True
+    leafwise: ClassVar[bool] = True  # per leaf; the ranking axis is decided per leaf by at_leaf
 
     def __post_init__(self):
         check_fraction("density", self.density)
@@ -78,22 +101,26 @@ class Della(Transform):
         if self.rescale not in ("inverse", "l1"):
             raise ValueError(f"rescale must be 'inverse' or 'l1', got {self.rescale!r}")
 
+    def at_leaf(self, path: str) -> "Della":
+        """This stage for the one leaf at ``path``: its ranking axis decided (the leaf-by-leaf schedule)."""
+        return resolve_path_rules(self, path)
+
+    def _axis(self, path: str) -> int:
+        """The ranking axis of a 2-D leaf at ``path``: 0 for a Flax kernel (its PyTorch rows), else -1."""
+        return 0 if transposes(path, self.layout, self.transpose) else -1
+
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         if key is None:
             raise ValueError("Della needs an explicit jax.random key")
         if float(self.density) >= 1:
             return tuple(tvs)
-        out = []
-        for t, tv in enumerate(tvs):
-            flat, treedef = jax.tree_util.tree_flatten_with_path(tv)
-            leaves, fi = [], 0
-            for p, x in flat:
-                if not is_float(x):
-                    leaves.append(x)
-                    continue
-                axis = 0 if (jnp.ndim(x) == 2 and transposes(path_str(p), self.layout, self.transpose)) else -1
-                u = jax.random.uniform(leaf_keys(key, t, fi), jnp.shape(x), x.dtype)
-                leaves.append(della_prune(x, u, self.density, self.epsilon, axis=axis, rescale=self.rescale))
-                fi += 1
-            out.append(jax.tree_util.tree_unflatten(treedef, leaves))
-        return tuple(out)
+
+        def prune(xs, i, axis, t):
+            x = xs[0]
+            u = jax.random.uniform(leaf_keys(key, t, i), jnp.shape(x), x.dtype)
+            return [della_prune(x, u, self.density, self.epsilon, axis=axis if jnp.ndim(x) == 2 else -1,
+                                rescale=self.rescale)]
+
+        return tuple(
+            map_float_leaves(partial(prune, t=t), (tv,), kind=self._axis)[0] for t, tv in enumerate(tvs)
+        )

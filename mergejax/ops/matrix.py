@@ -31,6 +31,7 @@ Peak extra memory per device: the stacked group of one shape (B matrices x T tas
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Callable, Literal, Sequence
@@ -43,7 +44,7 @@ from mergejax.tree import PyTree, is_float, path_str
 
 __all__ = [
     "Layout", "MatrixGroup", "transposes", "collect_matrices", "map_matrices", "batched", "batch_mode", "check_layout",
-    "static",
+    "static", "place", "sharding_of", "resolve_path_rules",
     "scale_task_vectors", "PreWeighted", "PreWeightedInputs",
 ]
 
@@ -72,6 +73,27 @@ def transposes(path: str, layout: Layout, transpose: str | None) -> bool:
     return layout == "flax" and path.rsplit("/", 1)[-1] == "kernel"
 
 
+def resolve_path_rules(stage, path: str):
+    """``stage`` with its path regexes decided for the one leaf at ``path`` (a stage's ``at_leaf``).
+
+    ``transpose`` (with ``layout``) and ``exclude`` each become "" (matches every path) or "(?!)" (matches none), so
+    the stage gives the same result on that leaf alone whatever its path there (the leaf-by-leaf schedule passes a
+    bare leaf, path "").
+
+    Args:
+      stage: a frozen stage with ``layout`` and ``transpose`` fields (and optionally ``exclude``).
+      path: the leaf's path in the model.
+
+    Returns:
+      The stage with the rules replaced.
+    """
+    flip = transposes(path, stage.layout, stage.transpose)
+    changes = {"transpose": "" if flip else "(?!)"}
+    if getattr(stage, "exclude", None) is not None:
+        changes["exclude"] = "" if re.search(stage.exclude, path) else "(?!)"
+    return dataclasses.replace(stage, **changes)
+
+
 class MatrixGroup:
     """Same-shaped matrix leaves of T task vectors, stacked: ``stacks[t]`` is ``[B, m, n]`` (oriented, acc dtype)."""
 
@@ -79,7 +101,8 @@ class MatrixGroup:
         self.positions, self.flip, self.stacks, self.shardings = positions, flip, stacks, shardings
 
 
-def _sharding_of(x: jax.Array):
+def sharding_of(x: jax.Array):
+    """The sharding of ``x`` (None where it has none, e.g. under an older JAX)."""
     try:
         return jax.typeof(x).sharding
     except Exception:  # pragma: no cover - older JAX / non-array leaves
@@ -123,11 +146,12 @@ def collect_matrices(
         for t in range(len(tvs)):
             mats = [columns[i][t].T if flip else columns[i][t] for i in pos]
             stacks.append(mats[0][None] if len(mats) == 1 else jnp.stack(mats))
-        groups.append(MatrixGroup(pos, flip, stacks, [_sharding_of(columns[i][0]) for i in pos]))
+        groups.append(MatrixGroup(pos, flip, stacks, [sharding_of(columns[i][0]) for i in pos]))
     return groups, [c[0] for c in columns], columns, other, treedef
 
 
-def _place(x: jax.Array, sharding) -> jax.Array:
+def place(x: jax.Array, sharding) -> jax.Array:
+    """``x`` constrained to ``sharding`` (unchanged without one)."""
     if sharding is None or not hasattr(sharding, "spec"):
         return x
     try:
@@ -150,7 +174,7 @@ def rebuild(
     for g, stack in zip(groups, merged_stacks):
         for b, i in enumerate(g.positions):
             m = stack[b].T if g.flip else stack[b]
-            out[i] = _place(m, g.shardings[b])
+            out[i] = place(m, g.shardings[b])
     for i in other:
         out[i] = other_fn(columns[i])
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -12,7 +12,10 @@ each over the T + 1 input leaves of ONE leaf position:
 - a stage with global statistics (the trim's thresholds, per tensor or global, the majority sign of TIES' zero-sum rule, PCB's
   quantiles) implements ``host_stats(run)``: :class:`Runner` computes them with per-leaf programs (counts summed on
   the host, the exact bracketing search of :func:`mergejax.ops.select.kth_largest_scheduled`), and the stage then
-  runs leafwise as ``Given(stage, stats)``.
+  runs leafwise as ``Given(stage, stats)``;
+- a leafwise stage whose rule depends on the leaf's path (which 2-D leaves are Flax kernels, an ``exclude`` regex)
+  implements ``at_leaf(path)``, the stage with that rule decided for the one leaf (its programs are then cached by the
+  decision, a static field).
 
 Programs are cached by the leaf's signature (shapes, dtypes, the chain's static metadata), so a 300-leaf model
 compiles as much as its few distinct leaf shapes; the leaf index (DARE's random stream), weights and statistics are
@@ -251,6 +254,7 @@ class _Plan:
 
     def __init__(self, stages, base, entries, flags, weights, key):
         self.b_leaves, self.treedef = jax.tree_util.tree_flatten(base)
+        self.paths = [p for p, _ in paths_and_leaves(base)]
         self.e_leaves = [jax.tree_util.tree_leaves(as_tree(e)) for e in entries]
         self.tv_mask = tuple(isinstance(e, TaskVector) for e in entries)
         self.n_tasks = len(entries)
@@ -281,6 +285,8 @@ class _Plan:
         w = self.weights[j]
         out = []
         for q, s in enumerate(self.stages[:upto]):
+            if hasattr(s, "at_leaf"):
+                s = s.at_leaf(self.paths[j])  # a path-dependent rule decided for this leaf
             if hasattr(s, "canonical") and not getattr(s, "leafwise", False):
                 s = s.canonical()  # hyperparameters only its host_stats read: a new density compiles nothing
             if w is not None:

@@ -13,77 +13,119 @@ FusionBench); ``normalize="norm"`` gives the official ViT script's weighting. No
 
 Computation. The gradient is 2 sum_i (tau_m - tau_i) G_i / n_i with the Gram matrices G_i = tau_i^T tau_i, so
 with A = sum_i G_i / n_i (in x in) and C = sum_i (tau_0 - tau_i) G_i / n_i (out x in), computed once, every step
-costs one
-(out x in)(in x in) product instead of the reference's T (out x in)(in x out) products and their backward pass;
-the iterates are the same up to float rounding. All matrices of the model run in one ``lax.fori_loop`` with one
-``optax.adam`` state (Adam is elementwise, so this equals one optimiser per matrix). A task with tau_i = 0
-contributes nothing (the reference divides 0 by 0).
+costs one (out x in)(in x in) product instead of the reference's T (out x in)(in x out) products and their backward
+pass; the iterates are the same up to float rounding. Adam is elementwise, so one ``optax.adam`` state over all
+matrices equals one optimiser per matrix.
 
-Memory: for every matrix, its T task matrices stacked once (to form A and C), then during the loop delta, Adam's
-two moments, A (in x in) and C (out x in): about 5 float32 copies of the matrix part of the model plus the Grams.
+Orientation without transposes. A Flax kernel X = tau^T (in, out) is never transposed: its Gram is X X^T, and the
+gradient in its own layout is 2 (A D + C^T) (A is symmetric), so every product is a plain 2-D matrix product on the
+stored array.
+
+Performance (why per matrix, with 2-D products). XLA:CPU (jaxlib 0.10) hands a dot and its elementwise
+neighbours to a YNNPACK fusion; for a *batched* dot (same-shaped matrices or the T tasks stacked) fused with the
+subtraction tau_0 - tau_i and the sum over tasks, that fusion ran 20-60x slower than the same products as 2-D dots
+(38 s against 0.6 s for the statistics of one (3072, 768) matrix at T = 4; 1.4 s with
+``--xla_cpu_experimental_ynn_fusion_type=`` disabling the fusion). So nothing here is stacked: per matrix, T 2-D
+Gram products and T 2-D products for C, and per Adam step one 2-D product. An eager call runs leaf by leaf
+(:mod:`mergejax.ops.schedule`: this stage is ``leafwise``): one program per matrix signature, compiled once and run
+matrix after matrix from the host; under the caller's ``jit`` it is one program with one ``fori_loop`` over all
+matrices.
+
+Memory: per matrix, its T task matrices, then during the loop delta, Adam's two moments, A (in x in) and C (out x in):
+leaf by leaf about 5 float32 copies of one matrix; as one program, of the matrix part of the model.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import ClassVar, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from mergejax.ops.base import Reduction, TaskVectors
-from mergejax.ops.matrix import Layout, PreWeightedInputs, check_layout, collect_matrices, mean_leaves, rebuild, static
+from mergejax.ops.matrix import (
+    Layout, PreWeightedInputs, check_layout, mean_leaves, place, resolve_path_rules, sharding_of, static, transposes,
+)
+from mergejax.tree import is_float, path_str
 
 __all__ = ["wudi_statistics", "wudi_gradient", "wudi_loss", "wudi_optimize", "WUDI"]
 
 Normalize = Literal["squared", "norm"]
 
 
-def _weights(xs: jax.Array, normalize: Normalize) -> jax.Array:
-    """Per task 1 / ||tau_i||_F^2 (or 1 / ||tau_i||_F), 0 for a zero task vector. ``xs``: [..., T, m, n]."""
-    sq = jnp.sum(xs * xs, axis=(-2, -1))
+def _weight(x: jax.Array, normalize: Normalize) -> jax.Array:
+    """1 / ||tau_i||_F^2 (or 1 / ||tau_i||_F), 0 for a zero task vector."""
+    sq = jnp.sum(x * x)
     d = sq if normalize == "squared" else jnp.sqrt(sq)
     return jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
 
 
-def wudi_statistics(xs: jax.Array, normalize: Normalize = "squared") -> tuple[jax.Array, jax.Array]:
-    """(A, C) for stacked ``xs`` [..., T, out, in]: A = sum_i w_i G_i and C = sum_i w_i (tau_0 - tau_i) G_i, with
-    G_i = tau_i^T tau_i, w_i = 1 / ||tau_i||^2 and tau_0 = sum_i tau_i the starting point, so that the gradient at
-    tau_0 + delta is 2 (delta A + C). The differences tau_0 - tau_i are formed before any product (as the reference
-    forms tau_m - tau_i), so a zero gradient stays exactly zero (T = 1) instead of becoming rounding noise that Adam
-    would amplify into lr-sized steps."""
-    w = _weights(xs, normalize)[..., None, None]
-    grams = jnp.einsum("...tki,...tkj->...tij", xs, xs)
-    a = jnp.sum(w * grams, axis=-3)
-    d0 = jnp.sum(xs, axis=-3, keepdims=True) - xs
-    c = jnp.sum(w * jnp.einsum("...tok,...tkj->...toj", d0, grams), axis=-3)
+def _gram(x: jax.Array, flip: bool) -> jax.Array:
+    """tau^T tau for tau = x (out, in), or for tau = x^T when ``flip`` (x stored (in, out)): x x^T."""
+    return x @ x.T if flip else x.T @ x
+
+
+def _times_gram(m: jax.Array, g: jax.Array, flip: bool) -> jax.Array:
+    """m G in the PyTorch orientation, written in the stored one: G m when ``flip`` (G is symmetric)."""
+    return g @ m if flip else m @ g
+
+
+def wudi_statistics(
+    xs: Sequence[jax.Array], normalize: Normalize = "squared", *, flip: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """(A, C) of one matrix from its T task matrices, with 2-D products only.
+
+    A = sum_i w_i G_i and C = sum_i w_i (tau_0 - tau_i) G_i, G_i = tau_i^T tau_i, w_i = 1 / ||tau_i||^2 and
+    tau_0 = sum_i tau_i the starting point, so that the gradient at tau_0 + delta is 2 (delta A + C). The differences
+    tau_0 - tau_i are formed before any product (as the reference forms tau_m - tau_i), so a zero gradient stays
+    exactly zero (T = 1) instead of becoming rounding noise that Adam would amplify into lr-sized steps.
+
+    Args:
+      xs: the T task matrices (a sequence, or an array [T, m, n]), PyTorch (out, in) unless ``flip``.
+      normalize: "squared" (1 / ||tau_i||^2) or "norm" (1 / ||tau_i||).
+      flip: the matrices are stored transposed (Flax kernels, (in, out)); C is then returned in that layout.
+
+    Returns:
+      (A, C): A (in x in), C shaped like one task matrix.
+    """
+    xs = list(xs)
+    tau0 = sum(xs[1:], xs[0])
+    a = c = None
+    for x in xs:
+        w = _weight(x, normalize)
+        g = _gram(x, flip)
+        a = w * g if a is None else a + w * g
+        term = w * _times_gram(tau0 - x, g, flip)
+        c = term if c is None else c + term
     return a, c
 
 
-def wudi_gradient(delta: jax.Array, a: jax.Array, c: jax.Array) -> jax.Array:
-    """dL/dtau_m at tau_m = tau_0 + delta: 2 (delta A + C)."""
-    return 2.0 * (delta @ a + c)
+def wudi_gradient(delta: jax.Array, a: jax.Array, c: jax.Array, flip: bool = False) -> jax.Array:
+    """dL/dtau_m at tau_m = tau_0 + delta: 2 (delta A + C), in the stored layout (``flip``: 2 (A delta + C))."""
+    return 2.0 * (_times_gram(delta, a, flip) + c)
 
 
 def wudi_loss(tau_m: jax.Array, xs: jax.Array, normalize: Normalize = "squared") -> jax.Array:
     """L(tau_m) of Eq. 9, literally (for monitoring and tests): ``xs`` [T, out, in]."""
     prod = jnp.einsum("oi,tpi->top", tau_m, xs) - jnp.einsum("toi,tpi->top", xs, xs)
-    return jnp.sum(_weights(xs, normalize) * jnp.sum(prod * prod, axis=(-2, -1)))
+    return sum(_weight(xs[t], normalize) * jnp.sum(prod[t] * prod[t]) for t in range(xs.shape[0]))
 
 
 _BARS: dict = {}
 
 
-def _progress(step, *, total: int, tag: int):
+def _progress(step, *, total: int, tag: int, desc: str):
     """Host side of the progress bar (called through ``jax.debug.callback``; idempotent per step)."""
     from tqdm.auto import tqdm
 
     step = int(step)
     bar = _BARS.get(tag)
     if bar is None:
-        bar = _BARS[tag] = tqdm(total=total, desc="WUDI", leave=False)
+        bar = _BARS[tag] = tqdm(total=total, desc=desc, leave=False)
     if step > bar.n:
         bar.update(step - bar.n)
     if step >= total:
@@ -97,19 +139,27 @@ def wudi_optimize(
     *,
     steps: int,
     lr: float,
+    flips: Sequence[bool] | None = None,
     progress: bool = False,
+    desc: str = "WUDI",
 ) -> list[jax.Array]:
     """Runs ``steps`` Adam steps (torch defaults: b1 0.9, b2 0.999, eps 1e-8, no weight decay) on every matrix at once.
 
     The iterate is parameterised as tau_0 + delta (delta starts at 0), see :func:`wudi_statistics`.
 
     Args:
-      init: the starting matrices tau_0 (stacked per shape group, [B, out, in]).
-      stats: per group the (A, B) of :func:`wudi_statistics`.
+      init: the starting matrices tau_0, one per matrix (stored layout).
+      stats: per matrix the (A, C) of :func:`wudi_statistics`.
       steps: number of Adam steps (static).
       lr: learning rate.
+      flips: per matrix, whether it is stored transposed (default: none is).
       progress: show a tqdm bar (updated from inside the compiled loop every ~1% of the steps).
+      desc: the bar's label.
+
+    Returns:
+      The optimised matrices tau_m, in the stored layout.
     """
+    flips = [False] * len(init) if flips is None else list(flips)
     opt = optax.adam(lr)
     zeros = [jnp.zeros_like(x) for x in init]
     state = opt.init(zeros)
@@ -118,13 +168,13 @@ def wudi_optimize(
 
     def body(i, carry):
         params, st = carry
-        grads = [wudi_gradient(p, a, b) for p, (a, b) in zip(params, stats)]
+        grads = [wudi_gradient(p, a, c, f) for p, (a, c), f in zip(params, stats, flips)]
         updates, st = opt.update(grads, st, params)
         params = optax.apply_updates(params, updates)
         if progress:
             jax.lax.cond(
                 ((i + 1) % every == 0) | (i + 1 == steps),
-                lambda: jax.debug.callback(partial(_progress, total=steps, tag=tag), i + 1),
+                lambda: jax.debug.callback(partial(_progress, total=steps, tag=tag, desc=desc), i + 1),
                 lambda: None,
             )
         return params, st
@@ -143,7 +193,7 @@ class WUDI(PreWeightedInputs, Reduction):
       normalize: "squared" (1/||tau_i||^2: paper, FusionBench) or "norm" (1/||tau_i||: the official ViT script).
       layout, transpose: orientation rule of :mod:`mergejax.ops.matrix`.
       exclude: path regex of 2-D leaves to average instead.
-      progress: show a progress bar.
+      progress: show a progress bar (one per matrix when run leaf by leaf).
     """
 
     steps: int = static(300)
@@ -153,6 +203,7 @@ class WUDI(PreWeightedInputs, Reduction):
     transpose: str | None = static(None)
     exclude: str | None = static(None)
     progress: bool = static(True)
+    leafwise: ClassVar[bool] = True  # per matrix; the path rules are resolved per leaf by at_leaf
 
     def __post_init__(self):
         check_layout(self.layout)
@@ -161,14 +212,32 @@ class WUDI(PreWeightedInputs, Reduction):
         if self.normalize not in ("squared", "norm"):
             raise ValueError(f"normalize must be 'squared' or 'norm', got {self.normalize!r}")
 
+    def at_leaf(self, path: str) -> "WUDI":
+        """This stage for the one leaf at ``path`` (see :func:`resolve_path_rules`)."""
+        return resolve_path_rules(self, path)
+
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
-        groups, leaves0, columns, other, treedef = collect_matrices(
-            tvs, layout=self.layout, transpose=self.transpose, exclude=self.exclude, orient=True
-        )
-        init, stats = [], []
-        for g in groups:
-            xs = jnp.stack(g.stacks, axis=1)  # [B, T, out, in]
-            init.append(jnp.sum(xs, axis=1))
-            stats.append(wudi_statistics(xs, self.normalize))
-        merged = wudi_optimize(init, stats, steps=int(self.steps), lr=self.lr, progress=self.progress) if groups else []
-        return (rebuild(groups, merged, leaves0, columns, other, treedef, mean_leaves),)
+        flat = [jax.tree_util.tree_flatten_with_path(t) for t in tvs]
+        treedef = jax.tree_util.tree_structure(tvs[0])
+        paths = [path_str(p) for p, _ in flat[0][0]]
+        columns = [list(c) for c in zip(*[[leaf for _, leaf in f[0]] for f in flat])]
+        out = [c[0] for c in columns]
+        mats, init, stats, flips = [], [], [], []
+        for i, (path, col) in enumerate(zip(paths, columns)):
+            if not is_float(col[0]):
+                continue
+            if jnp.ndim(col[0]) != 2 or (self.exclude is not None and re.search(self.exclude, path)):
+                out[i] = mean_leaves(col)
+                continue
+            flip = transposes(path, self.layout, self.transpose)
+            mats.append(i)
+            flips.append(flip)
+            init.append(sum(col[1:], col[0]))
+            stats.append(wudi_statistics(col, self.normalize, flip=flip))
+        if mats:
+            desc = "WUDI" if len(mats) > 1 else f"WUDI {tuple(jnp.shape(columns[mats[0]][0]))}"
+            merged = wudi_optimize(init, stats, steps=int(self.steps), lr=self.lr, flips=flips,
+                                   progress=self.progress, desc=desc)
+            for i, m in zip(mats, merged):
+                out[i] = place(m, sharding_of(columns[i][0]))
+        return (jax.tree_util.tree_unflatten(treedef, out),)
