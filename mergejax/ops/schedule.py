@@ -258,10 +258,12 @@ class Runner:
             return keys, (jnp.asarray(np.min([e[0] for _, e in parts], axis=0)),
                           jnp.asarray(np.max([e[1] for _, e in parts], axis=0)))
 
-        def counts(cands):
-            if per_leaf:
-                parts = jax.device_get([self._call(j, cands[i * G:(i + 1) * G], name, "count", magnitude, given=given)
-                                        for i, j in enumerate(positions)])
+        def counts(cands, is_open):
+            if per_leaf:  # a leaf whose G searches have all ended is not read again (lockstep costs no extra passes)
+                skip = np.zeros((2, G, cands.shape[1]), np.int32)
+                parts = jax.device_get([
+                    self._call(j, cands[i * G:(i + 1) * G], name, "count", magnitude, given=given)
+                    if is_open[i * G:(i + 1) * G].any() else skip for i, j in enumerate(positions)])
                 return (jnp.asarray(np.concatenate([h for h, _ in parts])),
                         jnp.asarray(np.concatenate([l for _, l in parts])))
             parts = jax.device_get([self._call(j, cands, name, "count", magnitude, given=given) for j in positions])
