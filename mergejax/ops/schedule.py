@@ -15,8 +15,10 @@ each over the T + 1 input leaves of ONE leaf position:
   runs leafwise as ``Given(stage, stats)``.
 
 Programs are cached by the leaf's signature (shapes, dtypes, the chain's static metadata), so a 300-leaf model
-compiles as much as its few distinct leaf shapes; the leaf index (DARE's random stream), weights and statistics are
-traced. Results equal the single program's: the same stage code, the same exact thresholds.
+compiles as much as its few distinct leaf shapes; the leaf index, weights and statistics are traced. DARE's hash
+words (two uint32 per task and leaf) are derived for the whole tree on the host beforehand
+(:func:`mergejax.ops.dare.host_hash_words`, bit-exact with ``jax.random``), so no leaf program holds threefry code.
+Results equal the single program's: the same stage code, the same exact thresholds, the same random bits.
 
 Peak memory above the inputs: the output (one model in the base's dtype) plus one leaf position's temporaries
 (O(T) leaf-sized buffers at most; the fused elementwise chains need none). With ``donate=True`` the inputs of each
