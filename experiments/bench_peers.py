@@ -5,7 +5,8 @@ The peers run in their own virtualenv (``experiments/peers/setup_venv.sh``), who
 Without it the peers are skipped, with a message, and only the mergejax side is timed. The peers are never
 dependencies of mergejax.
 
-Each side is timed against its own one-pass baseline in the same process (mergejax: jitted ``base + sum_t ft_t``;
+Each side is timed against its own one-pass baseline in the same process (mergejax: jitted ``base + sum_t ft_t``, the
+merges called eagerly as a user calls them, or traced inside ``jax.jit`` with ``--mode jit``;
 torch: the same expression in eager torch), best of ``--repeats``. Methods with their usual defaults:
 
 * task arithmetic (lambda = 1): mergejax ``task_arithmetic`` vs PEFT ``task_arithmetic``;
@@ -65,7 +66,9 @@ def split(arrays: dict, n_tasks: int) -> tuple[list, list[list]]:
     return base, fts
 
 
-def run_mergejax(arrays: dict, n_tasks: int, repeats: int) -> dict[str, float]:
+def run_mergejax(arrays: dict, n_tasks: int, repeats: int, mode: str = "eager") -> dict[str, float]:
+    """Best times of the mergejax merges and of the jitted one-pass baseline; ``mode`` "eager": the public call as a
+    user makes it (leaf by leaf, ``mergejax.ops.schedule``), "jit": the call traced inside ``jax.jit``."""
     import jax
 
     import mergejax as mj
@@ -74,12 +77,13 @@ def run_mergejax(arrays: dict, n_tasks: int, repeats: int) -> dict[str, float]:
     base = [jax.device_put(x) for x in base]
     fts = tuple([jax.device_put(x) for x in ft] for ft in fts)
     key = jax.random.key(0)
+    wrap = jax.jit if mode == "jit" else (lambda fn: fn)
     fns = {
         "baseline": jax.jit(lambda b, f: [x + sum(ys[1:], ys[0]) for x, *ys in zip(b, *f)]),
-        "task_arithmetic": jax.jit(lambda b, f: mj.task_arithmetic(b, f, check_finite=False)),
-        "ties_tensor": jax.jit(lambda b, f: mj.ties(b, f, scope="tensor", check_finite=False)),
-        "ties_global": jax.jit(lambda b, f: mj.ties(b, f, check_finite=False)),
-        "dare": jax.jit(lambda b, f: mj.dare(b, f, key=key, check_finite=False)),
+        "task_arithmetic": wrap(lambda b, f: mj.task_arithmetic(b, f, check_finite=False)),
+        "ties_tensor": wrap(lambda b, f: mj.ties(b, f, scope="tensor", check_finite=False)),
+        "ties_global": wrap(lambda b, f: mj.ties(b, f, check_finite=False)),
+        "dare": wrap(lambda b, f: mj.dare(b, f, key=key, check_finite=False)),
     }
     return {name: best(lambda fn=fn: jax.block_until_ready(fn(base, fts)), repeats) for name, fn in fns.items()}
 
@@ -148,6 +152,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/bench_peers.json")
+    parser.add_argument("--mode", choices=["eager", "jit"], default="eager",
+                        help="mergejax side: eager (the public call, leaf by leaf) or traced inside jax.jit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -159,7 +165,7 @@ def main() -> None:
         return
 
     arrays = make_arrays(args.params, args.tasks, args.seed)
-    ours = run_mergejax(arrays, args.tasks, args.repeats)
+    ours = run_mergejax(arrays, args.tasks, args.repeats, args.mode)
     peers: dict = {}
     if not args.peers_python:
         print("no --peers-python given: the peers (PEFT, mergekit, FusionBench) are skipped; "

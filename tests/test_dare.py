@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import mergejax as mj
 from mergejax.ops.base import leaf_keys
-from mergejax.ops.dare import DareDrop, drop_and_rescale, hash_bits, keep_mask
+from mergejax.ops.dare import DareDrop, drop_and_rescale, hash_bits, hash_words, host_hash_words, keep_mask
 from tests import reference
 
 KEY = jax.random.key(3)
@@ -121,3 +121,16 @@ def test_dare_ties_matches_numpy_given_the_masks():
     want = reference.ties_tv(np_dropped, density, "global", "sum", "mean")
     for g, b, w in zip(jax.tree.leaves(got), jax.tree.leaves(base), want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(b) + w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", [jax.random.key(0), jax.random.key(2**31 - 1), jax.random.PRNGKey(7)])
+def test_host_hash_words_equal_jax_threefry(key):
+    """The leaf-by-leaf schedule's numpy threefry gives every (stage, task, leaf) the words of jax.random."""
+    words = host_hash_words(key, (0, 2), 3, 5)
+    assert words.shape == (5, 2, 3, 2) and words.dtype == np.uint32
+    for leaf in (0, 4):
+        for s, stage in enumerate((0, 2)):
+            for t in range(3):
+                want = hash_words(leaf_keys(jax.random.fold_in(key, stage), t, leaf))
+                np.testing.assert_array_equal(words[leaf, s, t], np.asarray(want))
+    assert host_hash_words(jax.random.key(0, impl="rbg"), (0,), 2, 3) is None  # other generators: derived in JAX

@@ -18,8 +18,10 @@ each over the T + 1 input leaves of ONE leaf position:
   decision, a static field).
 
 Programs are cached by the leaf's signature (shapes, dtypes, the chain's static metadata), so a 300-leaf model
-compiles as much as its few distinct leaf shapes; the leaf index (DARE's random stream), weights and statistics are
-traced. Results equal the single program's: the same stage code, the same exact thresholds.
+compiles as much as its few distinct leaf shapes; the leaf index, weights and statistics are traced. DARE's hash
+words (two uint32 per task and leaf) are derived for the whole tree on the host beforehand
+(:func:`mergejax.ops.dare.host_hash_words`, bit-exact with ``jax.random``), so no leaf program holds threefry code.
+Results equal the single program's: the same stage code, the same exact thresholds, the same random bits.
 
 Peak memory above the inputs: the output (one model in the base's dtype) plus one leaf position's temporaries
 (O(T) leaf-sized buffers at most; the fused elementwise chains need none). With ``donate=True`` the inputs of each
@@ -35,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.ops.base import Given, leaf_index, per_leaf_weights, run_stages
+from mergejax.ops.base import Given, leaf_index, leaf_keys, per_leaf_weights
+from mergejax.ops.dare import hash_words, host_hash_words
 from mergejax.ops.select import _Counter, _key_spec, kth_largest_scheduled, ordered_key
 from mergejax.tree import PyTree, TaskVector, _leaf_apply, acc_dtype, as_tree, is_float, paths_and_leaves
 
@@ -71,16 +74,43 @@ def _tau(entry: jax.Array, base: jax.Array, is_tv: bool) -> jax.Array:
     return jnp.asarray(entry, dt) if is_tv else jnp.asarray(entry, dt) - jnp.asarray(base, dt)
 
 
-def _prefix(stages: tuple, base: jax.Array, entries: tuple, index, key, tv_mask: tuple, q: int):
+def _run(stages: tuple, xs: tuple, key, words: tuple | None):
+    """``run_stages(stages, xs, key)`` (stage i draws from ``fold_in(key, i)``), except that a stage with host-derived
+    words (``words[i]`` not None, see :meth:`_Plan.words_at`) gets them instead of its key."""
+    for i, stage in enumerate(stages):
+        if words is not None and words[i] is not None:
+            xs = stage.with_words(xs, words[i])
+        else:
+            xs = stage(xs, None if key is None else jax.random.fold_in(key, i))
+    return xs
+
+
+def _prefix(stages: tuple, base: jax.Array, entries: tuple, index, key, tv_mask: tuple, q: int, words=None):
     xs = tuple(_tau(e, base, t) for e, t in zip(entries, tv_mask))
     with leaf_index(index):
-        return run_stages(stages[:q], xs, key)
+        return _run(stages[:q], xs, key, words)
+
+
+@partial(jax.jit, static_argnames=("stage_ids", "n_tasks"))
+def _all_words(key: jax.Array, leaves: jax.Array, *, stage_ids: tuple, n_tasks: int) -> jax.Array:
+    """uint32 [L, S, T, 2]: ``hash_words(leaf_keys(fold_in(key, i), t, leaf))`` for every merged leaf, word-drawing
+    stage i and task t: the per-(task, leaf) threefry work of DARE's hash generator, done once for the whole tree."""
+
+    tasks = jnp.arange(n_tasks, dtype=jnp.int32)
+
+    def one(stage_key, t, leaf):  # one copy of the threefry code, mapped over every (stage, leaf, task)
+        return hash_words(leaf_keys(stage_key, t, leaf))
+
+    stage_keys = jnp.stack([jax.random.fold_in(key, i) for i in stage_ids])
+    grid = jax.vmap(jax.vmap(jax.vmap(one, (None, 0, None)), (0, None, None)), (None, None, 0))
+    return grid(stage_keys, tasks, leaves)
 
 
 @partial(jax.jit, static_argnames=("tv_mask", "q", "name", "mode", "magnitude", "stride"))
-def _stat_program(stages, base, entries, index, key, cands, given, *, tv_mask, q, name, mode, magnitude, stride):
+def _stat_program(stages, base, entries, index, key, words, cands, given, *, tv_mask, q, name, mode, magnitude,
+                  stride):
     """One leaf: the stage-q input there, then its ``stat_values`` sampled, counted, bounded or returned."""
-    tvs = _prefix(stages, base, entries, index, key, tv_mask, q)
+    tvs = _prefix(stages, base, entries, index, key, tv_mask, q, words)
     with leaf_index(index):
         values = stages[q].stat_values(tvs, name, given)
     if mode == "value":
@@ -93,8 +123,8 @@ def _stat_program(stages, base, entries, index, key, cands, given, *, tv_mask, q
     return counter.counts(cands)
 
 
-def _final(stages, base, entries, index, key, scale, *, tv_mask, check):
-    (merged,) = _prefix(stages, base, entries, index, key, tv_mask, len(stages))
+def _final(stages, base, entries, index, key, words, scale, *, tv_mask, check):
+    (merged,) = _prefix(stages, base, entries, index, key, tv_mask, len(stages), words)
     out = _leaf_apply(base, merged, scale)
     return out, _flags(base, entries, tv_mask, check)
 
@@ -134,8 +164,8 @@ class Runner:
               given: Any = None):
         p = self.plan
         return _stat_program(p.stages_at(j, self.q + 1), p.b_leaves[j], p.entries_at(j), jnp.int32(p.index[j]),
-                             p.key, cands, given, tv_mask=p.tv_mask, q=self.q, name=name, mode=mode, magnitude=magnitude,
-                             stride=stride)
+                             p.key_for(self.q), p.words_at(j, self.q), cands, given, tv_mask=p.tv_mask, q=self.q,
+                             name=name, mode=mode, magnitude=magnitude, stride=stride)
 
     def _values(self, name: Hashable, given: Any) -> list:
         """``stat_values`` of every leaf position, on the host."""
@@ -233,10 +263,12 @@ class Runner:
             return keys, (jnp.asarray(np.min([e[0] for _, e in parts], axis=0)),
                           jnp.asarray(np.max([e[1] for _, e in parts], axis=0)))
 
-        def counts(cands):
-            if per_leaf:
-                parts = jax.device_get([self._call(j, cands[i * G:(i + 1) * G], name, "count", magnitude, given=given)
-                                        for i, j in enumerate(positions)])
+        def counts(cands, is_open):
+            if per_leaf:  # a leaf whose G searches have all ended is not read again (lockstep costs no extra passes)
+                skip = np.zeros((2, G, cands.shape[1]), np.int32)
+                parts = jax.device_get([
+                    self._call(j, cands[i * G:(i + 1) * G], name, "count", magnitude, given=given)
+                    if is_open[i * G:(i + 1) * G].any() else skip for i, j in enumerate(positions)])
                 return (jnp.asarray(np.concatenate([h for h, _ in parts])),
                         jnp.asarray(np.concatenate([l for _, l in parts])))
             parts = jax.device_get([self._call(j, cands, name, "count", magnitude, given=given) for j in positions])
@@ -265,6 +297,13 @@ class _Plan:
             if self.positions else jnp.float32
         self.stages = tuple(stages)
         self.key = key
+        self.word_stages = tuple(i for i, s in enumerate(self.stages) if getattr(s, "host_words", False))
+        self.words = None
+        if key is not None and self.word_stages and self.positions:
+            self.words = host_hash_words(key, self.word_stages, self.n_tasks, len(self.positions))
+            if self.words is None:  # not a (partitionable) threefry key: one small program derives them
+                self.words = _all_words(key, jnp.arange(len(self.positions), dtype=jnp.int32),
+                                        stage_ids=self.word_stages, n_tasks=self.n_tasks)
         self.given: dict[int, Any] = {}
         self.passes = 0
         self.weights = self._leaf_weights(weights, flags)
@@ -297,6 +336,20 @@ class _Plan:
             else:
                 out.append(s)
         return tuple(out)
+
+    def key_for(self, upto: int):
+        """The key the first ``upto`` stages draw from in a leaf program: None unless one of them draws in-program
+        (so a chain whose random stages all take host-derived words compiles no threefry code)."""
+        inline = any(getattr(s, "needs_key", False) and i not in self.word_stages
+                     for i, s in enumerate(self.stages[:upto]))
+        return self.key if inline else None
+
+    def words_at(self, j: int, upto: int) -> tuple | None:
+        """Per stage of the first ``upto``, leaf j's host-derived words (uint32 [T, 2]) or None."""
+        if self.words is None:
+            return None
+        slot = {i: n for n, i in enumerate(self.word_stages)}
+        return tuple(self.words[self.index[j], slot[i]] if i in slot else None for i in range(upto))
 
     def entries_at(self, j: int) -> tuple:
         return tuple(e[j] for e in self.e_leaves)
@@ -337,8 +390,9 @@ def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[An
         if flags[j]:
             out[j], finite[j] = _head_jit(b, ent, tv_mask=plan.tv_mask, check=check)
         else:
-            out[j], finite[j] = final(plan.stages_at(j, len(plan.stages)), b, ent, jnp.int32(plan.index[j]), key,
-                                      scale, tv_mask=plan.tv_mask, check=check)
+            upto = len(plan.stages)
+            out[j], finite[j] = final(plan.stages_at(j, upto), b, ent, jnp.int32(plan.index[j]), plan.key_for(upto),
+                                      plan.words_at(j, upto), scale, tv_mask=plan.tv_mask, check=check)
         if donate:
             jax.block_until_ready(out[j])
             for x in (b, *ent):

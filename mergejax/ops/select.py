@@ -525,8 +525,9 @@ def kth_largest_scheduled(
       key_dtype: the ordered-key dtype (uint32 for float32 data).
       sample: ``sample(stride, extremes)`` -> ([G, s] ordered keys of every ``stride``-th entry (stride 1: all),
         ([G], [G]) the smallest and largest key of each group when ``extremes`` else None).
-      counts: ``counts(cands)`` with cands [G, D] keys -> the exact totals ``#{key >= cand}`` as int32 (hi, lo) 16-bit
-        halves, [G, D] each.
+      counts: ``counts(cands, open)`` with cands [G, D] keys and ``open`` a numpy bool [G] -> the exact totals
+        ``#{key >= cand}`` as int32 (hi, lo) 16-bit halves, [G, D] each. Only the open groups' rows are read: a group
+        whose bracket is closed (its answer known) may get any counts, so the caller can skip the data it alone needs.
       magnitude: the keys are of |x| (the search starts at +0.0).
 
     Returns:
@@ -554,10 +555,15 @@ def kth_largest_scheduled(
     k_hi, k_lo = jnp.asarray(k_arr >> 16, jnp.int32), jnp.asarray(k_arr & (_HALF - 1), jnp.int32)
     k_f = jnp.asarray(k_arr, float_t)
     state = (jnp.int32(0), lo, hi, jnp.asarray(ns, float_t), jnp.zeros((G,), float_t))
-    state = _update_jit(state, first, *counts(first), k_hi, k_lo)
+    state = _update_jit(state, first, *counts(first, np.ones((G,), bool)), k_hi, k_lo)
     while bool(_open_jit(state, nbits)):
         cands = _interp_jit(state, k_f, wide=not cpu)
-        state = _update_jit(state, cands, *counts(cands), k_hi, k_lo)
+        is_open = np.asarray(jax.device_get(state[1] < state[2]))
+        c_hi, c_lo = counts(cands, is_open)
+        closed = jnp.asarray(~is_open)[:, None]  # a closed bracket's candidates all equal its answer: count >= k
+        c_hi = jnp.where(closed, k_hi[:, None], c_hi)
+        c_lo = jnp.where(closed, k_lo[:, None], c_lo)
+        state = _update_jit(state, cands, c_hi, c_lo, k_hi, k_lo)
     return state[1], int(state[0])
 
 

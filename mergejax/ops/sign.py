@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax.ops.base import TakesWeights, TaskVectors, Transform, map_float_leaves, per_leaf_weights
+from mergejax.ops.select import _sum_counts
 from mergejax.tree import PyTree, float_leaves, stack_by_shape
 
 __all__ = ["SignMethod", "sign_mass", "elect_sign", "keep_agreeing", "ElectSign"]
@@ -157,7 +158,8 @@ class ElectSign(TakesWeights, Transform):
     def stat_values(self, tvs: TaskVectors, name: str, given) -> jax.Array:
         """At one leaf: the counts [#(+1), #(-1)] of its raw elected signs (int32; a leaf has < 2**31 entries)."""
         s = float_leaves(_raw_sign(tvs, self.method, self.weights))[0]
-        return jnp.stack([jnp.sum(s == 1, dtype=jnp.int32), jnp.sum(s == -1, dtype=jnp.int32)])
+        # one (variadic) reduction: two sibling sums would each recompute the trimmed signs (~8x slower on CPU)
+        return jnp.stack(_sum_counts([s == 1, s == -1], tuple(range(s.ndim))))
 
     def apply_with(self, tvs: TaskVectors, stats: jax.Array, key: jax.Array | None = None) -> TaskVectors:
         """Elects with the given majority sign (from :meth:`host_stats`) and zeroes the disagreeing entries."""
