@@ -76,6 +76,17 @@ def test_config_overrides_and_quick_preset():
         benchmark.parse_args(["--protocols", "maybe"])
 
 
+def test_vision_preset_and_its_overrides():
+    cfg = benchmark.parse_args(["--suite", "vision"])
+    assert cfg.seeds == (0,) and cfg.resolution == 32 and cfg.protocols is False and cfg.out == "results/vision"
+    assert cfg.finetune == benchmark.VISION_FINETUNE and cfg.finetune.lr == 1e-4
+    assert benchmark.suite_tasks(cfg) == ("fashion_mnist", "mnist", "animal_shape", "digits")
+    over = benchmark.parse_args(["--suite", "vision", "--seeds", "0,1,2", "--resolution", "64", "--protocols", "true"])
+    assert (over.seeds, over.resolution, over.protocols) == ((0, 1, 2), 64, True)
+    quick = benchmark.parse_args(["--quick", "--suite", "vision"])
+    assert quick.tasks == benchmark.QUICK_VISION_TASKS and quick.finetune == benchmark.VISION_FINETUNE
+
+
 @pytest.fixture(scope="module")
 def pools():
     try:
