@@ -322,7 +322,8 @@ class Run:
         experts = [self.with_heads(self.stripped[i]) for i in subset]
         merged, coef = mj.adamerging(
             self.backbone.apply_fn, base, experts, unlabeled, granularity=granularity, plus_plus=plus_plus,
-            steps=self.cfg.ada_steps if steps is None else steps, lr=self.cfg.ada_lr if lr is None else lr, batch_size=self.cfg.ada_batch,
+            steps=self.cfg.ada_steps if steps is None else steps, lr=self.cfg.ada_lr if lr is None else lr,
+            batch_size=self.cfg.ada_batch,
             key=self.key(f"ada-{granularity}-{plus_plus}"), heads=backbones.HEADS, tasks=subset,
             progress=self.cfg.progress)
         self.last_coefficients = np.asarray(coef.lambdas)
