@@ -115,7 +115,7 @@ QUICK_VISION_TASKS = ("fashion_mnist", "mnist", "animal_shape")
 
 VISION_FINETUNE = FinetuneConfig(steps=64, batch_size=32, lr=1e-4)
 """Vision expert fine-tuning: 64 AdamW steps of 32 (4 epochs of 512 images) at lr 1e-4. At lr 1e-3 (40 steps) the
-BatchNorm biases moved by more than their own norm, an expert at half its task vector lost 15-25 points, and every
+BatchNorm biases moved by more than their own norm, an expert at half its task vector lost 3-25 points, and every
 merge of three experts fell to chance (experiments/README.md)."""
 
 VISION = dict(seeds=(0,), resolution=32, finetune=VISION_FINETUNE, protocols=False)
