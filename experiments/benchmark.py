@@ -113,6 +113,17 @@ of 8), 10 rows, 1-3 point grids (each a rescaling of one merge), no protocols.""
 
 QUICK_VISION_TASKS = ("fashion_mnist", "mnist", "animal_shape")
 
+VISION_FINETUNE = FinetuneConfig(steps=64, batch_size=32, lr=1e-4)
+"""Vision expert fine-tuning: 64 AdamW steps of 32 (4 epochs of 512 images) at lr 1e-4. At lr 1e-3 (40 steps) the
+BatchNorm biases moved by more than their own norm, an expert at half its task vector lost 3-25 points, and every
+merge of three experts fell to chance (experiments/README.md)."""
+
+VISION = dict(seeds=(0,), resolution=32, finetune=VISION_FINETUNE, protocols=False)
+"""The reference vision configuration (``--suite vision`` without ``--quick``), sized for about 40 minutes of 2 busy
+CPU cores: XLA:CPU runs EfficientNet-Lite0's depthwise convolutions slowly (3 s per training step of 32 images at
+32 px, 0.7 s per 48-image evaluation batch, on 2 cores at load 10), so one seed, 32 px inputs (28 px sources), no
+protocols; ``--seeds 0,1,2 --protocols true --resolution 64`` restore the rest."""
+
 
 def _parse(tp: Any, text: str) -> Any:
     origin = typing.get_origin(tp)
@@ -156,12 +167,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     args = p.parse_args(argv)
     cfg = Config()
     explicit = {d: v for _, d, _, _ in _fields(Config) if (v := getattr(args, d)) is not None}
+    suite = explicit.get("suite", "text")
     if args.quick:
-        suite = explicit.get("suite", "text")
         cfg = dataclasses.replace(cfg, **QUICK)
         if suite == "vision":
-            cfg = dataclasses.replace(cfg, tasks=QUICK_VISION_TASKS,
-                                      finetune=FinetuneConfig(steps=40, batch_size=32, lr=1e-3))
+            cfg = dataclasses.replace(cfg, tasks=QUICK_VISION_TASKS, finetune=VISION_FINETUNE)
+    elif suite == "vision":
+        cfg = dataclasses.replace(cfg, **VISION)
     for dotted, value in explicit.items():
         cfg = _replace(cfg, dotted, value)
     if not cfg.out:
@@ -310,7 +322,8 @@ class Run:
         experts = [self.with_heads(self.stripped[i]) for i in subset]
         merged, coef = mj.adamerging(
             self.backbone.apply_fn, base, experts, unlabeled, granularity=granularity, plus_plus=plus_plus,
-            steps=self.cfg.ada_steps if steps is None else steps, lr=self.cfg.ada_lr if lr is None else lr, batch_size=self.cfg.ada_batch,
+            steps=self.cfg.ada_steps if steps is None else steps, lr=self.cfg.ada_lr if lr is None else lr,
+            batch_size=self.cfg.ada_batch,
             key=self.key(f"ada-{granularity}-{plus_plus}"), heads=backbones.HEADS, tasks=subset,
             progress=self.cfg.progress)
         self.last_coefficients = np.asarray(coef.lambdas)
@@ -367,8 +380,41 @@ def run_method(run: Run, method: Method, log: dict[str, Any]) -> dict[str, float
 
 
 # ============================================================================================ protocols
-def protocol_num_tasks(run: Run, expert_acc: dict[str, float]) -> dict[str, Any]:
-    """Average normalised test accuracy of TA, TIES and AdaMerging (layer-wise) merging tasks[:n], n = 2..T."""
+class PointStore:
+    """Finished points of the protocols, saved to disk after each one so that a killed run resumes from them.
+
+    Each point (one number-of-tasks subset and method, one held-out probe, one density and method) is stored under
+    its name in ``path`` with the configuration key; :meth:`point` returns a stored value or computes and saves it.
+    ``path=None`` keeps the points in memory only.
+    """
+
+    def __init__(self, path: Path | None = None, key: str = "", resume: bool = True):
+        self.path, self.key = path, key
+        blob = (_load_done(path, key) or {}) if path is not None and resume else {}
+        self.values: dict[str, Any] = blob.get("points", {})
+        self.seconds: dict[str, float] = blob.get("seconds", {})
+        """Seconds each point took to compute (in whichever run computed it)."""
+        self.computed: list[str] = []
+        """Names of the points computed (not reused) by this store, in order."""
+
+    def point(self, name: str, compute: typing.Callable[[], Any]) -> Any:
+        """The stored value of point ``name``, else ``compute()`` (JSON-normalised), saved at once."""
+        if name not in self.values:
+            t0 = time.perf_counter()
+            self.values[name] = json.loads(json.dumps(compute(), default=_json_default))
+            self.seconds[name] = time.perf_counter() - t0
+            self.computed.append(name)
+            if self.path is not None:
+                _save_done(self.path, self.key, {"points": self.values, "seconds": self.seconds})
+        return self.values[name]
+
+
+def protocol_num_tasks(run: Run, expert_acc: dict[str, float], store: PointStore | None = None) -> dict[str, Any]:
+    """Average normalised test accuracy of TA, TIES and AdaMerging (layer-wise) merging tasks[:n], n = 2..T.
+
+    Every (n, method) point is saved in ``store`` as it finishes (and reused from it).
+    """
+    store = store or PointStore()
     out: dict[str, Any] = {"n": [], "task_arithmetic": [], "ties": [], "adamerging_layer": []}
     ta_scale = run.chosen("task_arithmetic", "scale", 0.3)
     ties_hp = run.chosen_hp.get("ties", {"density": 0.2, "scale": 1.0})
@@ -384,8 +430,11 @@ def protocol_num_tasks(run: Run, expert_acc: dict[str, float]) -> dict[str, Any]
         }
         out["n"].append(n)
         for name, build in models.items():
-            accs = run.evaluate(build(), "test", names)
-            out[name].append(float(np.mean([100 * accs[t] / expert_acc[t] for t in names])))
+            def norm(build=build) -> float:
+                accs = run.evaluate(build(), "test", names)
+                return float(np.mean([100 * accs[t] / expert_acc[t] for t in names]))
+
+            out[name].append(store.point(f"num_tasks/{n}/{name}", norm))
     return out
 
 
@@ -405,25 +454,40 @@ def _ties_model(run: Run, density: float, scale: float) -> Any:
     return _ties(run, {"density": density, "scale": scale})
 
 
-def protocol_heldout(run: Run) -> dict[str, Any]:
-    """Linear probes on frozen features of tasks left out of the merge: base vs merged (TA, TIES) encoders."""
+def protocol_heldout(run: Run, store: PointStore | None = None) -> dict[str, Any]:
+    """Linear probes on frozen features of tasks left out of the merge: base vs merged (TA, TIES) encoders.
+
+    Every (encoder, task) probe is saved in ``store`` as it finishes; an encoder is merged only if a probe needs it.
+    """
+    store = store or PointStore()
     held = list(run.cfg.heldout) or list(run.tasks[-2:])
     merged_idx = [i for i, t in enumerate(run.tasks) if t not in held]
     sub = [run.stripped[i] for i in merged_idx]
     encoders = {
-        "base": run.backbone.base,
-        "task_arithmetic": mj.task_arithmetic(run.backbone.base, sub, scale=run.chosen("task_arithmetic", "scale", 0.3)),
-        "ties": mj.ties(run.backbone.base, sub, **run.chosen_hp.get("ties", {"density": 0.2, "scale": 1.0})),
+        "base": lambda: run.backbone.base,
+        "task_arithmetic": lambda: mj.task_arithmetic(run.backbone.base, sub,
+                                                      scale=run.chosen("task_arithmetic", "scale", 0.3)),
+        "ties": lambda: mj.ties(run.backbone.base, sub, **run.chosen_hp.get("ties", {"density": 0.2, "scale": 1.0})),
     }
     out: dict[str, Any] = {"merged_tasks": [run.tasks[i] for i in merged_idx], "heldout": held, "probe": {}}
-    for name, params in tqdm(encoders.items(), desc="protocol: held-out probes", disable=not run.cfg.progress):
-        out["probe"][name] = {t: _probe(run.features(params, t, "train", run.cfg.n_probe),
-                                        run.features(params, t, "test")) for t in held}
+    for name, build in tqdm(encoders.items(), desc="protocol: held-out probes", disable=not run.cfg.progress):
+        params: list[Any] = []  # built on the first probe that is not in the store
+
+        def probe(t: str) -> float:
+            if not params:
+                params.append(build())
+            return _probe(run.features(params[0], t, "train", run.cfg.n_probe), run.features(params[0], t, "test"))
+
+        out["probe"][name] = {t: store.point(f"heldout/{name}/{t}", lambda t=t: probe(t)) for t in held}
     return out
 
 
-def protocol_density(run: Run, expert_acc: dict[str, float]) -> dict[str, Any]:
-    """Normalised test accuracy against density: TIES, DARE + TA (density = 1 - p), ComPEFT experts (+ bits/param)."""
+def protocol_density(run: Run, expert_acc: dict[str, float], store: PointStore | None = None) -> dict[str, Any]:
+    """Normalised test accuracy against density: TIES, DARE + TA (density = 1 - p), ComPEFT experts (+ bits/param).
+
+    Every (density, method) point is saved in ``store`` as it finishes (and reused from it).
+    """
+    store = store or PointStore()
     ties_scale = run.chosen("ties", "scale", 1.0)
     ta_scale = run.chosen("dare_task_arithmetic", "scale", run.chosen("task_arithmetic", "scale", 0.3))
 
@@ -431,16 +495,22 @@ def protocol_density(run: Run, expert_acc: dict[str, float]) -> dict[str, Any]:
         accs = run.evaluate(model, "test")
         return float(np.mean([100 * accs[t] / expert_acc[t] for t in run.tasks]))
 
+    def compeft(d: float) -> dict[str, float]:
+        ttvs = run.compeft(d)
+        return {"normalized": norm([run.with_heads(ternary.apply(run.backbone.base, t)) for t in ttvs]),
+                "bits_per_param": float(np.mean([ternary.stats(t).bits_per_param for t in ttvs]))}
+
     out: dict[str, Any] = {"density": list(run.cfg.sweep_densities), "ties": [], "dare_task_arithmetic": [],
                            "compeft_experts": [], "compeft_bits_per_param": []}
     for d in tqdm(run.cfg.sweep_densities, desc="protocol: density", disable=not run.cfg.progress):
-        out["ties"].append(norm(_ties_model(run, d, ties_scale)))
         drop = min(1.0 - d, 0.999)
-        out["dare_task_arithmetic"].append(norm(run.with_heads(
-            mj.dare(run.backbone.base, run.stripped, key=run.key("dare-sweep"), drop_rate=drop, scale=ta_scale))))
-        ttvs = run.compeft(d)
-        out["compeft_experts"].append(norm([run.with_heads(ternary.apply(run.backbone.base, t)) for t in ttvs]))
-        out["compeft_bits_per_param"].append(float(np.mean([ternary.stats(t).bits_per_param for t in ttvs])))
+        out["ties"].append(store.point(f"density/{d:g}/ties", lambda d=d: norm(_ties_model(run, d, ties_scale))))
+        out["dare_task_arithmetic"].append(store.point(f"density/{d:g}/dare_task_arithmetic", lambda: norm(
+            run.with_heads(mj.dare(run.backbone.base, run.stripped, key=run.key("dare-sweep"), drop_rate=drop,
+                                   scale=ta_scale)))))
+        c = store.point(f"density/{d:g}/compeft_experts", lambda d=d: compeft(d))
+        out["compeft_experts"].append(c["normalized"])
+        out["compeft_bits_per_param"].append(c["bits_per_param"])
     return out
 
 
@@ -650,6 +720,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "experts" not in {m.key for m in methods}:
         raise ValueError("the method list must include 'experts' (normalised accuracy divides by it)")
     rkey, row_key = _resume_key(cfg), _resume_key(cfg, rows=True)
+    pkey = f"{rkey}-seed{cfg.seeds[0]}"  # the protocols run on the first seed
     logs, protocols, walls, done = [], {}, {}, []
     backbone_name = ""
     summary, written = {}, []
@@ -659,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         seed_file, proto_file = out / "per_seed" / f"seed_{seed}.json", out / "per_seed" / "protocols.json"
         cached = _load_done(seed_file, rkey) if cfg.resume else None
         want_protocols = cfg.protocols and seed == cfg.seeds[0]
-        cached_protocols = _load_done(proto_file, rkey) if cfg.resume and want_protocols else None
+        cached_protocols = _load_done(proto_file, pkey) if cfg.resume and want_protocols else None
         if cached_protocols is not None:
             protocols, walls["protocols_s"] = cached_protocols["protocols"], cached_protocols["seconds"]
         if cached is not None:
@@ -696,13 +767,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             proto_run.train_experts()
             proto_run.chosen_hp = {k: v["hyperparameters"] for k, v in logs[0].items()}
         expert_acc = logs[0]["experts"]["test"]
-        protocols["num_tasks"] = protocol_num_tasks(proto_run, expert_acc)
-        protocols["heldout"] = protocol_heldout(proto_run)
-        protocols["density"] = protocol_density(proto_run, expert_acc)
-        walls["protocols_s"] = time.perf_counter() - t_p
-        _save_done(out / "per_seed" / "protocols.json", rkey, {"protocols": protocols, "seconds": walls["protocols_s"]})
-        walls["total_s"] = time.perf_counter() - t_start
-        summary, written = write_outputs(cfg, backbone_name, pools, splits, done, logs, protocols, walls, out)
+        store = PointStore(out / "per_seed" / "protocols.partial.json", pkey, cfg.resume)
+        parts = {"num_tasks": lambda: protocol_num_tasks(proto_run, expert_acc, store),
+                 "heldout": lambda: protocol_heldout(proto_run, store),
+                 "density": lambda: protocol_density(proto_run, expert_acc, store)}
+        for part, compute in parts.items():  # every point is saved as it finishes; the outputs after every part
+            protocols[part] = compute()
+            walls["protocols_s"] = float(sum(store.seconds.values()))
+            walls["total_s"] = time.perf_counter() - t_start
+            summary, written = write_outputs(cfg, backbone_name, pools, splits, done, logs, protocols, walls, out)
+        print(f"protocols: {len(store.computed)} points computed, {len(store.values) - len(store.computed)} "
+              f"reused from {store.path} ({time.perf_counter() - t_p:.0f} s)")
+        _save_done(out / "per_seed" / "protocols.json", pkey, {"protocols": protocols, "seconds": walls["protocols_s"]})
     print_table(summary, f"{backbone_name}: test accuracy (%) per task, seeds {list(cfg.seeds)}, "
                          f"{walls['total_s']:.0f} s")
     print(f"wrote {out}/summary.json, details.json, table.md, {', '.join(written)}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,17 @@ def _normalised(run: Run, accs: dict[str, float], expert: dict[str, float]) -> t
             float(np.mean([100 * accs[t] / expert[t] for t in run.tasks])))
 
 
-def adamerging_budget(run: Run, expert: dict[str, float], budgets: Sequence[tuple[int, float]]) -> list[dict]:
-    """Layer-wise AdaMerging test accuracy for each (steps, lr), with the displacement of its coefficients."""
-    rows = []
+def _no_save(rows: list[dict]) -> None:
+    del rows
+
+
+def adamerging_budget(run: Run, expert: dict[str, float], budgets: Sequence[tuple[int, float]],
+                      save: Callable[[list[dict]], None] = _no_save) -> list[dict]:
+    """Layer-wise AdaMerging test accuracy for each (steps, lr), with the displacement of its coefficients.
+
+    ``save(rows)`` is called after every finished row (the JSON on disk grows as the experiment runs).
+    """
+    rows: list[dict] = []
     for steps, lr in budgets:
         t0 = time.perf_counter()
         merged = run.adamerging(range(len(run.tasks)), granularity="layer", plus_plus=False, steps=steps, lr=lr)
@@ -53,6 +61,7 @@ def adamerging_budget(run: Run, expert: dict[str, float], budgets: Sequence[tupl
                          lambda_mean=float(lam.mean()), lambda_min=float(lam.min()), lambda_max=float(lam.max()),
                          max_displacement=float(np.abs(lam - 0.3).max()), seconds=time.perf_counter() - t0))
         print(rows[-1], flush=True)
+        save(rows)
     return rows
 
 
@@ -70,9 +79,13 @@ def _floor_fraction(fisher: Any, floor: float) -> float:
     return below / max(total, 1)
 
 
-def fisher_examples(run: Run, expert: dict[str, float], counts: Sequence[int], floor: float = 1e-6) -> list[dict]:
-    """Fisher merging (empirical Fisher from n training examples per task) against n, plain and normalised."""
-    rows = []
+def fisher_examples(run: Run, expert: dict[str, float], counts: Sequence[int], floor: float = 1e-6,
+                    save: Callable[[list[dict]], None] = _no_save) -> list[dict]:
+    """Fisher merging (empirical Fisher from n training examples per task) against n, plain and normalised.
+
+    ``save(rows)`` is called after every finished row.
+    """
+    rows: list[dict] = []
     average = _normalised(run, run.evaluate(run.with_heads(mj.average(run.stripped)), "test"), expert)
     for n in counts:
         t0 = time.perf_counter()
@@ -88,6 +101,7 @@ def fisher_examples(run: Run, expert: dict[str, float], counts: Sequence[int], f
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         print(row, flush=True)
+        save(rows)
         del fishers
     return rows
 
@@ -108,18 +122,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run.train_experts()
     expert = run.evaluate(run.experts, "test")
     out: dict[str, Any] = {"config": str(cfg), "seed": args.seed, "experts": expert}
+    path = Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+
+    def save(name: str) -> Callable[[list[dict]], None]:
+        def write(rows: list[dict]) -> None:  # after every row: a killed run keeps what finished
+            out[name] = rows
+            (path / "isolate.json").write_text(json.dumps(out, indent=1))
+
+        return write
+
     only = set(args.only.split(","))
     if "adamerging" in only:
         budgets = [(int(s), float(lr)) for s, lr in (b.split(":") for b in args.ada_budgets.split(","))]
         ta = {s: _normalised(run, run.evaluate(run.with_heads(mj.task_arithmetic(run.backbone.base, run.stripped,
                                                                                   scale=s)), "test"), expert)
-              for s in (0.3, 1.0)}
+              for s in (0.3, 0.5, 1.0)}
         out["task_arithmetic"] = {str(s): dict(zip(("accuracy", "normalized"), v)) for s, v in ta.items()}
-        out["adamerging"] = adamerging_budget(run, expert, budgets)
+        out["adamerging"] = adamerging_budget(run, expert, budgets, save("adamerging"))
     if "fisher" in only:
-        out["fisher"] = fisher_examples(run, expert, [int(n) for n in args.fisher_counts.split(",")])
-    path = Path(args.out)
-    path.mkdir(parents=True, exist_ok=True)
+        out["fisher"] = fisher_examples(run, expert, [int(n) for n in args.fisher_counts.split(",")],
+                                        save=save("fisher"))
     (path / "isolate.json").write_text(json.dumps(out, indent=1))
     print(f"wrote {path / 'isolate.json'}")
     return out

