@@ -59,8 +59,15 @@ bench-text: $(STAMP) data
 bench-vision: $(STAMP) data
 	$(BIN)/python -m experiments.benchmark --suite vision --out experiments/results/vision
 
+# The default suite runs as five pytest processes, one per group of modules. In one process, XLA:CPU segfaulted
+# inside a compile after about 75-95% of the suite (a different test each time; every module passes alone and in
+# its group); a fresh process per group avoids the accumulated state. Not yet root-caused (see the closing note).
+TEST_GROUPS := 'tests/test_[a-f]*.py' 'tests/test_[g-r]*.py' 'tests/test_s[a-h]*.py' 'tests/test_s[i-z]*.py' \
+	'tests/test_[t-z]*.py'
+
 test: $(STAMP) data
-	$(BIN)/python -m pytest -q -m "not slow"
+	@set -e; for group in $(TEST_GROUPS); do echo "== pytest $$group"; \
+		$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider $$group; done
 
 test-all: $(STAMP) data
 	$(BIN)/python -m pytest -q
