@@ -88,6 +88,7 @@ XLA released on its own threads are freed after each unit of work.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -645,44 +646,110 @@ def _chunk_bytes(c: Any) -> int:
 
 def _chunked_pass(ch: _Chunked, names: list[str], inp: _Inputs, infos: dict[str, TensorInfo], sink: _ShardSink,
                   budget: int, bar: Any) -> None:
-    """The merge pass over flat chunks: while chunk k is computed (XLA's threads), chunk k - 1 is written and chunk
-    k + 1 read (one thread, at most ``budget`` bytes ahead)."""
+    """The merge pass over flat chunks, three stages overlapped: a reader thread fills chunks k + 1 .. k + d (at most
+    ``budget`` bytes ahead, into reused buffers), XLA computes chunk k, and a writer thread drains the finished chunks
+    k - 1, k - 2 into the output shards (at most :data:`_WRITE_DEPTH` waiting). File reads and writes release the
+    GIL, so the three proceed in parallel; the bounded queues keep host memory at a few chunks."""
     items = _plan_chunks(names, inp, ch.elements, ch.wholes)
     reader = _ChunkReader(inp)
-    pending: tuple[_Chunk, jax.Array, list[jax.Array], list[np.ndarray]] | None = None
+    largest = max((_chunk_bytes(c) for c in items), default=0)
+    writer = _Writer(bar)
 
-    def drain() -> None:
-        chunk, merged, _, bufs = pending  # (the inputs stay referenced until the program finished: see merge's call)
+    def write(item: "_Chunk | _Whole", merged: Any) -> int:
         host = np.asarray(merged)
+        if isinstance(item, _Whole):
+            sink.put(item.name, host.reshape(-1))
+            return inp.infos[item.name].nbytes * len(inp.sources)
         pos = 0
-        for name, _, n in chunk.segments:
+        for name, _, n in item.segments:
             sink.put(name, host[pos : pos + n])
             pos += n
-        del host
-        reader.recycle(bufs)  # the program has finished (its output is written): its inputs are free
-        if bar is not None:
-            bar.update(chunk.size * sum(dt.itemsize for dt in chunk.dtypes))
-        _release_views()
+        return item.size * sum(dt.itemsize for dt in item.dtypes)
 
-    ahead = min(budget, max((_chunk_bytes(c) for c in items), default=0))
-    for item, bufs in _pipelined(items, lambda c: reader.read(c) if isinstance(c, _Chunk) else None, ahead,
-                                 _chunk_bytes):
-        if isinstance(item, _Whole):
-            if pending is not None:
-                drain()
-                pending = None
-            sink.put(item.name, np.asarray(ch.whole(item.name)).reshape(-1))
-            if bar is not None:
-                bar.update(inp.infos[item.name].nbytes * len(inp.sources))
-            continue
-        dev = [_dev(x) for x in bufs]
-        merged = ch.compute(dev)  # dispatched asynchronously
-        if pending is not None:
-            drain()
-        pending = (item, merged, dev, bufs)
-        del dev, bufs
-    if pending is not None:
-        drain()
+    with writer, _chunk_allocations(largest // max(1, len(inp.sources))):
+        for item, bufs in _pipelined(items, lambda c: reader.read(c) if isinstance(c, _Chunk) else None,
+                                     min(budget, largest), _chunk_bytes):
+            if isinstance(item, _Whole):
+                writer.submit(write, item, np.asarray(ch.whole(item.name)))
+                continue
+            dev = [_dev(x) for x in bufs]
+            merged = jax.block_until_ready(ch.compute(dev))
+            del dev
+            reader.recycle(bufs)  # the program has finished: its inputs are free for the next reads
+            del bufs
+            writer.submit(write, item, merged)
+            del merged
+            _release_views()
+
+
+_WRITE_DEPTH = 2  # finished chunks waiting for (or in) the writer thread
+
+
+class _Writer:
+    """A writer thread draining ``fn(*args)`` calls in submission order, at most :data:`_WRITE_DEPTH` outstanding
+    (``submit`` waits for the oldest beyond that, and re-raises its error); ``fn`` returns the bytes it accounts
+    for on the progress bar. Leaving the ``with`` block waits for every write (or, on an error, for the running one,
+    dropping the queued ones)."""
+
+    def __init__(self, bar: Any):
+        self._bar = bar
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: collections.deque[Future] = collections.deque()
+
+    def _wait_oldest(self) -> None:
+        n = self._pending.popleft().result()
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def submit(self, fn: Callable[..., int], *args: Any) -> None:
+        while len(self._pending) >= _WRITE_DEPTH:
+            self._wait_oldest()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        try:
+            if kind is None:
+                while self._pending:
+                    self._wait_oldest()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pending.clear()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_MMAP_MAX = 32 << 20  # the largest M_MMAP_THRESHOLD glibc accepts on 64-bit
+
+
+@contextlib.contextmanager
+def _chunk_allocations(chunk_bytes: int):
+    """While the chunked pass runs, same-sized freed blocks (XLA's output of each chunk, the reader's buffers) are
+    reused from the malloc heaps instead of being unmapped and mapped again.
+
+    With :func:`_return_freed_memory`'s 1 MiB threshold each 16 MiB output was a fresh memory map whose pages fault
+    and are zeroed on first write: that cost 5-8x the program itself. Here blocks up to ``2 x chunk_bytes`` (at most
+    32 MiB) come from the heaps and freed ones stay there (the trim threshold is raised) for the next chunk; the
+    heaps hold only what the few chunks in flight need. Afterwards the 1 MiB threshold is restored and the freed
+    heap memory returned (``malloc_trim``). A no-op where libc is not glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except (OSError, AttributeError):
+        yield
+        return
+    size = min(_MMAP_MAX, max(1 << 20, 2 * chunk_bytes))
+    libc.mallopt(_M_MMAP_THRESHOLD, size)
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+        libc.malloc_trim(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
