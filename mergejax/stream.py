@@ -106,6 +106,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from mergejax.convert.io import (
     SAFE_INDEX,
@@ -391,8 +392,10 @@ def merge_tensors(
     state_hook: Callable[["_State", "_Inputs"], None] | None = None,
     chunked: "_Chunked | None" = None,
     out_format: str = "safetensors",
-    elementwise: Callable[[jax.Array | None, list[jax.Array]], jax.Array] | None = None,
+    elementwise: Callable[..., jax.Array] | None = None,
     chunk: int | str = CHUNK,
+    tensor_stats: Callable[[str, int, Callable], Any] | None = None,
+    chunk_if: Callable[[str, list[np.dtype]], bool] | None = None,
 ) -> Path:
     """Writes ``fn(name, base_tensor, finetuned_tensors)`` for every tensor name, shard by shard, resumably.
 
@@ -415,6 +418,13 @@ def merge_tensors(
         float tensors' elements, zero-padded); the float tensors then stream over chunks of ``chunk`` bytes (see
         :func:`merge`), the others through ``fn``.
       chunk: the flat chunk of ``elementwise`` ("16MiB" or bytes).
+      tensor_stats: when ``fn`` maps coordinates independently *given statistics of each tensor* (per-tensor
+        thresholds), ``tensor_stats(name, size, scan)`` computes them in passes over the tensor's chunks (``scan(f)``
+        calls ``f(base_chunk or None, finetuned_chunks, n)`` for each, ``n`` its unpadded size) and ``elementwise(base,
+        finetuned, stats)`` merges its chunks with them. Then only the float tensors larger than one chunk for which
+        ``chunk_if(name, input dtypes)`` holds (default: all) are chunked, each on its own chunks (its statistics
+        passes read it again, one chunk at a time); the others go whole through ``fn``.
+      chunk_if: see ``tensor_stats``.
       inputs, state_hook, chunked: internal (:func:`merge` runs its statistic passes in ``state_hook`` and its
         elementwise chains over flat chunks).
 
@@ -430,9 +440,23 @@ def merge_tensors(
     inp = inputs or _Inputs(base, finetuned)
     try:
         if chunked is None and elementwise is not None:
-            chunked = _Chunked(lambda dev: elementwise(dev[0], list(dev[1:])) if inp.has_base else
-                               elementwise(None, list(dev)), lambda name: fn(name, *inp.read(name)),
-                               max(1, parse_size(chunk) // 4))
+            def split(dev: list) -> tuple:
+                return (dev[0], list(dev[1:])) if inp.has_base else (None, list(dev))
+
+            elements = max(1, parse_size(chunk) // 4)
+            if tensor_stats is None:
+                chunked = _Chunked(lambda dev, _: elementwise(*split(dev)), lambda name: fn(name, *inp.read(name)),
+                                   elements)
+            else:
+                small = frozenset(n for n in inp.names if int(np.prod(inp.infos[n].shape, dtype=np.int64)) <= elements
+                                  or (chunk_if is not None and not chunk_if(n, [src.info(n).dtype
+                                                                                for src in inp.sources])))
+                def stats(name: str, scan: Callable) -> Any:
+                    size = int(np.prod(inp.infos[name].shape, dtype=np.int64))
+                    return tensor_stats(name, size, lambda f: scan(lambda dev, n: f(*split(dev), n)))
+
+                chunked = _Chunked(lambda dev, st: elementwise(*split(dev), st), lambda name: fn(name, *inp.read(name)),
+                                   elements, small, stats)
         infos = {
             n: TensorInfo(i.shape, np.dtype(out_dtype(i)) if out_dtype else i.dtype) for n, i in inp.infos.items()
         }
@@ -631,13 +655,20 @@ class OrbaxShardsSource:
 
 @dataclasses.dataclass(frozen=True)
 class _Chunked:
-    """An elementwise merge over flat chunks: ``compute(arrays)`` (the T + 1 inputs' flat chunks, or T without a
-    base, as device arrays) dispatches the merged flat chunk; ``whole(name)`` gives a tensor outside the chunks (non-float, empty)."""
+    """An elementwise merge over flat chunks: ``compute(arrays, stats)`` (the T + 1 inputs' flat chunks, or T without
+    a base, as device arrays) dispatches the merged flat chunk; ``whole(name)`` gives a tensor outside the chunks
+    (non-float, empty, or in ``wholes``).
 
-    compute: Callable[[list[jax.Array]], jax.Array]
+    With ``per_tensor``, every chunk holds one tensor's elements (tensors are not joined) and ``stats`` is
+    ``per_tensor(name, scan)``, computed before the tensor's first chunk is merged: ``scan(f)`` reads the tensor's
+    chunks again, one at a time, calling ``f(arrays, n)`` (``n``: the unpadded size). Otherwise ``stats`` is None.
+    """
+
+    compute: Callable[[list[jax.Array], Any], jax.Array]
     whole: Callable[[str], np.ndarray]
     elements: int
     wholes: frozenset[str] = frozenset()
+    per_tensor: Callable[[str, Callable], Any] | None = None
 
 
 def _chunk_bytes(c: Any) -> int:
@@ -650,10 +681,32 @@ def _chunked_pass(ch: _Chunked, names: list[str], inp: _Inputs, infos: dict[str,
     ``budget`` bytes ahead, into reused buffers), XLA computes chunk k, and a writer thread drains the finished chunks
     k - 1, k - 2 into the output shards (at most :data:`_WRITE_DEPTH` waiting). File reads and writes release the
     GIL, so the three proceed in parallel; the bounded queues keep host memory at a few chunks."""
-    items = _plan_chunks(names, inp, ch.elements, ch.wholes)
+    items = _plan_chunks(names, inp, ch.elements, ch.wholes, join=ch.per_tensor is None)
     reader = _ChunkReader(inp)
     largest = max((_chunk_bytes(c) for c in items), default=0)
     writer = _Writer(bar)
+    stats: dict[str, Any] = {}  # the current tensor's statistics (per_tensor)
+    if ch.per_tensor is not None:
+        by_name: dict[str, list[_Chunk]] = collections.defaultdict(list)
+        for c in items:
+            if isinstance(c, _Chunk):
+                by_name[c.segments[0][0]].append(c)
+        stat_reader = _ChunkReader(inp)  # its own buffers (and cache): the reader thread is using the other's
+
+        def tensor_stats(name: str) -> Any:
+            def scan(f: Callable[[list[jax.Array], int], None]) -> None:
+                for c in by_name[name]:
+                    bufs = stat_reader.read(c)
+                    dev = [_dev(x) for x in bufs]
+                    f(dev, c.size)  # f blocks on its program's results
+                    del dev
+                    stat_reader.recycle(bufs)
+                    _release_views()
+
+            if name not in stats:
+                stats.clear()
+                stats[name] = ch.per_tensor(name, scan)
+            return stats[name]
 
     def write(item: "_Chunk | _Whole", merged: Any) -> int:
         host = np.asarray(merged)
@@ -672,8 +725,9 @@ def _chunked_pass(ch: _Chunked, names: list[str], inp: _Inputs, infos: dict[str,
             if isinstance(item, _Whole):
                 writer.submit(write, item, np.asarray(ch.whole(item.name)))
                 continue
+            st = None if ch.per_tensor is None else tensor_stats(item.segments[0][0])
             dev = [_dev(x) for x in bufs]
-            merged = jax.block_until_ready(ch.compute(dev))
+            merged = jax.block_until_ready(ch.compute(dev, st))
             del dev
             reader.recycle(bufs)  # the program has finished: its inputs are free for the next reads
             del bufs
@@ -784,12 +838,13 @@ def _bucket(n: int, limit: int) -> int:
     return min(limit, max(_MIN_BUCKET, 1 << max(0, (n - 1).bit_length())))
 
 
-def _plan_chunks(names: Sequence[str], inp: "_Inputs", limit: int, whole: frozenset[str] = frozenset()
-                 ) -> list["_Chunk | _Whole"]:
+def _plan_chunks(names: Sequence[str], inp: "_Inputs", limit: int, whole: frozenset[str] = frozenset(),
+                 join: bool = True) -> list["_Chunk | _Whole"]:
     """The float tensors of ``names`` (in order) cut into chunks of at most ``limit`` elements; other tensors whole.
 
     A chunk holds consecutive tensors of one dtype signature (a tensor larger than ``limit`` spans several chunks;
-    a small one shares its chunk with its neighbours: one dispatch for many norms and biases).
+    a small one shares its chunk with its neighbours: one dispatch for many norms and biases), or with
+    ``join=False`` the elements of one tensor only.
     """
     items: list[_Chunk | _Whole] = []
     segs: list[tuple[str, int, int]] = []
@@ -810,7 +865,7 @@ def _plan_chunks(names: Sequence[str], inp: "_Inputs", limit: int, whole: frozen
             items.append(_Whole(name))
             continue
         s = tuple(np.dtype(src.info(name).dtype) for src in inp.sources)
-        if s != sig:
+        if s != sig or not join:
             flush()
             sig = s
         start = 0
@@ -1208,16 +1263,89 @@ def _prefix_impl(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, 
 
 
 @functools.partial(jax.jit, static_argnums=1, static_argnames=("path",))  # the chain's data fields are traced
-def _prefix(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, path: str = _LEAF) -> list:
-    """The T per-task leaves entering the stage at ``upto`` (for the statistic passes)."""
-    return [tv[path] for tv in _prefix_impl(m, upto, stats, i, base, fts, key, weights, path)]
-
-
-@functools.partial(jax.jit, static_argnums=1, static_argnames=("path",))
-def _prefix_sign(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, path: str = _LEAF) -> jax.Array:
-    """The raw elected sign of one leaf at the ElectSign at ``upto`` (for the majority pass)."""
+def _sign_counts(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, n, path: str = _LEAF) -> jax.Array:
+    """[#positive, #negative] raw elected signs of one unit at the ElectSign at ``upto`` (its first ``n`` entries;
+    all with ``n=None``), counted on the device (the majority pass)."""
     tvs = _prefix_impl(m, upto, stats, i, base, fts, key, weights, path)
-    return _raw_sign(_stage_at(m.with_weights(weights), upto), tvs)
+    raw = _raw_sign(_stage_at(m.with_weights(weights), upto), tvs).reshape(-1)
+    valid = True if n is None else jnp.arange(raw.size) < n
+    return jnp.stack([jnp.sum((raw > 0) & valid, dtype=jnp.int32), jnp.sum((raw < 0) & valid, dtype=jnp.int32)])
+
+
+DEVICE_HISTOGRAM: bool | None = None
+"""Where the global trim's 16-bit histograms are counted: ``True``: on the device (a jitted scatter-add per unit,
+int32 bins; fast on GPU/TPU); ``False``: the device computes each entry's 16-bit digit (|x|'s bits, shifted and
+filtered, fused with the task-vector program) and the host counts them with ``numpy.bincount`` (on CPU XLA's
+scatter-add is about twice as slow as ``bincount``); ``None`` (default): the device unless the backend is CPU. Both
+give the same counts."""
+
+
+def _device_histogram() -> bool:
+    return jax.default_backend() != "cpu" if DEVICE_HISTOGRAM is None else bool(DEVICE_HISTOGRAM)
+
+
+@functools.partial(jax.jit, static_argnums=1, static_argnames=("shift", "filtered", "on_device", "path"))
+def _trim_digits(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, n, prefix, *, shift: int,
+                 filtered: bool, on_device: bool, path: str = _LEAF) -> list:
+    """Per task, the 16-bit histogram digits ``(bits(|tau|) >> shift) & 0xFFFF`` of one unit at the global Trim at
+    ``upto``, over its first ``n`` entries (all with ``n=None``) whose higher bits equal ``prefix[t]`` when
+    ``filtered``.
+
+    Returns, per task, the int32 histogram (``on_device``), else ``(digits as uint16, #entries left out)``: the
+    left-out entries carry digit 0, so the host's ``bincount`` minus that number in bin 0 is the same histogram.
+    """
+    out = []
+    for t, tv in enumerate(_prefix_impl(m, upto, stats, i, base, fts, key, weights, path)):
+        x = tv[path].reshape(-1)
+        if x.dtype != jnp.float32:
+            raise ValueError(f"streaming global trim supports float32 task vectors, got {x.dtype}")
+        out.append(magnitude_digits(x, n, prefix[t], shift=shift, filtered=filtered, on_device=on_device))
+    return out
+
+
+def magnitude_digits(x: jax.Array, n: Any, prefix: jax.Array, *, shift: int, filtered: bool, on_device: bool
+                     ) -> Any:
+    """The 16-bit digits ``(bits(|x|) >> shift) & 0xFFFF`` of a float32 array (traced, inside a jitted program) over
+    its first ``n`` entries (all with ``n=None``) whose higher bits equal ``prefix`` when ``filtered``: their int32
+    histogram (``on_device``), else ``(digits as uint16, #entries left out)`` for :func:`count_digits`."""
+    x = x.reshape(-1)
+    bits = lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)
+    digit = (bits >> shift) & 0xFFFF
+    valid = jnp.ones(x.shape, bool) if n is None else jnp.arange(x.size) < n
+    if filtered:
+        valid = valid & ((bits >> (shift + 16)) == prefix)
+    if on_device:
+        return jnp.zeros(1 << 16, jnp.int32).at[digit].add(valid.astype(jnp.int32))
+    return jnp.where(valid, digit, 0).astype(jnp.uint16), jnp.sum(~valid, dtype=jnp.int32)
+
+
+def count_digits(out: Any, on_device: bool) -> np.ndarray:
+    """The int64 65536-bin histogram of :func:`magnitude_digits`'s result (the left-out entries' digit-0 taken back)."""
+    if on_device:
+        return np.asarray(out).astype(np.int64)
+    h = np.bincount(np.asarray(out[0]), minlength=1 << 16)
+    h[0] -= int(out[1])
+    return h
+
+
+def _digit_pass(scan: Callable, m: Merger, upto: Pos, T: int, p: int, prefix: list[int], desc: str) -> np.ndarray:
+    """One histogram pass of the global Trim at ``upto`` (pass ``p``: bits ``31 - 16p .. 16 - 16p`` of |tau|, among
+    the entries whose higher bits equal ``prefix``), over every unit ``scan`` runs: [T, 65536] int64 counts."""
+    hist = np.zeros((T, 1 << 16), np.int64)
+    on_device = _device_histogram()
+    g = functools.partial(_trim_digits, m, upto, shift=16 - 16 * p, filtered=p > 0, on_device=on_device)
+    pre = jnp.asarray(np.asarray(prefix, np.uint32))
+
+    def count(label: str, run: Callable) -> None:
+        try:
+            outs = run(g, pre)
+        except ValueError as e:
+            raise ValueError(f"tensor {label!r}: {e}") from None
+        for t, o in enumerate(outs):
+            hist[t] += count_digits(o, on_device)
+
+    scan(count, desc)
+    return hist
 
 
 @functools.partial(jax.jit, static_argnums=1, static_argnames=("name", "mode", "path"))
@@ -1418,7 +1546,7 @@ def merge(
             inp.close()
             raise ValueError("method average takes fine-tuned checkpoints, not task vectors (ternary experts)")
         try:
-            chunked = _Chunked(lambda dev: _average_jit(tuple({_LEAF: x} for x in dev))[_LEAF],
+            chunked = _Chunked(lambda dev, _: _average_jit(tuple({_LEAF: x} for x in dev))[_LEAF],
                                lambda name: inp.sources[0].read(name), elements)
             return merge_tensors(avg, None, finetuned, out, fingerprint="average", inputs=inp, chunked=chunked,
                                  **common)
@@ -1473,8 +1601,10 @@ def merge(
             def scan(f: Callable[[str, Callable], None], desc: str) -> None:
                 bar = _progress(sum(c.size * sum(d.itemsize for d in c.dtypes) for c in units), progress, desc)
                 for c, bufs in _pipelined(units, reader.read, ahead, _chunk_bytes):
-                    f(c.segments[0][0], lambda g, c=c, bufs=bufs: [np.asarray(x)[: c.size]
-                                                                   for x in _as_list(call(g, zero, bufs[0], bufs[1:]))])
+                    def run(g: Callable, *extra: Any, bufs: list = bufs, n: jax.Array = jnp.int32(c.size)) -> Any:
+                        return call(g, zero, bufs[0], bufs[1:], n, *extra)  # n: the chunk's unpadded size
+
+                    f(c.segments[0][0], run)
                     reader.recycle(bufs)  # f has consumed the program's (finished) results
                     del bufs
                     if bar is not None:
@@ -1486,14 +1616,13 @@ def merge(
             def size(n: str) -> int:
                 return inp.infos[n].nbytes * len(inp.sources)
 
-            def scan(f: Callable[[str, Callable], None], desc: str, raw: bool = False) -> None:
+            def scan(f: Callable[[str, Callable], None], desc: str) -> None:
                 bar = _progress(sum(size(n) for n in names), progress, desc)
                 for n, (b, fts) in _pipelined(names, inp.read, budget, size):
-                    def get(g: Callable, n: str = n, b: np.ndarray = b, fts: list = fts) -> Any:
-                        out = jax.device_get(call(g, jnp.int32(index[n]), b, fts, name=n))
-                        return out if raw else [np.asarray(x) for x in _as_list(out)]
+                    def run(g: Callable, *extra: Any, n: str = n, b: np.ndarray = b, fts: list = fts) -> Any:
+                        return call(g, jnp.int32(index[n]), b, fts, None, *extra, name=n)
 
-                    f(n, get)
+                    f(n, run)
                     if bar is not None:
                         bar.update(size(n))
                     _release_views()
@@ -1507,22 +1636,21 @@ def merge(
             if isinstance(s, Trim) and s.scope == "global":
                 dens = s.density if isinstance(s.density, (tuple, list)) else (s.density,) * T
                 ks = [rank_from_fraction(d, n_float) for d in dens]
-                prefix = functools.partial(_prefix, m, pos)
                 value = state.stat(f"trim{tag}", lambda: _global_thresholds(
-                    lambda f, d: scan(lambda label, get: f(label, get(prefix)), d), ks, f"trim (stage {tag})"))
+                    functools.partial(_digit_pass, scan, m, pos, T), ks, f"trim (stage {tag})"))
                 stats[f"trim{tag}"] = jnp.asarray(value, jnp.float32)
             elif isinstance(s, ElectSign):
-                prefix = functools.partial(_prefix_sign, m, pos)
+                counts = functools.partial(_sign_counts, m, pos)
                 value = state.stat(f"sign{tag}", lambda: _majority_sign(
-                    lambda f, d: scan(lambda label, get: f(get(prefix)[0]), d), f"sign (stage {tag})"))
+                    lambda f, d: scan(lambda label, run: f(run(counts)), d), f"sign (stage {tag})"))
                 stats[f"sign{tag}"] = jnp.asarray(value, jnp.int32)
             elif _has_host_stats(s) and not isinstance(s, Trim):  # PCB: the stage's own statistics, streamed
                 def stat_scan(f: Callable[[str, Any], None], desc: str, name: Any, given: Any, mode: str,
                               pos: Pos = pos) -> None:
-                    def prog(st, i, b, fts, k, w, path=_LEAF):
+                    def prog(st, i, b, fts, k, w, n, path=_LEAF):
                         return _stat_values(m, pos, st, i, b, fts, k, w, given, name=name, mode=mode, path=path)
 
-                    scan(lambda label, get: f(label, get(prog)), desc, raw=True)
+                    scan(lambda label, run: f(label, jax.device_get(run(prog))), desc)
 
                 runner = _StreamRunner(stat_scan, n_float, T, f"stage {tag}")
                 value = state.stat(f"given{tag}", lambda: _encode(s.host_stats(runner)))
@@ -1549,7 +1677,7 @@ def merge(
                 b = inp.sources[0].read(name)
                 return b if not _is_float(b.dtype) else np.zeros(b.shape, b.dtype)  # an empty float tensor
 
-            chunked = _Chunked(lambda dev: _merge_leaf(m, dict(stats), zero, dev[0], inp.wrap(dev[1:]), key,
+            chunked = _Chunked(lambda dev, _: _merge_leaf(m, dict(stats), zero, dev[0], inp.wrap(dev[1:]), key,
                                                            weights, lam),
                                whole, elements, frozenset(head))
         return merge_tensors(fn, base, finetuned, out, fingerprint=fingerprint, state_hook=run_passes, inputs=inp,
@@ -1582,20 +1710,28 @@ def _as_list(x: Any) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _mag_bits(x: np.ndarray, name: str) -> np.ndarray:
-    if x.dtype != np.float32:
-        raise ValueError(f"tensor {name!r}: streaming global trim supports float32 task vectors, got {x.dtype}")
-    return np.abs(x).reshape(-1).view(np.uint32)
-
-
 Scan = Callable[[Callable[..., None], str], None]
 
 
+def _radix_passes(count_pass: Callable[[int, list[int], str], np.ndarray], ks: list[int], width: Callable[[], int],
+                  desc: str) -> list[int]:
+    """Per group g, the exact ks[g]-th largest of unsigned integer keys (ties counted with multiplicity), 16 bits per
+    pass from the top: pass p's ``count_pass(p, prefix, desc)`` gives the [G, 65536] counts of the next 16 bits of
+    the keys whose higher bits equal the prefix chosen so far, and the bin holding the k-th largest extends it (two
+    passes for 32-bit keys). ``width()`` is the keys' width in bits, known once the first pass has run."""
+    prefix, rank = [0] * len(ks), list(ks)
+    p = 0
+    while p == 0 or 16 * p < width():
+        hist = count_pass(p, prefix, f"{desc} pass {p + 1}")
+        for g in range(len(ks)):
+            b, rank[g] = _hist_select(hist[g], rank[g])
+            prefix[g] = (prefix[g] << 16) | b
+        p += 1
+    return prefix
+
+
 def _kth_keys(scan: Scan, ks: list[int], desc: str, nbits: Callable[[], int | None] | int = 32) -> list[int]:
-    """Per group g, the exact ks[g]-th largest of unsigned integer keys over every unit of the model (ties counted
-    with multiplicity), by histogram passes of 16 bits from the top: pass p counts the next 16 bits of the keys whose
-    higher bits equal the prefix chosen so far and picks the bin holding the k-th largest (two passes for 32-bit
-    keys).
+    """Per group g, the exact ks[g]-th largest of unsigned integer keys counted on the host (:func:`_radix_passes`).
 
     Args:
       scan: ``scan(f, desc)`` calls ``f(label, keys)`` for every unit of the model (a tensor or a flat chunk;
@@ -1608,42 +1744,39 @@ def _kth_keys(scan: Scan, ks: list[int], desc: str, nbits: Callable[[], int | No
       The G keys.
     """
     G = len(ks)
-    prefix, rank = [0] * G, list(ks)
-    p, width = 0, nbits if isinstance(nbits, int) else None
-    while width is None or 16 * p < width:
-        shift = None if width is None else width - 16 * (p + 1)
+    width = nbits if isinstance(nbits, int) else None
+
+    def count_pass(p: int, prefix: list[int], d: str) -> np.ndarray:
         hist = np.zeros((G, 1 << 16), np.int64)
 
         def count(label: str, keys: list[np.ndarray]) -> None:
-            nonlocal width, shift
+            nonlocal width
             for g, key in enumerate(keys):
                 key = np.asarray(key).reshape(-1)
                 if width is None:
                     width = 8 * key.dtype.itemsize
-                if shift is None:
-                    shift = width - 16
+                shift = width - 16 * (p + 1)
                 if p:
                     key = key[(key >> (shift + 16)) == prefix[g]]
                 hist[g] += np.bincount(((key >> shift) & 0xFFFF).astype(np.intp), minlength=1 << 16)
 
-        scan(count, f"{desc} pass {p + 1}")
+        scan(count, d)
         if width is None:  # no unit at all
             raise ValueError(f"{desc}: the model has no float tensor to rank")
-        for g in range(G):
-            b, rank[g] = _hist_select(hist[g], rank[g])
-            prefix[g] = (prefix[g] << 16) | b
-        p += 1
-    return prefix
+        return hist
+
+    return _radix_passes(count_pass, ks, lambda: width, desc)
 
 
-def _global_thresholds(scan: Scan, ks: list[int], desc: str) -> list[float]:
+def _global_thresholds(count_pass: Callable[[int, list[int], str], np.ndarray], ks: list[int], desc: str
+                       ) -> list[float]:
     """Per task t, the exact k_t-th largest |x| over every float tensor (k = 0 gives +inf: nothing kept).
 
-    The bits of a non-negative float32 order like the float, so :func:`_kth_keys` on them (two passes) gives it.
+    The bits of a non-negative float32 order like the float, so :func:`_radix_passes` on them (two passes) gives it.
 
     Args:
-      scan: ``scan(f, desc)`` calls ``f(label, leaves)`` for every unit of the model (a tensor or a flat chunk;
-        ``leaves`` are the T task vectors' values there, ``label`` names it in errors).
+      count_pass: ``count_pass(p, prefix, desc)``: the [T, 65536] histogram of pass p over the model
+        (:func:`_digit_pass`).
       ks: k_t per task.
       desc: progress bar label.
 
@@ -1653,8 +1786,7 @@ def _global_thresholds(scan: Scan, ks: list[int], desc: str) -> list[float]:
     T = len(ks)
     if not any(ks):
         return [float("inf")] * T
-    keys = _kth_keys(lambda f, d: scan(lambda label, leaves: f(label, [_mag_bits(x, label) for x in leaves]), d),
-                     [max(k, 1) for k in ks], desc, 32)
+    keys = _radix_passes(count_pass, [max(k, 1) for k in ks], lambda: 32, desc)
     values = np.asarray(keys, np.uint32).view(np.float32)
     return [float(v) if k > 0 else float("inf") for v, k in zip(values, ks)]
 
@@ -1663,7 +1795,8 @@ def _majority_sign(scan: Scan, desc: str) -> int:
     """sgn(#positive - #negative elected signs) over the whole model: ElectSign's rule for zero sums.
 
     Args:
-      scan: ``scan(f, desc)`` calls ``f(raw_sign)`` with the raw elected signs of every unit of the model.
+      scan: ``scan(f, desc)`` calls ``f(counts)`` with [#positive, #negative] raw elected signs of every unit of the
+        model (:func:`_sign_counts`).
       desc: progress bar label.
 
     Returns:
@@ -1671,10 +1804,11 @@ def _majority_sign(scan: Scan, desc: str) -> int:
     """
     pos = neg = 0
 
-    def count(s: np.ndarray) -> None:
+    def count(counts: Any) -> None:
         nonlocal pos, neg
-        pos += int(np.count_nonzero(s > 0))
-        neg += int(np.count_nonzero(s < 0))
+        c = np.asarray(counts)
+        pos += int(c[0])
+        neg += int(c[1])
 
     scan(count, desc)
     return int(np.sign(pos - neg))
