@@ -1307,7 +1307,8 @@ def magnitude_digits(x: jax.Array, n: Any, prefix: jax.Array, *, shift: int, fil
                      ) -> Any:
     """The 16-bit digits ``(bits(|x|) >> shift) & 0xFFFF`` of a float32 array (traced, inside a jitted program) over
     its first ``n`` entries (all with ``n=None``) whose higher bits equal ``prefix`` when ``filtered``: their int32
-    histogram (``on_device``), else ``(digits as uint16, #entries left out)`` for :func:`count_digits`."""
+    histogram (``on_device``), else for :func:`count_digits` ``(digits as uint16, #entries left out)`` (their digit
+    set to 0), or when ``filtered`` (a few entries kept) ``(digits, kept mask)``."""
     x = x.reshape(-1)
     bits = lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)
     digit = (bits >> shift) & 0xFFFF
@@ -1316,15 +1317,21 @@ def magnitude_digits(x: jax.Array, n: Any, prefix: jax.Array, *, shift: int, fil
         valid = valid & ((bits >> (shift + 16)) == prefix)
     if on_device:
         return jnp.zeros(1 << 16, jnp.int32).at[digit].add(valid.astype(jnp.int32))
+    if filtered:
+        return digit.astype(jnp.uint16), valid
     return jnp.where(valid, digit, 0).astype(jnp.uint16), jnp.sum(~valid, dtype=jnp.int32)
 
 
 def count_digits(out: Any, on_device: bool) -> np.ndarray:
-    """The int64 65536-bin histogram of :func:`magnitude_digits`'s result (the left-out entries' digit-0 taken back)."""
+    """The int64 65536-bin histogram of :func:`magnitude_digits`'s result (the host counts the kept digits, or all
+    digits less the left-out entries' digit 0)."""
     if on_device:
         return np.asarray(out).astype(np.int64)
-    h = np.bincount(np.asarray(out[0]), minlength=1 << 16)
-    h[0] -= int(out[1])
+    digits, rest = np.asarray(out[0]), np.asarray(out[1])
+    if rest.dtype == np.bool_:
+        return np.bincount(digits[rest], minlength=1 << 16)
+    h = np.bincount(digits, minlength=1 << 16)
+    h[0] -= int(rest)
     return h
 
 
@@ -1600,16 +1607,17 @@ def merge(
 
             def scan(f: Callable[[str, Callable], None], desc: str) -> None:
                 bar = _progress(sum(c.size * sum(d.itemsize for d in c.dtypes) for c in units), progress, desc)
-                for c, bufs in _pipelined(units, reader.read, ahead, _chunk_bytes):
-                    def run(g: Callable, *extra: Any, bufs: list = bufs, n: jax.Array = jnp.int32(c.size)) -> Any:
-                        return call(g, zero, bufs[0], bufs[1:], n, *extra)  # n: the chunk's unpadded size
+                with _chunk_allocations(max((_chunk_bytes(c) for c in units), default=0) // len(inp.sources)):
+                    for c, bufs in _pipelined(units, reader.read, ahead, _chunk_bytes):
+                        def run(g: Callable, *extra: Any, bufs: list = bufs, n: jax.Array = jnp.int32(c.size)) -> Any:
+                            return call(g, zero, bufs[0], bufs[1:], n, *extra)  # n: the chunk's unpadded size
 
-                    f(c.segments[0][0], run)
-                    reader.recycle(bufs)  # f has consumed the program's (finished) results
-                    del bufs
-                    if bar is not None:
-                        bar.update(c.size * sum(d.itemsize for d in c.dtypes))
-                    _release_views()
+                        f(c.segments[0][0], run)
+                        reader.recycle(bufs)  # f has consumed the program's (finished) results
+                        del bufs
+                        if bar is not None:
+                            bar.update(c.size * sum(d.itemsize for d in c.dtypes))
+                        _release_views()
                 if bar is not None:
                     bar.close()
         else:
