@@ -12,9 +12,11 @@ Two engines:
   output order, are cut into flat chunks of ``chunk`` bytes (a large tensor spans several, small norms and biases
   share one), read with positioned reads straight into 64-byte-aligned buffers that XLA takes without a copy, merged
   by one program per dtype signature and power-of-two size bucket (a model compiles a handful of programs, not one
-  per tensor shape, and runs one dispatch per chunk, not per tensor), and written piece by piece. The next chunk is
-  read in a thread, and the previous one written, while XLA computes the current one. Host memory: a few chunks,
-  whatever the tensor sizes.
+  per tensor shape, and runs one dispatch per chunk, not per tensor), and written piece by piece. Three stages
+  overlap: a reader thread fills the next chunk, XLA computes the current one, and a writer thread writes the
+  previous ones (file reads and writes release the GIL; bounded queues). Host memory: about 2T + 5 chunks,
+  whatever the tensor sizes (chunk-sized blocks are reused from the malloc heaps while the pass runs: a fresh
+  memory map per XLA output cost more than the program).
 - **Per tensor** (DARE, whose masks are keyed by tensor; Breadcrumbs and per-tensor trims, which rank within a
   tensor; LiNeS, scaled by the tensor's block, before or after the reduction): one whole tensor at a time, the next ones read ahead while at most
   ``readahead`` bytes are in flight: peak host memory is about (T + 2) x the largest tensor + ``readahead`` + a
@@ -26,6 +28,10 @@ Operators with a whole-model quantity are computed exactly in streaming passes b
   65536-bin histogram of the high 16 bits of the float32 magnitudes (pass 1), then of the low 16 bits inside the
   bin holding the k-th largest (pass 2); the result is the exact k-th largest value, as in memory;
 - ``ElectSign``'s zero-sum rule (the sign of the model-wide total of elected signs): one counting pass.
+
+The counting runs in the jitted program of each chunk: the sign counts are reduced on the device; the histogram
+digits are computed there, fused with the task vectors, and counted by a scatter-add on GPU/TPU or by numpy's
+``bincount`` on CPU, where XLA's scatter is slower (:data:`DEVICE_HISTOGRAM`); the host adds int64 counts.
 
 The merged tensors equal :func:`mergejax.chain` on the whole model loaded in memory (float32 task vectors), bit for
 bit, DARE included (its masks are keyed by (task, float-leaf index) in both, leaves taken in sorted name order, which
@@ -1506,7 +1512,7 @@ def merge(
     Chains whose stages all act coordinate by coordinate (``average``, ``task_arithmetic``, ``ties`` with the global
     trim, any chain of Trim(scope="global"), ElectSign and the Sum/Mean/Disjoint*/WeightedSum reductions) run over
     flat chunks of ``chunk`` bytes that join small tensors and cut large ones, so host memory stays about
-    (2T + 4) chunks whatever the tensor sizes and the program compiles once per dtype (and chunk-size bucket), not
+    (2T + 5) chunks whatever the tensor sizes and the program compiles once per dtype (and chunk-size bucket), not
     once per tensor shape. Other chains (``dare``, ``breadcrumbs``, per-tensor trims) run tensor by tensor (peak
     about (T + 2) x the largest tensor + ``readahead``).
 
