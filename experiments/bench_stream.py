@@ -16,7 +16,7 @@ that repeats its work ``--repeat`` times:
      an existing file's pages ("overwrite"), by ``dd`` (its first shard, from the page cache), and by
      ``io.SafetensorsWriter`` in the chunked engine's 16 MiB pieces (with and without ``fallocate``, and with an
      ``fsync``), each after ``os.sync()`` (no earlier dirty pages pending).
-With ``--baseline-src`` the stream.merge rows also run with that copy of mergejax, each right after the current one
+With ``--baseline-src`` the stream.merge and ``mergejax merge`` rows also run with that copy of mergejax, each right after the current one
 (before/after in one run, under the same load).
 The ratio "x raw" is defined as: merge throughput / raw read throughput, both in MB/s of the T + 1 input checkpoints'
 bytes (x passes over them), the raw read being the best of its runs in this benchmark (timed at its start and at its
@@ -248,10 +248,11 @@ def main() -> None:
         cfg = {**cfg, "dtype": args.dtype}
         cfg_path = work / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
-        out = work / f"out_cfg_{name}"
-        shutil.rmtree(out, ignore_errors=True)
-        row(f"mergejax merge {name}.yaml", *timed([py, "-m", "mergejax", "merge", str(cfg_path), str(out),
-                                                   "--no-progress"]))
+        for label, env in srcs:
+            out = work / f"out_cfg_{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            row(f"mergejax merge {name}.yaml{label}", *timed([py, "-m", "mergejax", "merge", str(cfg_path), str(out),
+                                                              "--no-progress"], env))
         if args.mergekit:
             out = work / f"out_mergekit_{name}"
             shutil.rmtree(out, ignore_errors=True)

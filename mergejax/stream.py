@@ -789,10 +789,12 @@ def _chunk_allocations(chunk_bytes: int):
     reused from the malloc heaps instead of being unmapped and mapped again.
 
     With :func:`_return_freed_memory`'s 1 MiB threshold each 16 MiB output was a fresh memory map whose pages fault
-    and are zeroed on first write: that cost 5-8x the program itself. Here blocks up to ``2 x chunk_bytes`` (at most
-    32 MiB) come from the heaps and freed ones stay there (the trim threshold is raised) for the next chunk; the
-    heaps hold only what the few chunks in flight need. Afterwards the 1 MiB threshold is restored and the freed
-    heap memory returned (``malloc_trim``). A no-op where libc is not glibc.
+    and are zeroed on first write: that made a task-arithmetic pass take 4-5x the CPU time (same process, alternated
+    runs). Here blocks up to ``2 x chunk_bytes`` (at most 32 MiB) come from the heaps and freed ones stay there for
+    the next chunk (the trim threshold is raised to two such blocks); the heaps of the threads involved then keep a
+    few freed chunks resident (peak RSS about 60-140 MiB higher with 16 MiB chunks, whatever the model size).
+    Afterwards the 1 MiB threshold is restored and the freed heap memory returned (``malloc_trim``). A no-op where
+    libc is not glibc.
     """
     try:
         import ctypes
@@ -803,7 +805,7 @@ def _chunk_allocations(chunk_bytes: int):
         return
     size = min(_MMAP_MAX, max(1 << 20, 2 * chunk_bytes))
     libc.mallopt(_M_MMAP_THRESHOLD, size)
-    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * size)
     try:
         yield
     finally:
@@ -1282,8 +1284,8 @@ DEVICE_HISTOGRAM: bool | None = None
 """Where the global trim's 16-bit histograms are counted: ``True``: on the device (a jitted scatter-add per unit,
 int32 bins; fast on GPU/TPU); ``False``: the device computes each entry's 16-bit digit (|x|'s bits, shifted and
 filtered, fused with the task-vector program) and the host counts them with ``numpy.bincount`` (on CPU XLA's
-scatter-add is about twice as slow as ``bincount``); ``None`` (default): the device unless the backend is CPU. Both
-give the same counts."""
+scatter-add took 14 ns per entry, ``bincount`` of the uint16 digits about 2); ``None`` (default): the device unless
+the backend is CPU. Both give the same counts."""
 
 
 def _device_histogram() -> bool:
@@ -1297,8 +1299,7 @@ def _trim_digits(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, 
     ``upto``, over its first ``n`` entries (all with ``n=None``) whose higher bits equal ``prefix[t]`` when
     ``filtered``.
 
-    Returns, per task, the int32 histogram (``on_device``), else ``(digits as uint16, #entries left out)``: the
-    left-out entries carry digit 0, so the host's ``bincount`` minus that number in bin 0 is the same histogram.
+    Returns, per task, :func:`magnitude_digits` of tau_t there (for :func:`count_digits`).
     """
     out = []
     for t, tv in enumerate(_prefix_impl(m, upto, stats, i, base, fts, key, weights, path)):
