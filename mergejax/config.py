@@ -17,8 +17,9 @@ Supported YAML (mergekit 0.1.5)::
 Every mergekit method here is **per tensor** (mergekit's generalized task arithmetic), so a config streams whatever
 the model size: coordinatewise configs (linear, task_arithmetic, and any method whose models are not sparsified)
 over flat chunks that join small tensors and cut large ones (:func:`merge_chunk`, mergejax.stream's chunked
-engine); sparsified ones (per-tensor top-k, DARE masks, Breadcrumbs bands: statistics of each tensor) one whole
-tensor at a time. mergekit's semantics, followed here (they differ from the papers, and from
+engine); TIES and Breadcrumbs (per-tensor top-k and bands) with each tensor larger than one chunk over its own
+chunks, after two exact histogram passes over it give every model's threshold (:func:`tensor_bands`), the smaller
+ones whole; DARE (masks drawn per tensor) and the L1 rescale one whole tensor at a time. mergekit's semantics, followed here (they differ from the papers, and from
 ``mergejax.ties`` / ``mergejax.dare`` whose defaults follow the papers):
 
 - sparsification per tensor, each model with its own density: ``magnitude`` keeps the top k = max(1, int(d * n))
