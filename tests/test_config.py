@@ -256,13 +256,10 @@ def test_band_chunked_tensors_equal_in_memory(tmp_path, method, params, dtype):
     rng = np.random.default_rng(7)
     shapes = {"a.weight": (40, 70), "b.weight": (3001,), "c.norm": (16,), "d.weight": (64, 64)}
     levels = np.float32([-3, -1, -0.5, 0, 0.25, 0.5, 2])  # heavy ties among the |delta|
+    base_t = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    models = [base_t] + [{k: v + rng.choice(levels, v.shape) for k, v in base_t.items()} for _ in range(2)]
     paths = []
-    for m in range(3):
-        tensors = {k: (rng.choice(levels, s) if m else rng.normal(size=s).astype(np.float32)) for k, s in shapes.items()}
-        if m:
-            tensors = {k: v + base_t[k] for k, v in tensors.items()}
-        else:
-            base_t = tensors
+    for m, tensors in enumerate(models):
         write_sharded_safetensors(tmp_path / f"m{m}", tensors, max_shard_size="8KB")
         paths.append(tmp_path / f"m{m}")
     cfg = mc.parse_config({"merge_method": method, "base_model": str(paths[0]), "dtype": dtype,
