@@ -477,7 +477,7 @@ def test_readme_sota_example_runs():
 
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     start = text.index("## Newer data-free methods")
-    (block,) = re.findall(r"```python\n(.*?)```", text[start : text.index("\n## ", start + 3)], re.S)
+    block, conv_block = re.findall(r"```python\n(.*?)```", text[start : text.index("\n## ", start + 3)], re.S)
 
     def model(seed):
         k = jax.random.split(jax.random.key(seed), 3)
@@ -487,6 +487,10 @@ def test_readme_sota_example_runs():
     env = {"mj": mj, "base": model(0), "ft_a": model(1), "ft_b": model(2), "ft_c": model(3)}
     exec(compile(block, "README.md", "exec"), env)
     assert env["size"]["masks_bitmap"] > 0
+    (b, f), (tb, tf) = make_conv_models(seed=40, T=2), make_conv_models(seed=40, T=2, torch_layout=True)
+    conv_env = {"mj": mj, "base_cnn": b, "fts_cnn": f, "base_pt": tb, "fts_pt": tf}
+    exec(compile(conv_block, "README.md", "exec"), conv_env)
+    assert conv_env["merged"]["Conv_0"]["kernel"].shape == (6, 4, 3, 3)
 
 
 def test_tall_masks_match_reference_and_recover_models():
