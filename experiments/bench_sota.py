@@ -10,7 +10,8 @@ base + 0.01 * noise. Every method runs with ``check_finite=False``, called as a 
 
 * ``first_s``: the first call, compilation included (what a user waits for on the first call);
 * ``compile_s``: lowering + compilation alone (``--mode jit`` only);
-* ``best_s``: the best of the first run and ``--repeats`` further runs (steady state);
+* ``best_s``: the best of the ``--repeats`` further runs (steady state; ``--mode jit``: of the first run too, which
+  excludes the compilation there; ``--repeats 0``: the first call);
 * ``ratio``: best_s / best_s of task arithmetic (lambda 0.3) in the same run and process;
 * ``peak_models`` (``--peak``): in a fresh subprocess per method, inputs built and the programs compiled (eager: by a
   first call), ``VmHWM`` reset (``/proc/self/clear_refs``), one merge, and the rise of ``VmHWM`` above the resident

@@ -89,7 +89,8 @@ def della_prune(
 @dataclass(frozen=True)
 class Della(Transform):
     """Chain stage: DELLA MagPrune of every task vector (needs a ``key``). Use before any reduction, e.g.
-    ``chain(Della(0.5, 0.1), ElectSign(), DisjointMean())`` (DELLA-TIES) or ``chain(Della(...), Sum())``.
+    ``chain(Della(0.5, 0.1), ElectSign(), DisjointMean())`` (DELLA-TIES; :class:`DellaTies` is the same merge as one
+    stage, pruning each leaf once when run leaf by leaf) or ``chain(Della(...), Sum())``.
 
     Args:
       density: mean keep probability, in (0, 1]; density 1 keeps everything.
