@@ -712,3 +712,39 @@ def test_della_ties_zero_majority_prunes_again(monkeypatch):
     for (path, g), (_, t), (_, b) in zip(paths_and_leaves(got), paths_and_leaves(want), paths_and_leaves(base)):
         if is_float(b):
             np.testing.assert_allclose(np.asarray(g), np.asarray(b) + np.asarray(t), atol=1e-6, err_msg=path)
+
+
+def test_della_ties_matches_numpy_reference_with_zero_sum_ties():
+    """DellaTies leaf by leaf against numpy (mergekit's MagPrune on the same draws, then TIES' election with the
+    majority sign for zero sums and the disjoint mean); task 1 is -task 0 on one kernel, so many coordinates have an
+    exactly zero sign mass and take the majority sign."""
+    base, fts = make_models(seed=39, T=3, bf16=False)
+    tvs = [mj.task_vector(f, base) for f in fts]
+    neg = {**tvs[1].tree, "Dense_1": {"kernel": -tvs[0].tree["Dense_1"]["kernel"]}}
+    tvs[1] = mj.TaskVector(neg)
+    key = jax.random.key(9)
+    got = mj.chain(mj.DellaTies(0.5, 0.3))(base, tvs, key=key, schedule="leaves")
+    skey = jax.random.fold_in(key, 0)  # the stage's key (stage 0 of the chain)
+    pruned, paths = [], None
+    for t, tv in enumerate(tvs):
+        leaves, fi, paths = [], 0, []
+        for path, x in paths_and_leaves(tv.tree):
+            if not is_float(x):
+                continue
+            u = np.asarray(jax.random.uniform(leaf_keys(skey, t, fi), jnp.shape(x), x.dtype))
+            fi += 1
+            xn = np.asarray(x)
+            kernel = path.endswith("kernel") and xn.ndim == 2
+            leaves.append((R.della(xn.T, u.T, 0.5, 0.3).T if kernel else R.della(xn, u, 0.5, 0.3)).astype(np.float32))
+            paths.append(path)
+        pruned.append(leaves)
+    gammas = ref.elect(pruned, "sum")
+    k1 = [pruned[t][paths.index("Dense_1/kernel")] for t in range(3)]
+    ties0 = np.sum((k1[0] + k1[1] + k1[2] == 0) & (k1[0] != 0))  # zero mass, nonzero entries: the majority decides
+    merged = ref.disjoint(pruned, gammas, "mean")
+    want = dict(zip(paths, merged))
+    for path, g in paths_and_leaves(got):
+        if path in want:
+            b = np.asarray(dict(paths_and_leaves(base))[path], np.float32)
+            np.testing.assert_allclose(np.asarray(g), b + want[path], rtol=1e-5, atol=1e-5, err_msg=path)
+    assert ties0 > 0
