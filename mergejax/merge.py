@@ -432,6 +432,9 @@ class Merger:
           The merged tree, with the base's structure and dtypes.
         """
         entries = _validate_entries(base, finetuned)
+        for stage in self.stages:  # whole-model checks, e.g. a matrix merge warning that most leaves are averaged
+            if hasattr(stage, "check_model"):
+                stage.check_model(base)
         _check_scalar("scale", scale)
         _check_weights(weights, len(entries))
         self._check_key(key)

@@ -167,6 +167,16 @@ class Runner:
                              p.key_for(self.q), p.words_at(j, self.q), cands, given, tv_mask=p.tv_mask, q=self.q,
                              name=name, mode=mode, magnitude=magnitude, stride=stride)
 
+    @property
+    def key(self) -> jax.Array | None:
+        """The key this stage draws from (``fold_in(merge key, q)``, as in the single program), or None."""
+        return None if self.plan.key is None else jax.random.fold_in(self.plan.key, self.q)
+
+    def per_leaf(self, name: Hashable, given: Any = None) -> dict[int, Any]:
+        """``stat_values`` at every merged leaf, left on the device: {leaf position: values} (a stage's
+        ``host_stats`` may return such a dict, one entry per leaf, as its statistics)."""
+        return {j: self._call(j, None, name, "value", given=given) for j in self.plan.positions}
+
     def _values(self, name: Hashable, given: Any) -> list:
         """``stat_values`` of every leaf position, on the host."""
         return jax.device_get([self._call(j, None, name, "value", given=given) for j in self.plan.positions])
