@@ -13,7 +13,7 @@ entries (one too many); mergekit and PEFT take an exact per-tensor ``topk`` that
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +174,7 @@ class Trim(Transform):
     density: float | tuple[float, ...] = static_field(0.2)
     scope: Scope = static_field("global")
     radix_bits: int | None = static_field(DEFAULT_RADIX_BITS)
+    rowwise_given: ClassVar[bool] = True  # |x| >= a given threshold, elementwise
 
     def __post_init__(self):
         if isinstance(self.density, list):
