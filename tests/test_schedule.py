@@ -12,7 +12,7 @@ import mergejax as mj
 from mergejax.ops import schedule as sch
 from mergejax.ops.pcb import PCB
 from mergejax.ops.reduce import DisjointMean
-from mergejax.ops.select import key_to_float
+from mergejax.ops.select import key_to_float, ordered_key
 from mergejax.ops.sign import ElectSign
 from mergejax.ops.trim import Trim
 from mergejax.merge import breadcrumbs_chain, dare_chain, ties_chain
@@ -225,3 +225,13 @@ def test_chunked_statistics_equal_whole_leaf_ones(models, monkeypatch):
                     else:  # PCB's exp/tanh: XLA vectorises them differently in the two programs' fusions (an ulp)
                         as_float = (lambda k: key_to_float(k)) if mode != "max" else (lambda v: v)
                         np.testing.assert_allclose(np.asarray(as_float(x)), np.asarray(as_float(y)), rtol=1e-6)
+
+
+def test_host_key_to_float_equals_the_program_one():
+    """The host side of the leaf-by-leaf search converts numpy keys with numpy (nothing compiles): the same floats."""
+    x = np.asarray([0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, 1e-40, -3e38], np.float32)
+    keys = np.asarray(ordered_key(jnp.asarray(x)))
+    host = key_to_float(keys)
+    assert isinstance(host, np.ndarray) and host.dtype == np.float32
+    np.testing.assert_array_equal(host.view(np.uint32), np.asarray(key_to_float(jnp.asarray(keys))).view(np.uint32))
+    np.testing.assert_array_equal(host.view(np.uint32), x.view(np.uint32))

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mergejax.ops.base import Reduction, TaskVectors, check_fraction, map_float_leaves, rank_from_fraction, static_field
 from mergejax.ops.select import key_to_float, kth_largest_groups
@@ -139,10 +140,16 @@ class PCB(Reduction):
         if n == 0:
             return None
         j_lo, j_hi = self._bound_ranks(n)
-        bounds = key_to_float(run.kth("abs", [n - j_lo] * T + [n - j_hi] * T, magnitude=True))
+        # numpy on the host between the passes: nothing there compiles
+        bounds = key_to_float(np.asarray(run.kth("abs", [n - j_lo] * T + [n - j_hi] * T, magnitude=True)))
         lo_hi = (bounds[:T], bounds[T:])
-        qs = key_to_float(run.kth("beta", [n - rank_from_fraction(1 - self.ratio, n)] * T, given=lo_hi))
-        tops = jnp.asarray(run.maximum("top", given=lo_hi), jnp.float32)
+        k_q = [n - rank_from_fraction(1 - self.ratio, n)] * T
+        if hasattr(run, "kth_and_max"):  # the maxima read in the quantile search's sampled pass
+            q_keys, top_keys = run.kth_and_max("beta", k_q, given=lo_hi)
+            qs, tops = key_to_float(np.asarray(q_keys)), key_to_float(np.asarray(top_keys))
+        else:
+            qs = key_to_float(np.asarray(run.kth("beta", k_q, given=lo_hi)))
+            tops = np.asarray(run.maximum("top", given=lo_hi), np.float32)
         return (*lo_hi, qs, tops)
 
     def stat_values(self, tvs: TaskVectors, name: str, given) -> list[jax.Array] | jax.Array:

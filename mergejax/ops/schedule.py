@@ -301,7 +301,7 @@ class Runner:
         p = self.plan
         stages = p.stages_at(j, self.q + 1)
         rowwise = _chunkable(stages, stat=True)
-        return _stat_program(stages, p.b_leaves[j], p.entries_at(j), jnp.int32(p.index[j]),
+        return _stat_program(stages, p.b_leaves[j], p.entries_at(j), np.int32(p.index[j]),
                              p.key_for(self.q), p.words_at(j, self.q), cands, given, tv_mask=p.tv_mask, q=self.q,
                              name=name, mode=mode, magnitude=magnitude, stride=stride,
                              rows=_chunk_rows(np.shape(p.b_leaves[j]), rowwise))
@@ -352,6 +352,22 @@ class Runner:
         """
         return self._search(self.plan.positions, name, list(ks), self.n, magnitude, given, per_leaf=False)
 
+    def kth_and_max(self, name: Hashable, ks: Sequence[int], *, given: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`kth` (of the values, not magnitudes) and each group's largest key, read in the search's sampled pass
+        (no program or pass of its own).
+
+        Args:
+          name: which statistic; ``stat_values`` returns G arrays shaped like the leaf.
+          ks: G ranks, 1 <= k <= n.
+          given: data for ``stat_values``.
+
+        Returns:
+          ([G] ordered keys of the k-th largest values, [G] ordered keys of the largest values).
+        """
+        seen: list = []
+        keys = self._search(self.plan.positions, name, list(ks), self.n, False, given, per_leaf=False, extremes=seen)
+        return keys, seen[0][1]
+
     def kth_by_leaf(self, name_of: Callable[[int], Hashable], ks_of: Callable[[int], list[int]], *,
                     magnitude: bool = False) -> dict[int, jax.Array]:
         """Per merged leaf, the exact k-th largest of each of its value groups within that leaf (per-tensor scope).
@@ -383,24 +399,31 @@ class Runner:
             out.update({j: keys[i * len(ks):(i + 1) * len(ks)] for i, j in enumerate(members)})
         return out
 
-    def _search(self, positions, name, ks, n, magnitude, given, *, per_leaf: bool) -> jax.Array:
+    def _search(self, positions, name, ks, n, magnitude, given, *, per_leaf: bool, extremes: list | None = None
+                ) -> np.ndarray:
         """:func:`kth_largest_scheduled` over ``positions``: their counts summed (one search of G groups over all
-        of them) or, ``per_leaf``, stacked (G groups per leaf, each leaf its own search, all in lockstep)."""
+        of them) or, ``per_leaf``, stacked (G groups per leaf, each leaf its own search, all in lockstep). With
+        ``extremes`` (a list), the sampled pass also reads the groups' smallest and largest keys and appends them."""
         key_dtype = _key_spec(self.plan.float_dtype)[0]
         G = len(ks) // len(positions) if per_leaf else len(ks)
 
         def sample(stride, with_extremes):
+            keys, ext = sampled(stride, with_extremes or extremes is not None)
+            if extremes is not None:
+                extremes.append(ext)
+            return keys, ext if with_extremes else None
+
+        def sampled(stride, with_extremes):
             mode = "sample+extremes" if with_extremes else "sample"
             parts = jax.device_get([self._call(j, None, name, mode, magnitude, stride, given) for j in positions])
             axis = 0 if per_leaf else 1
-            keys = jnp.asarray(np.concatenate([x for x, _ in parts if per_leaf or x.shape[1]], axis=axis))
+            # numpy on the host, like everything between the passes: nothing compiles there
+            keys = np.concatenate([x for x, _ in parts if per_leaf or x.shape[1]], axis=axis)
             if not with_extremes:
                 return keys, None
             if per_leaf:
-                return (jnp.asarray(np.concatenate([e[0] for _, e in parts])),
-                        jnp.asarray(np.concatenate([e[1] for _, e in parts])))
-            return keys, (jnp.asarray(np.min([e[0] for _, e in parts], axis=0)),
-                          jnp.asarray(np.max([e[1] for _, e in parts], axis=0)))
+                return keys, (np.concatenate([e[0] for _, e in parts]), np.concatenate([e[1] for _, e in parts]))
+            return keys, (np.min([e[0] for _, e in parts], axis=0), np.max([e[1] for _, e in parts], axis=0))
 
         def counts(cands, is_open):
             if per_leaf:  # a leaf whose G searches have all ended is not read again (lockstep costs no extra passes)
@@ -408,11 +431,10 @@ class Runner:
                 parts = jax.device_get([
                     self._call(j, cands[i * G:(i + 1) * G], name, "count", magnitude, given=given)
                     if is_open[i * G:(i + 1) * G].any() else skip for i, j in enumerate(positions)])
-                return (jnp.asarray(np.concatenate([h for h, _ in parts])),
-                        jnp.asarray(np.concatenate([l for _, l in parts])))
+                return np.concatenate([h for h, _ in parts]), np.concatenate([l for _, l in parts])
             parts = jax.device_get([self._call(j, cands, name, "count", magnitude, given=given) for j in positions])
             total = sum((np.asarray(h, np.int64) << 16) + np.asarray(l, np.int64) for h, l in parts)
-            return jnp.asarray(total >> 16, jnp.int32), jnp.asarray(total & 0xFFFF, jnp.int32)
+            return np.asarray(total >> 16, np.int32), np.asarray(total & 0xFFFF, np.int32)
 
         keys, passes = kth_largest_scheduled(n, ks, key_dtype=key_dtype, sample=sample, counts=counts,
                                              magnitude=magnitude)
@@ -532,7 +554,7 @@ def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[An
             upto = len(plan.stages)
             stages = plan.stages_at(j, upto)
             rows = _chunk_rows(np.shape(b), _chunkable(stages))
-            out[j], finite[j] = final(stages, b, ent, jnp.int32(plan.index[j]), plan.key_for(upto),
+            out[j], finite[j] = final(stages, b, ent, np.int32(plan.index[j]), plan.key_for(upto),
                                       plan.words_at(j, upto), scale, tv_mask=plan.tv_mask, check=check, rows=rows)
         if donate:
             jax.block_until_ready(out[j])

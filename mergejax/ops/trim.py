@@ -204,9 +204,11 @@ class Trim(Transform):
             return tuple(t for t, d in enumerate(dens) if rank_from_fraction(d, n) > 0)
 
         def thresholds(n, keys):
-            out = jnp.full((run.n_tasks,), jnp.inf, jnp.float32)
+            out = np.full((run.n_tasks,), np.inf, np.float32)  # on the host: nothing to compile
             alive = live(n)
-            return out if not alive else out.at[jnp.asarray(alive)].set(key_to_float(keys))
+            if alive:
+                out[np.asarray(alive)] = np.asarray(key_to_float(np.asarray(keys)))
+            return out
 
         if self.scope == "tensor":
             keys = run.kth_by_leaf(lambda n: ("tasks", live(n)),
