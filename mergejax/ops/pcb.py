@@ -54,7 +54,7 @@ class PCB(Reduction):
 
     Memory: in one traced program, beyond the T task vectors, two float32 copies of one task vector per task (the
     clamped vector and its weights) live at once; an eager merge runs leaf by leaf (:mod:`mergejax.ops.schedule`),
-    so these are one leaf position's.
+    and a large leaf in row chunks (this stage is ``rowwise_given`` and ``row_chunks``), so these are one chunk's.
 
     Args:
       ratio: kept fraction of each task's balancing weights beta_i (Du et al., 2024, Eq. 5-6), in (0, 1]. Static.
