@@ -143,6 +143,7 @@ def tsv(
     *,
     scale: float = 1.0,
     exclude: str | None = None,
+    matrix_axes: MatrixAxes = None,
     weights=None,
     heads=None,
     check_finite: bool = True,
@@ -152,7 +153,8 @@ def tsv(
 
     Memory: per matrix shape, the T task matrices and their SVD factors (see :mod:`mergejax.ops.matrix`).
     """
-    return _run(tsv_chain(exclude=exclude), base, finetuned, scale=scale, weights=weights, heads=heads,
+    return _run(tsv_chain(exclude=exclude, matrix_axes=matrix_axes), base, finetuned, scale=scale, weights=weights,
+                heads=heads,
                 check_finite=check_finite)
 
 
@@ -162,13 +164,15 @@ def iso_c(
     *,
     scale: float = 1.0,
     exclude: str | None = None,
+    matrix_axes: MatrixAxes = None,
     weights=None,
     heads=None,
     check_finite: bool = True,
 ) -> PyTree:
     """Iso-C (Marczak et al., ICML 2025, Eq. 6): the summed task matrix with a flat spectrum (every singular value
     the mean); non-matrix leaves averaged. The paper tunes scale on validation data (FusionBench: about 1.5)."""
-    return _run(iso_c_chain(exclude=exclude), base, finetuned, scale=scale, weights=weights, heads=heads,
+    return _run(iso_c_chain(exclude=exclude, matrix_axes=matrix_axes), base, finetuned, scale=scale, weights=weights,
+                heads=heads,
                 check_finite=check_finite)
 
 
@@ -181,13 +185,15 @@ def iso_cts(
     layout: Layout = "flax",
     transpose: str | None = None,
     exclude: str | None = None,
+    matrix_axes: MatrixAxes = None,
     weights=None,
     heads=None,
     check_finite: bool = True,
 ) -> PyTree:
     """Iso-CTS (Marczak et al., ICML 2025, Eqs. 7-9): Iso-C on a common subspace (``common_fraction`` of the rank)
     plus per-task subspaces, on PyTorch-oriented matrices (Flax kernels transposed; see ``layout``/``transpose``)."""
-    m = iso_cts_chain(common_fraction=common_fraction, layout=layout, transpose=transpose, exclude=exclude)
+    m = iso_cts_chain(common_fraction=common_fraction, layout=layout, transpose=transpose, exclude=exclude,
+                      matrix_axes=matrix_axes)
     return _run(m, base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)
 
 
@@ -202,6 +208,7 @@ def wudi(
     layout: Layout = "flax",
     transpose: str | None = None,
     exclude: str | None = None,
+    matrix_axes: MatrixAxes = None,
     progress: bool = True,
     weights=None,
     heads=None,
@@ -217,6 +224,7 @@ def wudi(
     Every product is a 2-D matrix product (see :mod:`mergejax.ops.wudi` for why: XLA:CPU ran the batched form
     20-60x slower)."""
     m = wudi_chain(steps=steps, lr=lr, normalize=normalize, layout=layout, transpose=transpose, exclude=exclude,
+                   matrix_axes=matrix_axes,
                    progress=progress)
     return _run(m, base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)
 
@@ -229,13 +237,14 @@ def cart(
     coeff: float = 2.0,
     scale: float = 1.0,
     exclude: str | None = None,
+    matrix_axes: MatrixAxes = None,
     weights=None,
     heads=None,
     check_finite: bool = True,
 ) -> PyTree:
     """CART (Choi et al., 2024, Eq. 5): theta_avg + coeff * sum_t lowrank_k(theta_t - theta_avg), k = rank_ratio * r
     per matrix (the authors' 8-task defaults: 0.12 and 2.0); ``scale`` multiplies the whole merged task vector."""
-    m = cart_chain(rank_ratio=rank_ratio, coeff=coeff, exclude=exclude)
+    m = cart_chain(rank_ratio=rank_ratio, coeff=coeff, exclude=exclude, matrix_axes=matrix_axes)
     return _run(m, base, finetuned, scale=scale, weights=weights, heads=heads, check_finite=check_finite)
 
 

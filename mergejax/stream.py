@@ -1023,7 +1023,7 @@ class _ShardSink:
 _PER_LEAF = (BreadcrumbsMask, Sum, Mean, DisjointMean, DisjointSum, DisjointMax, WeightedSum)
 _ELEMENTWISE = (Sum, Mean, DisjointMean, DisjointSum, DisjointMax, WeightedSum, ElectSign)
 _PER_MATRIX = (TSV, IsoC, IsoCTS, CART, WUDI, ModelStock)  # one leaf's output depends on that leaf alone
-_PATH_FIELDS = ("exclude", "transpose", "layout")  # the stage fields that make a leaf's output depend on its path
+_PATH_FIELDS = ("exclude", "transpose", "layout", "matrix_axes")  # the stage fields that make a leaf's output depend on its path
 
 Pos = tuple[int, ...]  # a stage's position: (i,) in the chain, (i, q) for stage q inside a Consensus at i
 
@@ -1040,13 +1040,11 @@ def _factories() -> dict[str, tuple[Callable[..., Any], Callable[..., tuple]]]:
 
     return {
         "pcb": (merge_mod.pcb, lambda ratio: (PCB(ratio),)),
-        "tsv": (ms.tsv, lambda exclude: (TSV(exclude),)),
-        "iso_c": (ms.iso_c, lambda exclude: (IsoC(exclude),)),
-        "iso_cts": (ms.iso_cts, lambda common_fraction, layout, transpose, exclude: (
-            IsoCTS(common_fraction, layout, transpose, exclude),)),
-        "wudi": (ms.wudi, lambda steps, lr, normalize, layout, transpose, exclude, progress: (
-            WUDI(steps, lr, normalize, layout, transpose, exclude, False),)),  # the stream's bar shows progress
-        "cart": (ms.cart, lambda rank_ratio, coeff, exclude: (CART(rank_ratio, coeff, exclude),)),
+        "tsv": (ms.tsv, lambda **kw: ms.tsv_chain(**kw).stages),
+        "iso_c": (ms.iso_c, lambda **kw: ms.iso_c_chain(**kw).stages),
+        "iso_cts": (ms.iso_cts, lambda **kw: ms.iso_cts_chain(**kw).stages),
+        "wudi": (ms.wudi, lambda progress, **kw: ms.wudi_chain(progress=False, **kw).stages),  # the stream's bar
+        "cart": (ms.cart, lambda **kw: ms.cart_chain(**kw).stages),
         "consensus_ta": (ms.consensus_ta, lambda lam, k: (Consensus(consensus_ta_stages(), lam, k),)),
         "consensus_ties": (ms.consensus_ties, lambda lam, k, density: (
             Consensus(consensus_ties_stages(density), lam, k),)),
@@ -1127,7 +1125,7 @@ def _tag(pos: Pos) -> str:
 
 
 def _path_sensitive(m: Merger) -> list[Any]:
-    return [s for _, s in _positions(m) if any(getattr(s, f, None) is not None for f in _PATH_FIELDS)]
+    return [s for _, s in _positions(m) if any(getattr(s, f, None) not in (None, ()) for f in _PATH_FIELDS)]
 
 
 def _leaf_paths(m: Merger, names: Sequence[str]) -> dict[str, str]:
@@ -1145,6 +1143,8 @@ def _leaf_paths(m: Merger, names: Sequence[str]) -> dict[str, str]:
             out.append(None if exclude is None else re.search(exclude, name) is not None)
             if getattr(s, "layout", None) is not None:
                 out.append(transposes(name, s.layout, getattr(s, "transpose", None)))
+            rules = getattr(s, "matrix_axes", None) or ()
+            out.append(next((q for q, (rx, _) in enumerate(rules) if re.search(rx, name)), None))
         return tuple(out)
 
     first: dict[tuple, str] = {}
