@@ -440,7 +440,7 @@ def _delta_digits(cfg: MergeConfig, base, finetuned: tuple, n, prefix, *, groups
 
 def tensor_bands(cfg: MergeConfig, name: str, n: int, scan: Any) -> tuple | None:
     """The magnitude band of every model in one tensor of ``n`` entries, exactly as ``_sparsify`` ranks it in
-    memory (the k-th largest |delta| with multiplicity, by :func:`mergejax.stream._radix_passes`: two exact
+    memory (the k-th largest |delta| with multiplicity, by :func:`mergejax.stream.histogram_select`: two exact
     histogram passes over the tensor's chunks).
 
     Args:
@@ -453,7 +453,7 @@ def tensor_bands(cfg: MergeConfig, name: str, n: int, scan: Any) -> tuple | None
       Per model, ``(hi, lo, none, use_lo)``: keep the entries with ``hi <= |delta|`` (and ``|delta| < lo`` where
       ``use_lo``), none where ``none``; None where no model is sparsified.
     """
-    from mergejax.stream import _device_histogram, _radix_passes, count_digits
+    from mergejax.stream import count_digits, histogram_select, use_device_histogram
 
     ranks = [_band_ranks(cfg, m, n) for m in cfg.models]
     active = [i for i, m in enumerate(cfg.models) if m.density < 1]
@@ -465,7 +465,7 @@ def tensor_bands(cfg: MergeConfig, name: str, n: int, scan: Any) -> tuple | None
                 ks.append(r)
     values: list[float] = []
     if ks:
-        on_device = _device_histogram()
+        on_device = use_device_histogram()
 
         def count_pass(p: int, prefix: list[int], desc: str) -> np.ndarray:
             hist = np.zeros((len(ks), 1 << 16), np.int64)
@@ -480,7 +480,7 @@ def tensor_bands(cfg: MergeConfig, name: str, n: int, scan: Any) -> tuple | None
             scan(f)
             return hist
 
-        keys = _radix_passes(count_pass, ks, lambda: 32, f"band {name}")
+        keys = histogram_select(count_pass, ks, lambda: 32, f"band {name}")
         values = [float(v) for v in np.asarray(keys, np.uint32).view(np.float32)]
     out, j = [], 0
     for i, (hi, lo) in enumerate(ranks):

@@ -32,6 +32,10 @@ Operators with a whole-model quantity are computed exactly in streaming passes b
 The counting runs in the jitted program of each chunk: the sign counts are reduced on the device; the histogram
 digits are computed there, fused with the task vectors, and counted by a scatter-add on GPU/TPU or by numpy's
 ``bincount`` on CPU, where XLA's scatter is slower (:data:`DEVICE_HISTOGRAM`); the host adds int64 counts.
+These pieces are public, for other streaming passes that need an exact k-th largest magnitude (the mergekit
+runner's per-tensor bands, :func:`mergejax.config.tensor_bands`): :func:`magnitude_digits` (inside the jitted
+program), :func:`count_digits` (on the host), :func:`use_device_histogram` (which of the two counts) and
+:func:`histogram_select` (the passes and the selection).
 
 The merged tensors equal :func:`mergejax.chain` on the whole model loaded in memory (float32 task vectors), bit for
 bit, DARE included (its masks are keyed by (task, float-leaf index) in both, leaves taken in sorted name order, which
@@ -142,7 +146,8 @@ from mergejax.ops.wudi import WUDI
 from mergejax.tree import _leaf_apply, _leaf_task_vector, acc_dtype
 
 __all__ = ["merge", "merge_tensors", "load_sharded", "OrbaxSource", "OrbaxShardsSource", "open_source", "STATE_FILE",
-           "COPIED_FILES", "ORBAX_INDEX"]
+           "COPIED_FILES", "ORBAX_INDEX", "DEVICE_HISTOGRAM", "use_device_histogram", "magnitude_digits",
+           "count_digits", "histogram_select", "CountPass"]
 
 STATE_FILE = ".mergejax-stream.json"
 ORBAX_INDEX = "orbax.index.json"  # tensor name -> the orbax checkpoint (of out_format="orbax") holding it
@@ -1288,7 +1293,8 @@ scatter-add took 14 ns per entry, ``bincount`` of the uint16 digits about 2); ``
 the backend is CPU. Both give the same counts."""
 
 
-def _device_histogram() -> bool:
+def use_device_histogram() -> bool:
+    """Whether :func:`magnitude_digits` should count on the device (:data:`DEVICE_HISTOGRAM`, read at each call)."""
     return jax.default_backend() != "cpu" if DEVICE_HISTOGRAM is None else bool(DEVICE_HISTOGRAM)
 
 
@@ -1346,7 +1352,7 @@ def _digit_pass(scan: Callable, m: Merger, upto: Pos, T: int, p: int, prefix: li
     """One histogram pass of the global Trim at ``upto`` (pass ``p``: bits ``31 - 16p .. 16 - 16p`` of |tau|, among
     the entries whose higher bits equal ``prefix``), over every unit ``scan`` runs: [T, 65536] int64 counts."""
     hist = np.zeros((T, 1 << 16), np.int64)
-    on_device = _device_histogram()
+    on_device = use_device_histogram()
     g = functools.partial(_trim_digits, m, upto, shift=16 - 16 * p, filtered=p > 0, on_device=on_device)
     pre = jnp.asarray(np.asarray(prefix, np.uint32))
 
@@ -1726,14 +1732,25 @@ def _as_list(x: Any) -> list:
 
 
 Scan = Callable[[Callable[..., None], str], None]
+CountPass = Callable[[int, list[int], str], np.ndarray]
+"""``count_pass(p, prefix, desc)`` of :func:`histogram_select`: pass p's [G, 65536] int64 counts."""
 
 
-def _radix_passes(count_pass: Callable[[int, list[int], str], np.ndarray], ks: list[int], width: Callable[[], int],
-                  desc: str) -> list[int]:
+def histogram_select(count_pass: CountPass, ks: list[int], width: Callable[[], int], desc: str) -> list[int]:
     """Per group g, the exact ks[g]-th largest of unsigned integer keys (ties counted with multiplicity), 16 bits per
-    pass from the top: pass p's ``count_pass(p, prefix, desc)`` gives the [G, 65536] counts of the next 16 bits of
-    the keys whose higher bits equal the prefix chosen so far, and the bin holding the k-th largest extends it (two
-    passes for 32-bit keys). ``width()`` is the keys' width in bits, known once the first pass has run."""
+    pass from the top (radix select over 65536-bin histograms; two passes for 32-bit keys).
+
+    Args:
+      count_pass: ``count_pass(p, prefix, desc)``: the [G, 65536] int64 counts of the next 16 bits of the keys
+        whose higher bits equal ``prefix[g]`` (the bits chosen so far); for float32 magnitudes,
+        :func:`magnitude_digits` with ``shift=16 - 16 * p, filtered=p > 0`` then :func:`count_digits`.
+      ks: 1 <= k_g <= the group's number of keys.
+      width: the keys' width in bits, called after each pass (it may be known only once the first has run).
+      desc: progress bar label (``count_pass`` gets ``"{desc} pass {p + 1}"``).
+
+    Returns:
+      The G keys (for float32 magnitudes, ``np.asarray(keys, np.uint32).view(np.float32)`` are the values).
+    """
     prefix, rank = [0] * len(ks), list(ks)
     p = 0
     while p == 0 or 16 * p < width():
@@ -1746,7 +1763,7 @@ def _radix_passes(count_pass: Callable[[int, list[int], str], np.ndarray], ks: l
 
 
 def _kth_keys(scan: Scan, ks: list[int], desc: str, nbits: Callable[[], int | None] | int = 32) -> list[int]:
-    """Per group g, the exact ks[g]-th largest of unsigned integer keys counted on the host (:func:`_radix_passes`).
+    """Per group g, the exact ks[g]-th largest of unsigned integer keys counted on the host (:func:`histogram_select`).
 
     Args:
       scan: ``scan(f, desc)`` calls ``f(label, keys)`` for every unit of the model (a tensor or a flat chunk;
@@ -1780,14 +1797,13 @@ def _kth_keys(scan: Scan, ks: list[int], desc: str, nbits: Callable[[], int | No
             raise ValueError(f"{desc}: the model has no float tensor to rank")
         return hist
 
-    return _radix_passes(count_pass, ks, lambda: width, desc)
+    return histogram_select(count_pass, ks, lambda: width, desc)
 
 
-def _global_thresholds(count_pass: Callable[[int, list[int], str], np.ndarray], ks: list[int], desc: str
-                       ) -> list[float]:
+def _global_thresholds(count_pass: CountPass, ks: list[int], desc: str) -> list[float]:
     """Per task t, the exact k_t-th largest |x| over every float tensor (k = 0 gives +inf: nothing kept).
 
-    The bits of a non-negative float32 order like the float, so :func:`_radix_passes` on them (two passes) gives it.
+    The bits of a non-negative float32 order like the float, so :func:`histogram_select` on them (two passes) gives it.
 
     Args:
       count_pass: ``count_pass(p, prefix, desc)``: the [T, 65536] histogram of pass p over the model
@@ -1801,7 +1817,7 @@ def _global_thresholds(count_pass: Callable[[int, list[int], str], np.ndarray], 
     T = len(ks)
     if not any(ks):
         return [float("inf")] * T
-    keys = _radix_passes(count_pass, [max(k, 1) for k in ks], lambda: 32, desc)
+    keys = histogram_select(count_pass, [max(k, 1) for k in ks], lambda: 32, desc)
     values = np.asarray(keys, np.uint32).view(np.float32)
     return [float(v) if k > 0 else float("inf") for v, k in zip(values, ks)]
 
