@@ -30,7 +30,9 @@ weights) runs a large leaf (at least :data:`CHUNK_MIN` entries, two or more axes
 :data:`CHUNK_ENTRIES` entries when every stage of it is ``rowwise`` (:class:`mergejax.ops.base.Transform`): a
 ``lax.fori_loop`` over slices along the first axis, each written into the output in place (or its counts, extremes,
 sums, maxima or strided sample folded into the statistic's), so the temporaries are T chunks, not T leaves. Same
-numbers: the rows are computed by the same code. With ``donate=True`` the inputs of each
+numbers: the rows are computed by the same code. A ``flat_stats`` stage (PCB) first in its chain computes its statistics on
+small leaves (at most :data:`FLAT_MAX` entries) as flat zero-padded copies, the padding masked: one program per
+size bucket and pass kind, whatever the leaves' shapes. With ``donate=True`` the inputs of each
 leaf are freed as soon as its output exists, so the peak stays at about the inputs' size.
 """
 
