@@ -235,3 +235,20 @@ def test_host_key_to_float_equals_the_program_one():
     assert isinstance(host, np.ndarray) and host.dtype == np.float32
     np.testing.assert_array_equal(host.view(np.uint32), np.asarray(key_to_float(jnp.asarray(keys))).view(np.uint32))
     np.testing.assert_array_equal(host.view(np.uint32), x.view(np.uint32))
+
+
+def test_small_leaves_share_the_flat_statistics_programs():
+    """PCB's statistics on leaves of at most FLAT_MAX entries run on flat zero-padded copies (the padding masked):
+    one program per size bucket and pass kind, whatever the leaves' shapes; the merge equals the single program's."""
+    rng = np.random.default_rng(5)
+    shapes = {"k": (64, 64), "b": (64,), "odd": (37, 5), "cube": (3, 3, 3), "wide": (200, 64)}  # buckets 4096, 16384
+    base = {name: jnp.asarray(rng.standard_normal(s), jnp.float32) for name, s in shapes.items()}
+    fts = [jax.tree_util.tree_map(lambda b: b + jnp.asarray(0.1 * rng.standard_normal(b.shape), b.dtype), base)
+           for _ in range(2)]
+    m = mj.chain(PCB(0.1))
+    jax.clear_caches()
+    got = m(base, fts, schedule="leaves")
+    assert sch._stat_program._cache_size() == 0
+    # more than SORT_MAX entries: a sampled pass, then counting passes
+    assert sch._flat_stat_program._cache_size() == 2 * 2 * 2  # 2 buckets x (|tau|, beta) x (sample, count)
+    assert_same(got, m(base, fts, schedule="program"), 1e-6)

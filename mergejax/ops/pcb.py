@@ -65,6 +65,7 @@ class PCB(Reduction):
     clamp_ratio: float = static_field(1e-4)
     rowwise_given: ClassVar[bool] = True  # Eqs. 3-7 elementwise once the quantiles are given
     row_chunks: ClassVar[bool] = True  # T leaf-sized temporaries in one program
+    flat_stats: ClassVar[bool] = True  # stat_values elementwise: small leaves share flat padded programs
 
     def __post_init__(self):
         check_fraction("ratio", self.ratio)

@@ -30,7 +30,9 @@ weights) runs a large leaf (at least :data:`CHUNK_MIN` entries, two or more axes
 :data:`CHUNK_ENTRIES` entries when every stage of it is ``rowwise`` (:class:`mergejax.ops.base.Transform`): a
 ``lax.fori_loop`` over slices along the first axis, each written into the output in place (or its counts, extremes,
 sums, maxima or strided sample folded into the statistic's), so the temporaries are T chunks, not T leaves. Same
-numbers: the rows are computed by the same code. With ``donate=True`` the inputs of each
+numbers: the rows are computed by the same code. A ``flat_stats`` stage (PCB) first in its chain computes its statistics on
+small leaves (at most :data:`FLAT_MAX` entries) as flat zero-padded copies, the padding masked: one program per
+size bucket and pass kind, whatever the leaves' shapes. With ``donate=True`` the inputs of each
 leaf are freed as soon as its output exists, so the peak stays at about the inputs' size.
 """
 
@@ -50,13 +52,19 @@ from mergejax.ops.dare import hash_words, host_hash_words
 from mergejax.ops.select import _Counter, _key_spec, kth_largest_scheduled, ordered_key
 from mergejax.tree import PyTree, TaskVector, _leaf_apply, acc_dtype, as_tree, is_float, paths_and_leaves
 
-__all__ = ["CHUNK_MIN", "CHUNK_ENTRIES", "schedulable", "Runner", "merge_leaf_by_leaf"]
+__all__ = ["CHUNK_MIN", "CHUNK_ENTRIES", "FLAT_MIN", "FLAT_MAX", "schedulable", "Runner", "merge_leaf_by_leaf"]
 
 CHUNK_MIN = 1 << 20
 """A leaf of at least this many entries (and two or more axes) runs in row chunks when its program is rowwise."""
 
 CHUNK_ENTRIES = 1 << 18
 """About this many entries per row chunk (1 MiB of float32: a chunk's T temporaries stay in cache)."""
+
+FLAT_MIN = 1 << 12
+FLAT_MAX = 1 << 16
+"""A leaf of at most :data:`FLAT_MAX` entries whose statistic is ``flat_stats`` is searched as a flat zero-padded
+copy of :func:`_flat_size` entries (a power of two, at least :data:`FLAT_MIN`): leaves of many shapes share one
+program per size bucket."""
 
 
 def _stage_ok(stage: Any) -> bool:
@@ -249,6 +257,38 @@ def _stat_chunked(values_of, base, entries, cands, *, mode, magnitude, stride, r
     return buf, (lo, hi) if extremes else None
 
 
+def _flat_size(size: int) -> int:
+    """The padded length of a flat leaf of ``size`` entries: the next power of two, at least :data:`FLAT_MIN`."""
+    return max(FLAT_MIN, 1 << max(size - 1, 0).bit_length())
+
+
+def _flat_copy(x: Any) -> jax.Array:
+    """``x`` raveled and zero-padded to :func:`_flat_size` entries, on the host (no program compiles)."""
+    flat = np.asarray(x).reshape(-1)
+    buf = np.zeros((_flat_size(flat.size),), flat.dtype)
+    buf[: flat.size] = flat
+    return jnp.asarray(buf)
+
+
+@partial(jax.jit, static_argnames=("tv_mask", "name", "mode", "magnitude", "stride"))
+def _flat_stat_program(stage, base, entries, n_valid, cands, given, *, tv_mask, name, mode, magnitude, stride):
+    """:func:`_stat_program` for a ``flat_stats`` stage with no stage before it, on flat zero-padded leaves whose
+    first ``n_valid`` entries are the leaf's (traced, so every leaf of a size bucket shares the program): mode
+    "count" counts only those; "sample" returns the strided sample of the whole buffer (the caller keeps the
+    leaf's part, a prefix) and the extremes of the valid entries."""
+    tvs = tuple(_tau(e, base, t) for e, t in zip(entries, tv_mask))
+    keys = jnp.stack([ordered_key(jnp.abs(v) if magnitude else v) for v in stage.stat_values(tvs, name, given)])
+    valid = jnp.arange(keys.shape[1], dtype=jnp.int32) < n_valid  # [n]
+    if mode == "count":
+        flags = (keys[:, :, None] >= cands[:, None, :]) & valid[None, :, None]
+        c = jnp.sum(flags, axis=1, dtype=jnp.int32)  # at most FLAT_MAX: exact
+        return c >> 16, c & 0xFFFF
+    info = jnp.iinfo(keys.dtype)
+    lo = jnp.min(jnp.where(valid, keys, np.asarray(info.max, keys.dtype)), axis=1)
+    hi = jnp.max(jnp.where(valid, keys, np.asarray(info.min, keys.dtype)), axis=1)
+    return keys[:, stride // 2 :: stride], (lo, hi)
+
+
 def _final(stages, base, entries, index, key, words, scale, *, tv_mask, check, rows=0):
     def piece(b, es):
         (merged,) = _prefix(stages, b, es, index, key, tv_mask, len(stages), words)
@@ -300,11 +340,34 @@ class Runner:
               given: Any = None):
         p = self.plan
         stages = p.stages_at(j, self.q + 1)
+        if mode in ("count", "sample", "sample+extremes") and self._flat(j, stages[-1]):
+            return self._flat_call(j, stages[-1], cands, name, mode, magnitude, stride, given)
         rowwise = _chunkable(stages, stat=True)
         return _stat_program(stages, p.b_leaves[j], p.entries_at(j), np.int32(p.index[j]),
                              p.key_for(self.q), p.words_at(j, self.q), cands, given, tv_mask=p.tv_mask, q=self.q,
                              name=name, mode=mode, magnitude=magnitude, stride=stride,
                              rows=_chunk_rows(np.shape(p.b_leaves[j]), rowwise))
+
+    def _flat(self, j: int, stage: Any) -> bool:
+        """Whether leaf j's statistic runs on its flat padded copy: the stage is the chain's first (its input is tau)
+        and ``flat_stats`` (its ``stat_values`` elementwise, the same whatever the leaf's shape), the leaf small."""
+        return self.q == 0 and bool(getattr(_unwrap(stage), "flat_stats", False)) \
+            and int(np.size(self.plan.b_leaves[j])) <= FLAT_MAX
+
+    def _flat_call(self, j: int, stage: Any, cands, name: Hashable, mode: str, magnitude: bool, stride: int,
+                   given: Any):
+        p = self.plan
+        if j not in p.flat:
+            p.flat[j] = (_flat_copy(p.b_leaves[j]), tuple(_flat_copy(e) for e in p.entries_at(j)))
+        size = int(np.size(p.b_leaves[j]))
+        if mode == "count":
+            return _flat_stat_program(stage, *p.flat[j], np.int32(size), cands, given, tv_mask=p.tv_mask, name=name,
+                                      mode="count", magnitude=magnitude, stride=1)
+        picked, ext = _flat_stat_program(stage, *p.flat[j], np.int32(size), None, given, tv_mask=p.tv_mask,
+                                         name=name, mode="sample", magnitude=magnitude, stride=stride)
+        # the leaf's own sample: the entries stride // 2 + m * stride below its size (a prefix of the buffer's)
+        picked = np.asarray(picked)[:, : len(range(stride // 2, size, stride))]  # on the host: nothing compiles
+        return picked, ext if mode == "sample+extremes" else None
 
     @property
     def key(self) -> jax.Array | None:
@@ -476,6 +539,7 @@ class _Plan:
                 self.words = _all_words(key, jnp.arange(len(self.positions), dtype=jnp.int32),
                                         stage_ids=self.word_stages, n_tasks=self.n_tasks)
         self.given: dict[int, Any] = {}
+        self.flat: dict[int, tuple] = {}  # flat padded copies of small leaves (base, entries), made once per merge
         self.passes = 0
         self.weights = self._leaf_weights(weights, flags)
 
