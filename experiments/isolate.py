@@ -36,7 +36,7 @@ from mergejax.cli import enable_compile_cache
 from mergejax.tree import path_str
 
 from experiments import backbones
-from experiments.benchmark import Run, _json_default, parse_args, prepare_data
+from experiments.benchmark import Run, _json_default, free_host_memory, parse_args, prepare_data
 
 
 def _normalised(run: Run, accs: dict[str, float], expert: dict[str, float]) -> tuple[float, float]:
@@ -210,6 +210,7 @@ def compeft_merging(run: Run, expert: dict[str, float], density: float, scales: 
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         del unit
+        free_host_memory()
         print({k: v for k, v in row.items() if k != "validation"}, flush=True)
         save(rows)
     return rows

