@@ -92,6 +92,8 @@ class Config:
     """Replace the text backbone by a small random BERT (wiring tests only; results mean nothing)."""
     resume: bool = True
     """Reuse the per-seed results already in ``<out>/per_seed/`` written by the same configuration."""
+    rerun: tuple[str, ...] = ()
+    """Method keys whose saved rows are discarded and recomputed (the other rows are reused)."""
 
 
 TEXT_TASKS = ("wn_pos", "wn_lexname", "sentiment", "fortune_topic", "fortune_lang", "tweet_source")
@@ -729,8 +731,10 @@ def _resume_key(cfg: Config, rows: bool = False) -> str:
     import hashlib
 
     d = dataclasses.asdict(cfg)
-    for k in ("seeds", "out", "progress", "cache", "resume", "protocols") + (("methods",) if rows else ()):
+    for k in ("seeds", "out", "progress", "cache", "resume", "protocols", "rerun") + (("methods",) if rows else ()):
         d.pop(k)
+    for k in ("compeft_ta_scales", "compeft_ties_scales"):  # added in the fourth sitting: the rows saved before
+        d["grids"].pop(k)  # stay reusable; their two ComPEFT merge rows are recomputed with --rerun
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -788,6 +792,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         t_seed = time.perf_counter()
         seed_file, proto_file = out / "per_seed" / f"seed_{seed}.json", out / "per_seed" / "protocols.json"
         cached = _load_done(seed_file, rkey) if cfg.resume else None
+        reused_rows = None
+        if cached is not None and set(cfg.rerun) & set(cached["log"]):  # reuse the seed's other rows
+            reused_rows, cached = cached["log"], None
         want_protocols = cfg.protocols and seed == cfg.seeds[0]
         cached_protocols = _load_done(proto_file, pkey) if cfg.resume and want_protocols else None
         if cached_protocols is not None:
@@ -801,7 +808,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             backbone_name = run.backbone.name
             run.train_experts()
             partial_file = out / "per_seed" / f"seed_{seed}.partial.json"
-            log = (_load_done(partial_file, row_key) if cfg.resume else None) or {}
+            log = reused_rows or (_load_done(partial_file, row_key) if cfg.resume else None) or {}
+            log = {k: v for k, v in log.items() if k not in cfg.rerun}
             for j, m in enumerate(tqdm(methods, desc=f"methods (seed {seed})", disable=not cfg.progress)):
                 if m.key in log:  # finished by an interrupted run: reuse its row and its choice
                     run.chosen_hp[m.key] = log[m.key]["hyperparameters"]

