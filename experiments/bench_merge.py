@@ -36,7 +36,8 @@ Then, unless switched off:
   program it needs plus the run, milliseconds at this size), in ``jit`` mode lowering + XLA compilation of a fresh
   ``jax.jit``;
 * peak memory: each method (and the baseline) in a fresh subprocess on the smallest size with ``--peak-tasks`` tasks:
-  inputs built and the programs compiled (``eager``: one warm-up merge, its output freed), ``VmHWM`` reset
+  inputs built and the programs compiled (``eager``: one warm-up merge, its output freed and the freed heap returned
+  to the OS with glibc's ``malloc_trim``, so it cannot hide the merge's own peak), ``VmHWM`` reset
   (``/proc/self/clear_refs``), one merge, and the rise of ``VmHWM`` above the resident size before it, in units of
   one model (the output alone is 1.0).
 
@@ -50,6 +51,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -308,6 +311,15 @@ def _vm(field: str) -> int:
     raise KeyError(field)
 
 
+def _trim_heap() -> None:
+    """Returns the heap's free memory to the OS (glibc ``malloc_trim``), so the resident size before a measured merge
+    holds no freed buffers that the merge could reuse unseen."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement may then read low
+        pass
+
+
 def peak_child(method: str, params: float, n_tasks: int, seed: int, mode: str = "eager") -> None:
     """In a fresh process: peak resident memory of one merge above its inputs, in units of one model (JSON line)."""
     shapes = model_shapes(int(params * 1e6))
@@ -321,6 +333,8 @@ def peak_child(method: str, params: float, n_tasks: int, seed: int, mode: str = 
     else:
         fn = jax.jit(baseline) if method == "baseline" else jax.jit(METHODS[method])
         compiled = fn.lower(*args).compile()
+    gc.collect()
+    _trim_heap()  # freed warm-up buffers held by malloc would otherwise hide the merge's own peak
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _vm("VmRSS")
     out = compiled(*args)

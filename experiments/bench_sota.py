@@ -10,11 +10,16 @@ base + 0.01 * noise. Every method runs with ``check_finite=False``, called as a 
 
 * ``first_s``: the first call, compilation included (what a user waits for on the first call);
 * ``compile_s``: lowering + compilation alone (``--mode jit`` only);
-* ``best_s``: the best of the first run and ``--repeats`` further runs (steady state);
+* ``best_s``: the best of the ``--repeats`` further runs (steady state; ``--mode jit``: of the first run too, which
+  excludes the compilation there; ``--repeats 0``: the first call);
 * ``ratio``: best_s / best_s of task arithmetic (lambda 0.3) in the same run and process;
 * ``peak_models`` (``--peak``): in a fresh subprocess per method, inputs built and the programs compiled (eager: by a
   first call), ``VmHWM`` reset (``/proc/self/clear_refs``), one merge, and the rise of ``VmHWM`` above the resident
   size before it, in units of one model (the output alone is 1.0); on the first ``--params`` size only.
+
+``della`` is :func:`mergejax.della` (DELLA-TIES as one stage, :class:`mergejax.DellaTies`: one pruning pass leaf by
+leaf); ``della_3stage`` is the same merge as ``chain(Della(), ElectSign(), DisjointMean())``, which leaf by leaf prunes
+every leaf twice (for the majority sign, then for the output).
 
 WUDI runs ``--wudi-steps`` Adam steps (official: 300); its rows also give ``per_step_s`` = best_s / steps (an upper
 bound: it includes the Gram statistics computed once). EMR is not a chain: it times :func:`mergejax.emr` plus
@@ -56,7 +61,7 @@ import mergejax as mj  # noqa: E402
 
 PyTree = Any
 CHAINS = ("task_arithmetic", "tsv", "iso_c", "iso_cts", "cart", "wudi", "consensus_ta", "consensus_ties", "della",
-          "model_stock")
+          "della_3stage", "model_stock")
 METHODS = (*CHAINS, "emr")
 
 
@@ -73,6 +78,8 @@ def method_table(wudi_steps: int) -> dict[str, Callable]:
         "consensus_ta": lambda b, f: mj.consensus_ta(b, f, scale=0.3, check_finite=False),
         "consensus_ties": lambda b, f: mj.consensus_ties(b, f, check_finite=False),
         "della": lambda b, f: mj.della(b, f, key=key, check_finite=False),
+        # the same merge as chain(Della, ElectSign, DisjointMean): leaf by leaf it prunes every leaf twice
+        "della_3stage": lambda b, f: mj.chain(*mj.DellaTies().stages())(b, f, key=key, check_finite=False),
         "model_stock": lambda b, f: mj.model_stock(b, f, check_finite=False),
     }
 

@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python experiments/bench_stream.py [--size-mb 256] [--models 2] [--dtype float32]
         [--mergekit /tmp/mkvenv/bin/mergekit-yaml]     # from experiments/peers/mergekit_venv.sh
+        [--baseline-src DIR]   # a copy of an earlier mergejax (e.g. `git archive REV mergejax | tar -x -C DIR`)
 
 Writes T + 1 Llama-shaped sharded safetensors checkpoints (about ``--size-mb`` each) and, each in a fresh process
 that repeats its work ``--repeat`` times:
@@ -15,6 +16,11 @@ that repeats its work ``--repeat`` times:
      an existing file's pages ("overwrite"), by ``dd`` (its first shard, from the page cache), and by
      ``io.SafetensorsWriter`` in the chunked engine's 16 MiB pieces (with and without ``fallocate``, and with an
      ``fsync``), each after ``os.sync()`` (no earlier dirty pages pending).
+With ``--baseline-src`` the stream.merge and ``mergejax merge`` rows also run with that copy of mergejax, each right after the current one
+(before/after in one run, under the same load).
+The ratio "x raw" is defined as: merge throughput / raw read throughput, both in MB/s of the T + 1 input checkpoints'
+bytes (x passes over them), the raw read being the best of its runs in this benchmark (timed at its start and at its
+end); a merge reads T + 1 models and writes one, so its own ceiling is the I/O floor row's ratio.
 Throughput is checkpoint bytes read (x passes) per second of in-process work (wall time for the CLIs); the first run
 of a process includes JAX's start and the compiles, the later ones ("warm") reuse them, as a large model would after
 its first chunks; the best of the later runs is reported, as the machine may be shared. Peak RSS is the child's
@@ -193,6 +199,8 @@ def main() -> None:
     p.add_argument("--workdir", help="where to write the checkpoints (default: a temporary directory)")
     p.add_argument("--repeat", type=int, default=3, help="runs per process (the first compiles; the best of the rest "
                    "is the warm figure)")
+    p.add_argument("--baseline-src", help="directory holding an earlier mergejax package: its stream.merge rows run "
+                   "too, interleaved with the current ones")
     p.add_argument("--out", default=str(ROOT / "results" / "bench_stream.json"))
     args = p.parse_args()
     import yaml
@@ -223,10 +231,13 @@ def main() -> None:
                            "write_MBps": nbytes / 2**20 / best})
     (work / "write.bin").unlink(missing_ok=True)
     fts = ",".join(map(str, paths[1:]))
+    srcs = [("", None)] + ([(" (before)", {"PYTHONPATH": str(Path(args.baseline_src).resolve())})]
+                           if args.baseline_src else [])
     for method, hp, passes in (("task_arithmetic", {"scale": 0.5}, 1), ("ties", {"density": 0.2}, 4)):
-        out = work / f"out_stream_{method}"
-        row(f"stream.merge {method}", *timed([py, "-c", STREAM_SCRIPT, str(paths[0]), fts, method, json.dumps(hp),
-                                              str(out), str(args.repeat)]), passes)
+        for label, env in srcs:
+            out = work / f"out_stream_{method}"
+            row(f"stream.merge {method}{label}", *timed([py, "-c", STREAM_SCRIPT, str(paths[0]), fts, method,
+                                                         json.dumps(hp), str(out), str(args.repeat)], env), passes)
     configs = {
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(paths[0]),
                             "models": [{"model": str(q), "parameters": {"weight": 0.5}} for q in paths[1:]]},
@@ -237,15 +248,18 @@ def main() -> None:
         cfg = {**cfg, "dtype": args.dtype}
         cfg_path = work / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
-        out = work / f"out_cfg_{name}"
-        shutil.rmtree(out, ignore_errors=True)
-        row(f"mergejax merge {name}.yaml", *timed([py, "-m", "mergejax", "merge", str(cfg_path), str(out),
-                                                   "--no-progress"]))
+        for label, env in srcs:
+            out = work / f"out_cfg_{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            row(f"mergejax merge {name}.yaml{label}", *timed([py, "-m", "mergejax", "merge", str(cfg_path), str(out),
+                                                              "--no-progress"], env))
         if args.mergekit:
             out = work / f"out_mergekit_{name}"
             shutil.rmtree(out, ignore_errors=True)
             row(f"mergekit-yaml {name}.yaml", *timed([args.mergekit, str(cfg_path), str(out), "--quiet"]))
-    raw = rows[0]["warm_read_MBps"] or rows[0]["read_MBps"]  # the best raw read
+    row("raw read (again, at the end)", *timed([py, "-c", READ_SCRIPT, str(args.repeat), "-", *map(str, paths)]))
+    raw = max(r["warm_read_MBps"] or r["read_MBps"] for r in rows if r["run"].startswith("raw read ("))
+    raw = max(raw, rows[0]["warm_read_MBps"] or rows[0]["read_MBps"])  # the best raw read of the run
     for r in rows:
         r["vs_raw_read"] = r["read_MBps"] / raw
         r["warm_vs_raw_read"] = None if r["warm_read_MBps"] is None else r["warm_read_MBps"] / raw
@@ -258,6 +272,8 @@ def main() -> None:
     print(f"{len(paths)} checkpoints x {model_bytes / 2**20:.0f} MiB ({args.dtype}), largest tensor "
           f"{8192 * 1024 * np.dtype(np.float32 if args.dtype == 'float32' else np.float16).itemsize / 2**20:.0f} MiB")
     print("MB/s: checkpoint bytes read (x passes) per second of work (in-process timing where printed, else wall)")
+    print("x raw = merge MB/s / raw read MB/s (same files, same run, best raw read); the I/O floor row is the ceiling "
+          "of a merge that reads T + 1 models and writes one")
     print("x raw: first run (compiles) / best raw read; warm x: best later run in the same process (programs "
           "reused, as for a large model) / best raw read")
     print(f"{'run':36s} {'wall s':>7s} {'work s':>7s} {'MB/s':>7s} {'x raw':>6s} {'warm x':>6s} {'RSS MiB':>8s} "

@@ -87,7 +87,7 @@ from mergejax.methods_sota import (  # noqa: E402
     EMRMerged, cart, consensus_ta, consensus_ties, della, emr, iso_c, iso_cts, model_stock, tsv, wudi,
 )
 from mergejax.ops.consensus import Consensus, TallMasks, tall_masks  # noqa: E402
-from mergejax.ops.della import Della  # noqa: E402
+from mergejax.ops.della import Della, DellaTies  # noqa: E402
 from mergejax.ops.model_stock import ModelStock  # noqa: E402
 from mergejax.ops.svd import CART, TSV, IsoC, IsoCTS  # noqa: E402
 from mergejax.ops.wudi import WUDI  # noqa: E402
@@ -95,4 +95,13 @@ from mergejax.ops.wudi import WUDI  # noqa: E402
 __all__ += [
     "tsv", "iso_c", "iso_cts", "wudi", "cart", "consensus_ta", "consensus_ties", "della", "model_stock", "emr",
     "EMRMerged", "TSV", "IsoC", "IsoCTS", "CART", "WUDI", "Consensus", "Della", "ModelStock", "tall_masks", "TallMasks",
+]
+from mergejax.methods_sota import (  # noqa: E402
+    cart_chain, consensus_ta_chain, consensus_ties_chain, della_chain, iso_c_chain, iso_cts_chain, model_stock_chain,
+    tsv_chain, wudi_chain,
+)
+
+__all__ += [
+    "tsv_chain", "iso_c_chain", "iso_cts_chain", "wudi_chain", "cart_chain", "consensus_ta_chain",
+    "consensus_ties_chain", "della_chain", "model_stock_chain", "DellaTies",
 ]

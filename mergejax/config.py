@@ -17,8 +17,9 @@ Supported YAML (mergekit 0.1.5)::
 Every mergekit method here is **per tensor** (mergekit's generalized task arithmetic), so a config streams whatever
 the model size: coordinatewise configs (linear, task_arithmetic, and any method whose models are not sparsified)
 over flat chunks that join small tensors and cut large ones (:func:`merge_chunk`, mergejax.stream's chunked
-engine); sparsified ones (per-tensor top-k, DARE masks, Breadcrumbs bands: statistics of each tensor) one whole
-tensor at a time. mergekit's semantics, followed here (they differ from the papers, and from
+engine); TIES and Breadcrumbs (per-tensor top-k and bands) with each tensor larger than one chunk over its own
+chunks, after two exact histogram passes over it give every model's threshold (:func:`tensor_bands`), the smaller
+ones whole; DARE (masks drawn per tensor) and the L1 rescale one whole tensor at a time. mergekit's semantics, followed here (they differ from the papers, and from
 ``mergejax.ties`` / ``mergejax.dare`` whose defaults follow the papers):
 
 - sparsification per tensor, each model with its own density: ``magnitude`` keeps the top k = max(1, int(d * n))
@@ -71,6 +72,8 @@ __all__ = [
     "merge_tensor",
     "coordinatewise",
     "merge_chunk",
+    "band_chunked",
+    "tensor_bands",
     "merge_in_memory",
     "run_config",
     "main",
@@ -284,11 +287,20 @@ def _band(delta: jax.Array, lo: int, hi: int) -> jax.Array:
     return jnp.where(keep, delta, jnp.zeros_like(delta))
 
 
-def _sparsify(cfg: MergeConfig, m: ModelSpec, delta: jax.Array, key: jax.Array | None) -> jax.Array:
-    """mergekit's ``sparsify`` of one delta tensor (magnitude, random or magnitude_outliers), then optional L1 rescale."""
+def _sparsify(cfg: MergeConfig, m: ModelSpec, delta: jax.Array, key: jax.Array | None, band: Any = None
+              ) -> jax.Array:
+    """mergekit's ``sparsify`` of one delta tensor (magnitude, random or magnitude_outliers), then optional L1 rescale.
+
+    ``band`` (a chunk of a larger tensor): the tensor's magnitude band from :func:`tensor_bands`, applied to the chunk.
+    """
     method, d, n = cfg.sparsification, m.density, int(delta.size)
     if method is None or d >= 1:
         return delta
+    if band is not None:  # keep where hi <= |delta| (< lo with use_lo), none where `none`: _band with given ranks
+        hi, lo, none, use_lo = band
+        a = jnp.abs(delta)
+        keep = (a >= hi.astype(a.dtype)) & ~none & (~use_lo | (a < lo.astype(a.dtype)))
+        return jnp.where(keep, delta, jnp.zeros_like(delta))
     if method == "magnitude":
         kept = jnp.zeros_like(delta) if d <= 0 or n == 0 else _band(delta, 0, max(1, int(d * n)))
     elif method == "magnitude_outliers":
@@ -306,8 +318,8 @@ def _tensor_key(key: jax.Array, name: str) -> jax.Array:
 
 
 @partial(jax.jit, static_argnums=0)
-def _merge_tensor_jit(cfg: MergeConfig, base, finetuned, key):
-    acc = jnp.float64 if any(x.dtype == jnp.float64 for x in (base, *finetuned)) else jnp.float32
+def _merge_tensor_jit(cfg: MergeConfig, base, finetuned, key, bands=None):
+    acc = _acc(base, finetuned)
     weights = [jnp.asarray(m.weight, acc) for m in cfg.models]
     if cfg.method == "linear":
         inputs = [jnp.asarray(x, acc) for x in finetuned]
@@ -315,7 +327,8 @@ def _merge_tensor_jit(cfg: MergeConfig, base, finetuned, key):
         return out / sum(weights[1:], weights[0]) if cfg.normalize else out
     b = jnp.asarray(base, acc)
     deltas = [
-        _sparsify(cfg, m, jnp.asarray(x, acc) - b, None if key is None else jax.random.fold_in(key, i))
+        _sparsify(cfg, m, jnp.asarray(x, acc) - b, None if key is None else jax.random.fold_in(key, i),
+                  None if bands is None else bands[i])
         for i, (m, x) in enumerate(zip(cfg.models, finetuned))
     ]
     weighted = [w * d for w, d in zip(weights, deltas)]
@@ -334,6 +347,10 @@ def _merge_tensor_jit(cfg: MergeConfig, base, finetuned, key):
     if cfg.lambda_ != 1:
         mixed = mixed * jnp.asarray(cfg.lambda_, acc)
     return b + mixed
+
+
+def _acc(base: Any, finetuned: Any) -> Any:
+    return jnp.float64 if any(x.dtype == jnp.float64 for x in (base, *finetuned)) else jnp.float32
 
 
 def _in_dtype(cfg: MergeConfig, x: Any) -> Any:
@@ -357,31 +374,123 @@ def coordinatewise(cfg: MergeConfig) -> bool:
     return cfg.sparsification is None or all(m.density >= 1 for m in cfg.models)
 
 
-@partial(jax.jit, static_argnums=(0, 3))
-def _merge_chunk_jit(cfg: MergeConfig, base, finetuned: tuple, dtype: np.dtype):
-    """:func:`merge_tensor` of a coordinatewise config on flat chunks, the ``dtype`` casts inside one program."""
+def _cast_inputs(cfg: MergeConfig, base: Any, finetuned: tuple) -> tuple:
+    """The chunks cast to the config's ``dtype`` (traced), the base a float32 zero when absent (``linear``)."""
     cast = (lambda x: x) if cfg.dtype is None else (lambda x: x.astype(_DTYPES[cfg.dtype]))
-    b = jnp.zeros((), jnp.float32) if base is None else cast(base)
-    return _merge_tensor_jit(cfg, b, tuple(cast(x) for x in finetuned), None).astype(dtype)
+    return (jnp.zeros((), jnp.float32) if base is None else cast(base)), tuple(cast(x) for x in finetuned)
 
 
-def merge_chunk(cfg: MergeConfig, base: jax.Array | None, finetuned: list[jax.Array]) -> jax.Array:
+@partial(jax.jit, static_argnums=(0, 3))
+def _merge_chunk_jit(cfg: MergeConfig, base, finetuned: tuple, dtype: np.dtype, bands=None):
+    """:func:`merge_tensor` on flat chunks, the ``dtype`` casts inside one program."""
+    b, fts = _cast_inputs(cfg, base, finetuned)
+    return _merge_tensor_jit(cfg, b, fts, None, bands).astype(dtype)
+
+
+def band_chunked(cfg: MergeConfig) -> bool:
+    """Whether a sparsified config streams each large tensor over chunks once its per-tensor magnitude band is known
+    (:func:`tensor_bands`): ``magnitude`` (TIES) and ``magnitude_outliers`` (Breadcrumbs) without ``rescale``. DARE's
+    masks (drawn per tensor shape) and the L1 rescale (a float sum over the tensor) stay tensor by tensor."""
+    return not coordinatewise(cfg) and cfg.sparsification in ("magnitude", "magnitude_outliers") and not cfg.rescale
+
+
+def merge_chunk(cfg: MergeConfig, base: jax.Array | None, finetuned: list[jax.Array], bands: Any = None
+                ) -> jax.Array:
     """A coordinatewise config (:func:`coordinatewise`) on flat chunks of float tensors (any concatenation of
-    their elements): the same values as :func:`merge_tensor` on each tensor, in the output dtype.
+    their elements), or a :func:`band_chunked` one on chunks of one tensor given its ``bands``: the same values as
+    :func:`merge_tensor` on each tensor, in the output dtype.
 
     Args:
       cfg: the parsed config.
       base: the base's chunk (None for ``linear``).
       finetuned: the chunks of ``cfg.models``, in order.
+      bands: :func:`tensor_bands` of the tensor the chunk belongs to (sparsified configs).
 
     Returns:
       The merged chunk.
     """
-    if not coordinatewise(cfg):
+    if not coordinatewise(cfg) and (bands is None or not band_chunked(cfg)):
         raise ValueError(f"merge_method {cfg.method} with density < 1 ranks or draws within each tensor: "
-                         "merge it tensor by tensor (merge_tensor)")
+                         "merge it tensor by tensor (merge_tensor), or chunk it with its tensor_bands")
     ref = finetuned[0] if base is None else base
-    return _merge_chunk_jit(cfg, base, tuple(finetuned), out_dtype(cfg, ref.dtype))
+    return _merge_chunk_jit(cfg, base, tuple(finetuned), out_dtype(cfg, ref.dtype), bands)
+
+
+def _band_ranks(cfg: MergeConfig, m: ModelSpec, n: int) -> tuple[int, int]:
+    """(hi, lo) descending ranks of ``_sparsify``'s band in a tensor of ``n`` entries: keep ranks [lo, hi)."""
+    if cfg.sparsification == "magnitude":
+        return (0 if m.density <= 0 else max(1, int(m.density * n))), 0
+    target = int(m.density * n)
+    lo = min(int(m.gamma * n), n - target)
+    return lo + target, lo
+
+
+@partial(jax.jit, static_argnums=0, static_argnames=("groups", "shift", "filtered", "on_device"))
+def _delta_digits(cfg: MergeConfig, base, finetuned: tuple, n, prefix, *, groups: tuple[int, ...], shift: int,
+                  filtered: bool, on_device: bool) -> list:
+    """Per group g, the histogram digits of |delta| of model ``groups[g]`` on one chunk (as ``_merge_tensor_jit``
+    computes delta), for :func:`tensor_bands`'s passes."""
+    from mergejax.stream import magnitude_digits
+
+    b, fts = _cast_inputs(cfg, base, finetuned)
+    acc = _acc(b, fts)
+    return [magnitude_digits(jnp.asarray(fts[i], acc) - jnp.asarray(b, acc), n, prefix[g], shift=shift,
+                             filtered=filtered, on_device=on_device) for g, i in enumerate(groups)]
+
+
+def tensor_bands(cfg: MergeConfig, name: str, n: int, scan: Any) -> tuple | None:
+    """The magnitude band of every model in one tensor of ``n`` entries, exactly as ``_sparsify`` ranks it in
+    memory (the k-th largest |delta| with multiplicity, by :func:`mergejax.stream._radix_passes`: two exact
+    histogram passes over the tensor's chunks).
+
+    Args:
+      cfg: a :func:`band_chunked` config.
+      name: the tensor (for progress and errors).
+      n: its number of entries.
+      scan: ``scan(f)`` calls ``f(base_chunk, finetuned_chunks, n_valid)`` on each of the tensor's chunks.
+
+    Returns:
+      Per model, ``(hi, lo, none, use_lo)``: keep the entries with ``hi <= |delta|`` (and ``|delta| < lo`` where
+      ``use_lo``), none where ``none``; None where no model is sparsified.
+    """
+    from mergejax.stream import _device_histogram, _radix_passes, count_digits
+
+    ranks = [_band_ranks(cfg, m, n) for m in cfg.models]
+    active = [i for i, m in enumerate(cfg.models) if m.density < 1]
+    groups, ks = [], []
+    for i in active:
+        for r in ranks[i]:
+            if r > 0:
+                groups.append(i)
+                ks.append(r)
+    values: list[float] = []
+    if ks:
+        on_device = _device_histogram()
+
+        def count_pass(p: int, prefix: list[int], desc: str) -> np.ndarray:
+            hist = np.zeros((len(ks), 1 << 16), np.int64)
+            pre = jnp.asarray(np.asarray(prefix, np.uint32))
+
+            def f(base: Any, fts: list, n_valid: int) -> None:
+                outs = _delta_digits(cfg, base, tuple(fts), jnp.int32(n_valid), pre, groups=tuple(groups),
+                                     shift=16 - 16 * p, filtered=p > 0, on_device=on_device)
+                for g, o in enumerate(outs):
+                    hist[g] += count_digits(o, on_device)
+
+            scan(f)
+            return hist
+
+        keys = _radix_passes(count_pass, ks, lambda: 32, f"band {name}")
+        values = [float(v) for v in np.asarray(keys, np.uint32).view(np.float32)]
+    out, j = [], 0
+    for i, (hi, lo) in enumerate(ranks):
+        t_hi = t_lo = 0.0
+        if i in active and hi > 0:
+            t_hi, j = values[j], j + 1
+        if i in active and lo > 0:
+            t_lo, j = values[j], j + 1
+        out.append((jnp.float32(t_hi), jnp.float32(t_lo), jnp.bool_(hi == 0), jnp.bool_(lo > 0)))
+    return tuple(out)
 
 
 def merge_tensor(
@@ -464,8 +573,10 @@ def run_config(
     Streams through :func:`mergejax.stream.merge_tensors` (resumable): a coordinatewise config (linear,
     task_arithmetic, any method without sparsification; :func:`coordinatewise`) over flat chunks of ``chunk`` bytes
     that join small tensors and cut large ones (one compiled program per dtype signature and size bucket, one
-    dispatch per chunk), the others (per-tensor top-k, DARE masks, Breadcrumbs bands: mergekit's per-tensor
-    statistics) tensor by tensor (peak host memory about (T + 2) x the largest tensor). Both write the tensors
+    dispatch per chunk); TIES and Breadcrumbs (:func:`band_chunked`: mergekit's per-tensor top-k and bands) with
+    the tensors of at most one chunk whole and each larger one over its own chunks, after two histogram passes over
+    them for its per-model thresholds (:func:`tensor_bands`; host memory: a few chunks); DARE masks and the L1
+    rescale tensor by tensor (peak host memory about (T + 2) x the largest tensor). All write the tensors
     :func:`merge_tensor` gives.
 
     Args:
@@ -486,6 +597,8 @@ def run_config(
     def fn(name: str, b: Any, fts: list[Any]) -> np.ndarray:
         return np.asarray(merge_tensor(cfg, name, b, fts, key=key))
 
+    banded = band_chunked(cfg)
+    wide = cfg.dtype == "float64"  # float64 deltas: the band passes rank float32 bits, so such tensors go whole
     return merge_tensors(
         fn,
         base,
@@ -496,8 +609,10 @@ def run_config(
         max_shard_size=max_shard_size,
         progress=progress,
         copy_from=cfg.base_model or inputs[0],
-        elementwise=partial(merge_chunk, cfg) if coordinatewise(cfg) else None,
+        elementwise=partial(merge_chunk, cfg) if coordinatewise(cfg) or banded else None,
         chunk=CHUNK if chunk is None else chunk,
+        tensor_stats=partial(tensor_bands, cfg) if banded else None,
+        chunk_if=lambda name, dtypes: not wide and all(np.dtype(d) != np.float64 for d in dtypes),
     )
 
 

@@ -432,6 +432,9 @@ class Merger:
           The merged tree, with the base's structure and dtypes.
         """
         entries = _validate_entries(base, finetuned)
+        for stage in self.stages:  # whole-model checks, e.g. a matrix merge warning that most leaves are averaged
+            if hasattr(stage, "check_model"):
+                stage.check_model(base)
         _check_scalar("scale", scale)
         _check_weights(weights, len(entries))
         self._check_key(key)
@@ -441,7 +444,7 @@ class Merger:
         if schedule not in ("auto", "leaves", "program"):
             raise ValueError(f"schedule must be 'auto', 'leaves' or 'program', got {schedule!r}")
         if schedule != "program" and eager and schedulable(self.stages, base, entries):
-            out, finite, _ = merge_leaf_by_leaf(self.stages, base, entries, jnp.asarray(scale, jnp.float32),
+            out, finite, _ = merge_leaf_by_leaf(self.stages, base, entries, np.asarray(scale, np.float32),
                                                 _as_weights(weights), key, flags, check=check_finite, donate=donate)
             if check_finite:
                 raise_nonfinite(_finite_names(base, entries, "finetuned", True), finite)

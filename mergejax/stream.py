@@ -12,9 +12,11 @@ Two engines:
   output order, are cut into flat chunks of ``chunk`` bytes (a large tensor spans several, small norms and biases
   share one), read with positioned reads straight into 64-byte-aligned buffers that XLA takes without a copy, merged
   by one program per dtype signature and power-of-two size bucket (a model compiles a handful of programs, not one
-  per tensor shape, and runs one dispatch per chunk, not per tensor), and written piece by piece. The next chunk is
-  read in a thread, and the previous one written, while XLA computes the current one. Host memory: a few chunks,
-  whatever the tensor sizes.
+  per tensor shape, and runs one dispatch per chunk, not per tensor), and written piece by piece. Three stages
+  overlap: a reader thread fills the next chunk, XLA computes the current one, and a writer thread writes the
+  previous ones (file reads and writes release the GIL; bounded queues). Host memory: about 2T + 5 chunks,
+  whatever the tensor sizes (chunk-sized blocks are reused from the malloc heaps while the pass runs: a fresh
+  memory map per XLA output cost more than the program).
 - **Per tensor** (DARE, whose masks are keyed by tensor; Breadcrumbs and per-tensor trims, which rank within a
   tensor; LiNeS, scaled by the tensor's block, before or after the reduction): one whole tensor at a time, the next ones read ahead while at most
   ``readahead`` bytes are in flight: peak host memory is about (T + 2) x the largest tensor + ``readahead`` + a
@@ -26,6 +28,10 @@ Operators with a whole-model quantity are computed exactly in streaming passes b
   65536-bin histogram of the high 16 bits of the float32 magnitudes (pass 1), then of the low 16 bits inside the
   bin holding the k-th largest (pass 2); the result is the exact k-th largest value, as in memory;
 - ``ElectSign``'s zero-sum rule (the sign of the model-wide total of elected signs): one counting pass.
+
+The counting runs in the jitted program of each chunk: the sign counts are reduced on the device; the histogram
+digits are computed there, fused with the task vectors, and counted by a scatter-add on GPU/TPU or by numpy's
+``bincount`` on CPU, where XLA's scatter is slower (:data:`DEVICE_HISTOGRAM`); the host adds int64 counts.
 
 The merged tensors equal :func:`mergejax.chain` on the whole model loaded in memory (float32 task vectors), bit for
 bit, DARE included (its masks are keyed by (task, float-leaf index) in both, leaves taken in sorted name order, which
@@ -88,6 +94,7 @@ XLA released on its own threads are freed after each unit of work.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -105,6 +112,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from mergejax.convert.io import (
     SAFE_INDEX,
@@ -390,8 +398,10 @@ def merge_tensors(
     state_hook: Callable[["_State", "_Inputs"], None] | None = None,
     chunked: "_Chunked | None" = None,
     out_format: str = "safetensors",
-    elementwise: Callable[[jax.Array | None, list[jax.Array]], jax.Array] | None = None,
+    elementwise: Callable[..., jax.Array] | None = None,
     chunk: int | str = CHUNK,
+    tensor_stats: Callable[[str, int, Callable], Any] | None = None,
+    chunk_if: Callable[[str, list[np.dtype]], bool] | None = None,
 ) -> Path:
     """Writes ``fn(name, base_tensor, finetuned_tensors)`` for every tensor name, shard by shard, resumably.
 
@@ -414,6 +424,13 @@ def merge_tensors(
         float tensors' elements, zero-padded); the float tensors then stream over chunks of ``chunk`` bytes (see
         :func:`merge`), the others through ``fn``.
       chunk: the flat chunk of ``elementwise`` ("16MiB" or bytes).
+      tensor_stats: when ``fn`` maps coordinates independently *given statistics of each tensor* (per-tensor
+        thresholds), ``tensor_stats(name, size, scan)`` computes them in passes over the tensor's chunks (``scan(f)``
+        calls ``f(base_chunk or None, finetuned_chunks, n)`` for each, ``n`` its unpadded size) and ``elementwise(base,
+        finetuned, stats)`` merges its chunks with them. Then only the float tensors larger than one chunk for which
+        ``chunk_if(name, input dtypes)`` holds (default: all) are chunked, each on its own chunks (its statistics
+        passes read it again, one chunk at a time); the others go whole through ``fn``.
+      chunk_if: see ``tensor_stats``.
       inputs, state_hook, chunked: internal (:func:`merge` runs its statistic passes in ``state_hook`` and its
         elementwise chains over flat chunks).
 
@@ -429,9 +446,23 @@ def merge_tensors(
     inp = inputs or _Inputs(base, finetuned)
     try:
         if chunked is None and elementwise is not None:
-            chunked = _Chunked(lambda dev: elementwise(dev[0], list(dev[1:])) if inp.has_base else
-                               elementwise(None, list(dev)), lambda name: fn(name, *inp.read(name)),
-                               max(1, parse_size(chunk) // 4))
+            def split(dev: list) -> tuple:
+                return (dev[0], list(dev[1:])) if inp.has_base else (None, list(dev))
+
+            elements = max(1, parse_size(chunk) // 4)
+            if tensor_stats is None:
+                chunked = _Chunked(lambda dev, _: elementwise(*split(dev)), lambda name: fn(name, *inp.read(name)),
+                                   elements)
+            else:
+                small = frozenset(n for n in inp.names if int(np.prod(inp.infos[n].shape, dtype=np.int64)) <= elements
+                                  or (chunk_if is not None and not chunk_if(n, [src.info(n).dtype
+                                                                                for src in inp.sources])))
+                def stats(name: str, scan: Callable) -> Any:
+                    size = int(np.prod(inp.infos[name].shape, dtype=np.int64))
+                    return tensor_stats(name, size, lambda f: scan(lambda dev, n: f(*split(dev), n)))
+
+                chunked = _Chunked(lambda dev, st: elementwise(*split(dev), st), lambda name: fn(name, *inp.read(name)),
+                                   elements, small, stats)
         infos = {
             n: TensorInfo(i.shape, np.dtype(out_dtype(i)) if out_dtype else i.dtype) for n, i in inp.infos.items()
         }
@@ -630,13 +661,20 @@ class OrbaxShardsSource:
 
 @dataclasses.dataclass(frozen=True)
 class _Chunked:
-    """An elementwise merge over flat chunks: ``compute(arrays)`` (the T + 1 inputs' flat chunks, or T without a
-    base, as device arrays) dispatches the merged flat chunk; ``whole(name)`` gives a tensor outside the chunks (non-float, empty)."""
+    """An elementwise merge over flat chunks: ``compute(arrays, stats)`` (the T + 1 inputs' flat chunks, or T without
+    a base, as device arrays) dispatches the merged flat chunk; ``whole(name)`` gives a tensor outside the chunks
+    (non-float, empty, or in ``wholes``).
 
-    compute: Callable[[list[jax.Array]], jax.Array]
+    With ``per_tensor``, every chunk holds one tensor's elements (tensors are not joined) and ``stats`` is
+    ``per_tensor(name, scan)``, computed before the tensor's first chunk is merged: ``scan(f)`` reads the tensor's
+    chunks again, one at a time, calling ``f(arrays, n)`` (``n``: the unpadded size). Otherwise ``stats`` is None.
+    """
+
+    compute: Callable[[list[jax.Array], Any], jax.Array]
     whole: Callable[[str], np.ndarray]
     elements: int
     wholes: frozenset[str] = frozenset()
+    per_tensor: Callable[[str, Callable], Any] | None = None
 
 
 def _chunk_bytes(c: Any) -> int:
@@ -645,44 +683,135 @@ def _chunk_bytes(c: Any) -> int:
 
 def _chunked_pass(ch: _Chunked, names: list[str], inp: _Inputs, infos: dict[str, TensorInfo], sink: _ShardSink,
                   budget: int, bar: Any) -> None:
-    """The merge pass over flat chunks: while chunk k is computed (XLA's threads), chunk k - 1 is written and chunk
-    k + 1 read (one thread, at most ``budget`` bytes ahead)."""
-    items = _plan_chunks(names, inp, ch.elements, ch.wholes)
+    """The merge pass over flat chunks, three stages overlapped: a reader thread fills chunks k + 1 .. k + d (at most
+    ``budget`` bytes ahead, into reused buffers), XLA computes chunk k, and a writer thread drains the finished chunks
+    k - 1, k - 2 into the output shards (at most :data:`_WRITE_DEPTH` waiting). File reads and writes release the
+    GIL, so the three proceed in parallel; the bounded queues keep host memory at a few chunks."""
+    items = _plan_chunks(names, inp, ch.elements, ch.wholes, join=ch.per_tensor is None)
     reader = _ChunkReader(inp)
-    pending: tuple[_Chunk, jax.Array, list[jax.Array], list[np.ndarray]] | None = None
+    largest = max((_chunk_bytes(c) for c in items), default=0)
+    writer = _Writer(bar)
+    stats: dict[str, Any] = {}  # the current tensor's statistics (per_tensor)
+    if ch.per_tensor is not None:
+        by_name: dict[str, list[_Chunk]] = collections.defaultdict(list)
+        for c in items:
+            if isinstance(c, _Chunk):
+                by_name[c.segments[0][0]].append(c)
+        stat_reader = _ChunkReader(inp)  # its own buffers (and cache): the reader thread is using the other's
 
-    def drain() -> None:
-        chunk, merged, _, bufs = pending  # (the inputs stay referenced until the program finished: see merge's call)
+        def tensor_stats(name: str) -> Any:
+            def scan(f: Callable[[list[jax.Array], int], None]) -> None:
+                for c in by_name[name]:
+                    bufs = stat_reader.read(c)
+                    dev = [_dev(x) for x in bufs]
+                    f(dev, c.size)  # f blocks on its program's results
+                    del dev
+                    stat_reader.recycle(bufs)
+                    _release_views()
+
+            if name not in stats:
+                stats.clear()
+                stats[name] = ch.per_tensor(name, scan)
+            return stats[name]
+
+    def write(item: "_Chunk | _Whole", merged: Any) -> int:
         host = np.asarray(merged)
+        if isinstance(item, _Whole):
+            sink.put(item.name, host.reshape(-1))
+            return inp.infos[item.name].nbytes * len(inp.sources)
         pos = 0
-        for name, _, n in chunk.segments:
+        for name, _, n in item.segments:
             sink.put(name, host[pos : pos + n])
             pos += n
-        del host
-        reader.recycle(bufs)  # the program has finished (its output is written): its inputs are free
-        if bar is not None:
-            bar.update(chunk.size * sum(dt.itemsize for dt in chunk.dtypes))
-        _release_views()
+        return item.size * sum(dt.itemsize for dt in item.dtypes)
 
-    ahead = min(budget, max((_chunk_bytes(c) for c in items), default=0))
-    for item, bufs in _pipelined(items, lambda c: reader.read(c) if isinstance(c, _Chunk) else None, ahead,
-                                 _chunk_bytes):
-        if isinstance(item, _Whole):
-            if pending is not None:
-                drain()
-                pending = None
-            sink.put(item.name, np.asarray(ch.whole(item.name)).reshape(-1))
-            if bar is not None:
-                bar.update(inp.infos[item.name].nbytes * len(inp.sources))
-            continue
-        dev = [_dev(x) for x in bufs]
-        merged = ch.compute(dev)  # dispatched asynchronously
-        if pending is not None:
-            drain()
-        pending = (item, merged, dev, bufs)
-        del dev, bufs
-    if pending is not None:
-        drain()
+    with writer, _chunk_allocations(largest // max(1, len(inp.sources))):
+        for item, bufs in _pipelined(items, lambda c: reader.read(c) if isinstance(c, _Chunk) else None,
+                                     min(budget, largest), _chunk_bytes):
+            if isinstance(item, _Whole):
+                writer.submit(write, item, np.asarray(ch.whole(item.name)))
+                continue
+            st = None if ch.per_tensor is None else tensor_stats(item.segments[0][0])
+            dev = [_dev(x) for x in bufs]
+            merged = jax.block_until_ready(ch.compute(dev, st))
+            del dev
+            reader.recycle(bufs)  # the program has finished: its inputs are free for the next reads
+            del bufs
+            writer.submit(write, item, merged)
+            del merged
+            _release_views()
+
+
+_WRITE_DEPTH = 2  # finished chunks waiting for (or in) the writer thread
+
+
+class _Writer:
+    """A writer thread draining ``fn(*args)`` calls in submission order, at most :data:`_WRITE_DEPTH` outstanding
+    (``submit`` waits for the oldest beyond that, and re-raises its error); ``fn`` returns the bytes it accounts
+    for on the progress bar. Leaving the ``with`` block waits for every write (or, on an error, for the running one,
+    dropping the queued ones)."""
+
+    def __init__(self, bar: Any):
+        self._bar = bar
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: collections.deque[Future] = collections.deque()
+
+    def _wait_oldest(self) -> None:
+        n = self._pending.popleft().result()
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def submit(self, fn: Callable[..., int], *args: Any) -> None:
+        while len(self._pending) >= _WRITE_DEPTH:
+            self._wait_oldest()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        try:
+            if kind is None:
+                while self._pending:
+                    self._wait_oldest()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pending.clear()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_MMAP_MAX = 32 << 20  # the largest M_MMAP_THRESHOLD glibc accepts on 64-bit
+
+
+@contextlib.contextmanager
+def _chunk_allocations(chunk_bytes: int):
+    """While the chunked pass runs, same-sized freed blocks (XLA's output of each chunk, the reader's buffers) are
+    reused from the malloc heaps instead of being unmapped and mapped again.
+
+    With :func:`_return_freed_memory`'s 1 MiB threshold each 16 MiB output was a fresh memory map whose pages fault
+    and are zeroed on first write: that made a task-arithmetic pass take 4-5x the CPU time (same process, alternated
+    runs). Here blocks up to ``2 x chunk_bytes`` (at most 32 MiB) come from the heaps and freed ones stay there for
+    the next chunk (the trim threshold is raised to two such blocks); the heaps of the threads involved then keep a
+    few freed chunks resident (peak RSS about 60-140 MiB higher with 16 MiB chunks, whatever the model size).
+    Afterwards the 1 MiB threshold is restored and the freed heap memory returned (``malloc_trim``). A no-op where
+    libc is not glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except (OSError, AttributeError):
+        yield
+        return
+    size = min(_MMAP_MAX, max(1 << 20, 2 * chunk_bytes))
+    libc.mallopt(_M_MMAP_THRESHOLD, size)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * size)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+        libc.malloc_trim(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -717,12 +846,13 @@ def _bucket(n: int, limit: int) -> int:
     return min(limit, max(_MIN_BUCKET, 1 << max(0, (n - 1).bit_length())))
 
 
-def _plan_chunks(names: Sequence[str], inp: "_Inputs", limit: int, whole: frozenset[str] = frozenset()
-                 ) -> list["_Chunk | _Whole"]:
+def _plan_chunks(names: Sequence[str], inp: "_Inputs", limit: int, whole: frozenset[str] = frozenset(),
+                 join: bool = True) -> list["_Chunk | _Whole"]:
     """The float tensors of ``names`` (in order) cut into chunks of at most ``limit`` elements; other tensors whole.
 
     A chunk holds consecutive tensors of one dtype signature (a tensor larger than ``limit`` spans several chunks;
-    a small one shares its chunk with its neighbours: one dispatch for many norms and biases).
+    a small one shares its chunk with its neighbours: one dispatch for many norms and biases), or with
+    ``join=False`` the elements of one tensor only.
     """
     items: list[_Chunk | _Whole] = []
     segs: list[tuple[str, int, int]] = []
@@ -743,7 +873,7 @@ def _plan_chunks(names: Sequence[str], inp: "_Inputs", limit: int, whole: frozen
             items.append(_Whole(name))
             continue
         s = tuple(np.dtype(src.info(name).dtype) for src in inp.sources)
-        if s != sig:
+        if s != sig or not join:
             flush()
             sig = s
         start = 0
@@ -893,7 +1023,7 @@ class _ShardSink:
 _PER_LEAF = (BreadcrumbsMask, Sum, Mean, DisjointMean, DisjointSum, DisjointMax, WeightedSum)
 _ELEMENTWISE = (Sum, Mean, DisjointMean, DisjointSum, DisjointMax, WeightedSum, ElectSign)
 _PER_MATRIX = (TSV, IsoC, IsoCTS, CART, WUDI, ModelStock)  # one leaf's output depends on that leaf alone
-_PATH_FIELDS = ("exclude", "transpose", "layout")  # the stage fields that make a leaf's output depend on its path
+_PATH_FIELDS = ("exclude", "transpose", "layout", "matrix_axes")  # the stage fields that make a leaf's output depend on its path
 
 Pos = tuple[int, ...]  # a stage's position: (i,) in the chain, (i, q) for stage q inside a Consensus at i
 
@@ -910,13 +1040,11 @@ def _factories() -> dict[str, tuple[Callable[..., Any], Callable[..., tuple]]]:
 
     return {
         "pcb": (merge_mod.pcb, lambda ratio: (PCB(ratio),)),
-        "tsv": (ms.tsv, lambda exclude: (TSV(exclude),)),
-        "iso_c": (ms.iso_c, lambda exclude: (IsoC(exclude),)),
-        "iso_cts": (ms.iso_cts, lambda common_fraction, layout, transpose, exclude: (
-            IsoCTS(common_fraction, layout, transpose, exclude),)),
-        "wudi": (ms.wudi, lambda steps, lr, normalize, layout, transpose, exclude, progress: (
-            WUDI(steps, lr, normalize, layout, transpose, exclude, False),)),  # the stream's bar shows progress
-        "cart": (ms.cart, lambda rank_ratio, coeff, exclude: (CART(rank_ratio, coeff, exclude),)),
+        "tsv": (ms.tsv, lambda **kw: ms.tsv_chain(**kw).stages),
+        "iso_c": (ms.iso_c, lambda **kw: ms.iso_c_chain(**kw).stages),
+        "iso_cts": (ms.iso_cts, lambda **kw: ms.iso_cts_chain(**kw).stages),
+        "wudi": (ms.wudi, lambda progress, **kw: ms.wudi_chain(progress=False, **kw).stages),  # the stream's bar
+        "cart": (ms.cart, lambda **kw: ms.cart_chain(**kw).stages),
         "consensus_ta": (ms.consensus_ta, lambda lam, k: (Consensus(consensus_ta_stages(), lam, k),)),
         "consensus_ties": (ms.consensus_ties, lambda lam, k, density: (
             Consensus(consensus_ties_stages(density), lam, k),)),
@@ -997,7 +1125,7 @@ def _tag(pos: Pos) -> str:
 
 
 def _path_sensitive(m: Merger) -> list[Any]:
-    return [s for _, s in _positions(m) if any(getattr(s, f, None) is not None for f in _PATH_FIELDS)]
+    return [s for _, s in _positions(m) if any(getattr(s, f, None) not in (None, ()) for f in _PATH_FIELDS)]
 
 
 def _leaf_paths(m: Merger, names: Sequence[str]) -> dict[str, str]:
@@ -1015,6 +1143,8 @@ def _leaf_paths(m: Merger, names: Sequence[str]) -> dict[str, str]:
             out.append(None if exclude is None else re.search(exclude, name) is not None)
             if getattr(s, "layout", None) is not None:
                 out.append(transposes(name, s.layout, getattr(s, "transpose", None)))
+            rules = getattr(s, "matrix_axes", None) or ()
+            out.append(next((q for q, (rx, _) in enumerate(rules) if re.search(rx, name)), None))
         return tuple(out)
 
     first: dict[tuple, str] = {}
@@ -1141,16 +1271,95 @@ def _prefix_impl(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, 
 
 
 @functools.partial(jax.jit, static_argnums=1, static_argnames=("path",))  # the chain's data fields are traced
-def _prefix(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, path: str = _LEAF) -> list:
-    """The T per-task leaves entering the stage at ``upto`` (for the statistic passes)."""
-    return [tv[path] for tv in _prefix_impl(m, upto, stats, i, base, fts, key, weights, path)]
-
-
-@functools.partial(jax.jit, static_argnums=1, static_argnames=("path",))
-def _prefix_sign(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, path: str = _LEAF) -> jax.Array:
-    """The raw elected sign of one leaf at the ElectSign at ``upto`` (for the majority pass)."""
+def _sign_counts(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, n, path: str = _LEAF) -> jax.Array:
+    """[#positive, #negative] raw elected signs of one unit at the ElectSign at ``upto`` (its first ``n`` entries;
+    all with ``n=None``), counted on the device (the majority pass)."""
     tvs = _prefix_impl(m, upto, stats, i, base, fts, key, weights, path)
-    return _raw_sign(_stage_at(m.with_weights(weights), upto), tvs)
+    raw = _raw_sign(_stage_at(m.with_weights(weights), upto), tvs).reshape(-1)
+    valid = True if n is None else jnp.arange(raw.size) < n
+    return jnp.stack([jnp.sum((raw > 0) & valid, dtype=jnp.int32), jnp.sum((raw < 0) & valid, dtype=jnp.int32)])
+
+
+DEVICE_HISTOGRAM: bool | None = None
+"""Where the global trim's 16-bit histograms are counted: ``True``: on the device (a jitted scatter-add per unit,
+int32 bins; fast on GPU/TPU); ``False``: the device computes each entry's 16-bit digit (|x|'s bits, shifted and
+filtered, fused with the task-vector program) and the host counts them with ``numpy.bincount`` (on CPU XLA's
+scatter-add took 14 ns per entry, ``bincount`` of the uint16 digits about 2); ``None`` (default): the device unless
+the backend is CPU. Both give the same counts."""
+
+
+def _device_histogram() -> bool:
+    return jax.default_backend() != "cpu" if DEVICE_HISTOGRAM is None else bool(DEVICE_HISTOGRAM)
+
+
+@functools.partial(jax.jit, static_argnums=1, static_argnames=("shift", "filtered", "on_device", "path"))
+def _trim_digits(m: Merger, upto: Pos, stats: dict, i, base, fts, key, weights, n, prefix, *, shift: int,
+                 filtered: bool, on_device: bool, path: str = _LEAF) -> list:
+    """Per task, the 16-bit histogram digits ``(bits(|tau|) >> shift) & 0xFFFF`` of one unit at the global Trim at
+    ``upto``, over its first ``n`` entries (all with ``n=None``) whose higher bits equal ``prefix[t]`` when
+    ``filtered``.
+
+    Returns, per task, :func:`magnitude_digits` of tau_t there (for :func:`count_digits`).
+    """
+    out = []
+    for t, tv in enumerate(_prefix_impl(m, upto, stats, i, base, fts, key, weights, path)):
+        x = tv[path].reshape(-1)
+        if x.dtype != jnp.float32:
+            raise ValueError(f"streaming global trim supports float32 task vectors, got {x.dtype}")
+        out.append(magnitude_digits(x, n, prefix[t], shift=shift, filtered=filtered, on_device=on_device))
+    return out
+
+
+def magnitude_digits(x: jax.Array, n: Any, prefix: jax.Array, *, shift: int, filtered: bool, on_device: bool
+                     ) -> Any:
+    """The 16-bit digits ``(bits(|x|) >> shift) & 0xFFFF`` of a float32 array (traced, inside a jitted program) over
+    its first ``n`` entries (all with ``n=None``) whose higher bits equal ``prefix`` when ``filtered``: their int32
+    histogram (``on_device``), else for :func:`count_digits` ``(digits as uint16, #entries left out)`` (their digit
+    set to 0), or when ``filtered`` (a few entries kept) ``(digits, kept mask)``."""
+    x = x.reshape(-1)
+    bits = lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)
+    digit = (bits >> shift) & 0xFFFF
+    valid = jnp.ones(x.shape, bool) if n is None else jnp.arange(x.size) < n
+    if filtered:
+        valid = valid & ((bits >> (shift + 16)) == prefix)
+    if on_device:
+        return jnp.zeros(1 << 16, jnp.int32).at[digit].add(valid.astype(jnp.int32))
+    if filtered:
+        return digit.astype(jnp.uint16), valid
+    return jnp.where(valid, digit, 0).astype(jnp.uint16), jnp.sum(~valid, dtype=jnp.int32)
+
+
+def count_digits(out: Any, on_device: bool) -> np.ndarray:
+    """The int64 65536-bin histogram of :func:`magnitude_digits`'s result (the host counts the kept digits, or all
+    digits less the left-out entries' digit 0)."""
+    if on_device:
+        return np.asarray(out).astype(np.int64)
+    digits, rest = np.asarray(out[0]), np.asarray(out[1])
+    if rest.dtype == np.bool_:
+        return np.bincount(digits[rest], minlength=1 << 16)
+    h = np.bincount(digits, minlength=1 << 16)
+    h[0] -= int(rest)
+    return h
+
+
+def _digit_pass(scan: Callable, m: Merger, upto: Pos, T: int, p: int, prefix: list[int], desc: str) -> np.ndarray:
+    """One histogram pass of the global Trim at ``upto`` (pass ``p``: bits ``31 - 16p .. 16 - 16p`` of |tau|, among
+    the entries whose higher bits equal ``prefix``), over every unit ``scan`` runs: [T, 65536] int64 counts."""
+    hist = np.zeros((T, 1 << 16), np.int64)
+    on_device = _device_histogram()
+    g = functools.partial(_trim_digits, m, upto, shift=16 - 16 * p, filtered=p > 0, on_device=on_device)
+    pre = jnp.asarray(np.asarray(prefix, np.uint32))
+
+    def count(label: str, run: Callable) -> None:
+        try:
+            outs = run(g, pre)
+        except ValueError as e:
+            raise ValueError(f"tensor {label!r}: {e}") from None
+        for t, o in enumerate(outs):
+            hist[t] += count_digits(o, on_device)
+
+    scan(count, desc)
+    return hist
 
 
 @functools.partial(jax.jit, static_argnums=1, static_argnames=("name", "mode", "path"))
@@ -1304,7 +1513,7 @@ def merge(
     Chains whose stages all act coordinate by coordinate (``average``, ``task_arithmetic``, ``ties`` with the global
     trim, any chain of Trim(scope="global"), ElectSign and the Sum/Mean/Disjoint*/WeightedSum reductions) run over
     flat chunks of ``chunk`` bytes that join small tensors and cut large ones, so host memory stays about
-    (2T + 4) chunks whatever the tensor sizes and the program compiles once per dtype (and chunk-size bucket), not
+    (2T + 5) chunks whatever the tensor sizes and the program compiles once per dtype (and chunk-size bucket), not
     once per tensor shape. Other chains (``dare``, ``breadcrumbs``, per-tensor trims) run tensor by tensor (peak
     about (T + 2) x the largest tensor + ``readahead``).
 
@@ -1351,7 +1560,7 @@ def merge(
             inp.close()
             raise ValueError("method average takes fine-tuned checkpoints, not task vectors (ternary experts)")
         try:
-            chunked = _Chunked(lambda dev: _average_jit(tuple({_LEAF: x} for x in dev))[_LEAF],
+            chunked = _Chunked(lambda dev, _: _average_jit(tuple({_LEAF: x} for x in dev))[_LEAF],
                                lambda name: inp.sources[0].read(name), elements)
             return merge_tensors(avg, None, finetuned, out, fingerprint="average", inputs=inp, chunked=chunked,
                                  **common)
@@ -1405,28 +1614,30 @@ def merge(
 
             def scan(f: Callable[[str, Callable], None], desc: str) -> None:
                 bar = _progress(sum(c.size * sum(d.itemsize for d in c.dtypes) for c in units), progress, desc)
-                for c, bufs in _pipelined(units, reader.read, ahead, _chunk_bytes):
-                    f(c.segments[0][0], lambda g, c=c, bufs=bufs: [np.asarray(x)[: c.size]
-                                                                   for x in _as_list(call(g, zero, bufs[0], bufs[1:]))])
-                    reader.recycle(bufs)  # f has consumed the program's (finished) results
-                    del bufs
-                    if bar is not None:
-                        bar.update(c.size * sum(d.itemsize for d in c.dtypes))
-                    _release_views()
+                with _chunk_allocations(max((_chunk_bytes(c) for c in units), default=0) // len(inp.sources)):
+                    for c, bufs in _pipelined(units, reader.read, ahead, _chunk_bytes):
+                        def run(g: Callable, *extra: Any, bufs: list = bufs, n: jax.Array = jnp.int32(c.size)) -> Any:
+                            return call(g, zero, bufs[0], bufs[1:], n, *extra)  # n: the chunk's unpadded size
+
+                        f(c.segments[0][0], run)
+                        reader.recycle(bufs)  # f has consumed the program's (finished) results
+                        del bufs
+                        if bar is not None:
+                            bar.update(c.size * sum(d.itemsize for d in c.dtypes))
+                        _release_views()
                 if bar is not None:
                     bar.close()
         else:
             def size(n: str) -> int:
                 return inp.infos[n].nbytes * len(inp.sources)
 
-            def scan(f: Callable[[str, Callable], None], desc: str, raw: bool = False) -> None:
+            def scan(f: Callable[[str, Callable], None], desc: str) -> None:
                 bar = _progress(sum(size(n) for n in names), progress, desc)
                 for n, (b, fts) in _pipelined(names, inp.read, budget, size):
-                    def get(g: Callable, n: str = n, b: np.ndarray = b, fts: list = fts) -> Any:
-                        out = jax.device_get(call(g, jnp.int32(index[n]), b, fts, name=n))
-                        return out if raw else [np.asarray(x) for x in _as_list(out)]
+                    def run(g: Callable, *extra: Any, n: str = n, b: np.ndarray = b, fts: list = fts) -> Any:
+                        return call(g, jnp.int32(index[n]), b, fts, None, *extra, name=n)
 
-                    f(n, get)
+                    f(n, run)
                     if bar is not None:
                         bar.update(size(n))
                     _release_views()
@@ -1440,22 +1651,21 @@ def merge(
             if isinstance(s, Trim) and s.scope == "global":
                 dens = s.density if isinstance(s.density, (tuple, list)) else (s.density,) * T
                 ks = [rank_from_fraction(d, n_float) for d in dens]
-                prefix = functools.partial(_prefix, m, pos)
                 value = state.stat(f"trim{tag}", lambda: _global_thresholds(
-                    lambda f, d: scan(lambda label, get: f(label, get(prefix)), d), ks, f"trim (stage {tag})"))
+                    functools.partial(_digit_pass, scan, m, pos, T), ks, f"trim (stage {tag})"))
                 stats[f"trim{tag}"] = jnp.asarray(value, jnp.float32)
             elif isinstance(s, ElectSign):
-                prefix = functools.partial(_prefix_sign, m, pos)
+                counts = functools.partial(_sign_counts, m, pos)
                 value = state.stat(f"sign{tag}", lambda: _majority_sign(
-                    lambda f, d: scan(lambda label, get: f(get(prefix)[0]), d), f"sign (stage {tag})"))
+                    lambda f, d: scan(lambda label, run: f(run(counts)), d), f"sign (stage {tag})"))
                 stats[f"sign{tag}"] = jnp.asarray(value, jnp.int32)
             elif _has_host_stats(s) and not isinstance(s, Trim):  # PCB: the stage's own statistics, streamed
                 def stat_scan(f: Callable[[str, Any], None], desc: str, name: Any, given: Any, mode: str,
                               pos: Pos = pos) -> None:
-                    def prog(st, i, b, fts, k, w, path=_LEAF):
+                    def prog(st, i, b, fts, k, w, n, path=_LEAF):
                         return _stat_values(m, pos, st, i, b, fts, k, w, given, name=name, mode=mode, path=path)
 
-                    scan(lambda label, get: f(label, get(prog)), desc, raw=True)
+                    scan(lambda label, run: f(label, jax.device_get(run(prog))), desc)
 
                 runner = _StreamRunner(stat_scan, n_float, T, f"stage {tag}")
                 value = state.stat(f"given{tag}", lambda: _encode(s.host_stats(runner)))
@@ -1482,7 +1692,7 @@ def merge(
                 b = inp.sources[0].read(name)
                 return b if not _is_float(b.dtype) else np.zeros(b.shape, b.dtype)  # an empty float tensor
 
-            chunked = _Chunked(lambda dev: _merge_leaf(m, dict(stats), zero, dev[0], inp.wrap(dev[1:]), key,
+            chunked = _Chunked(lambda dev, _: _merge_leaf(m, dict(stats), zero, dev[0], inp.wrap(dev[1:]), key,
                                                            weights, lam),
                                whole, elements, frozenset(head))
         return merge_tensors(fn, base, finetuned, out, fingerprint=fingerprint, state_hook=run_passes, inputs=inp,
@@ -1515,20 +1725,28 @@ def _as_list(x: Any) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _mag_bits(x: np.ndarray, name: str) -> np.ndarray:
-    if x.dtype != np.float32:
-        raise ValueError(f"tensor {name!r}: streaming global trim supports float32 task vectors, got {x.dtype}")
-    return np.abs(x).reshape(-1).view(np.uint32)
-
-
 Scan = Callable[[Callable[..., None], str], None]
 
 
+def _radix_passes(count_pass: Callable[[int, list[int], str], np.ndarray], ks: list[int], width: Callable[[], int],
+                  desc: str) -> list[int]:
+    """Per group g, the exact ks[g]-th largest of unsigned integer keys (ties counted with multiplicity), 16 bits per
+    pass from the top: pass p's ``count_pass(p, prefix, desc)`` gives the [G, 65536] counts of the next 16 bits of
+    the keys whose higher bits equal the prefix chosen so far, and the bin holding the k-th largest extends it (two
+    passes for 32-bit keys). ``width()`` is the keys' width in bits, known once the first pass has run."""
+    prefix, rank = [0] * len(ks), list(ks)
+    p = 0
+    while p == 0 or 16 * p < width():
+        hist = count_pass(p, prefix, f"{desc} pass {p + 1}")
+        for g in range(len(ks)):
+            b, rank[g] = _hist_select(hist[g], rank[g])
+            prefix[g] = (prefix[g] << 16) | b
+        p += 1
+    return prefix
+
+
 def _kth_keys(scan: Scan, ks: list[int], desc: str, nbits: Callable[[], int | None] | int = 32) -> list[int]:
-    """Per group g, the exact ks[g]-th largest of unsigned integer keys over every unit of the model (ties counted
-    with multiplicity), by histogram passes of 16 bits from the top: pass p counts the next 16 bits of the keys whose
-    higher bits equal the prefix chosen so far and picks the bin holding the k-th largest (two passes for 32-bit
-    keys).
+    """Per group g, the exact ks[g]-th largest of unsigned integer keys counted on the host (:func:`_radix_passes`).
 
     Args:
       scan: ``scan(f, desc)`` calls ``f(label, keys)`` for every unit of the model (a tensor or a flat chunk;
@@ -1541,42 +1759,39 @@ def _kth_keys(scan: Scan, ks: list[int], desc: str, nbits: Callable[[], int | No
       The G keys.
     """
     G = len(ks)
-    prefix, rank = [0] * G, list(ks)
-    p, width = 0, nbits if isinstance(nbits, int) else None
-    while width is None or 16 * p < width:
-        shift = None if width is None else width - 16 * (p + 1)
+    width = nbits if isinstance(nbits, int) else None
+
+    def count_pass(p: int, prefix: list[int], d: str) -> np.ndarray:
         hist = np.zeros((G, 1 << 16), np.int64)
 
         def count(label: str, keys: list[np.ndarray]) -> None:
-            nonlocal width, shift
+            nonlocal width
             for g, key in enumerate(keys):
                 key = np.asarray(key).reshape(-1)
                 if width is None:
                     width = 8 * key.dtype.itemsize
-                if shift is None:
-                    shift = width - 16
+                shift = width - 16 * (p + 1)
                 if p:
                     key = key[(key >> (shift + 16)) == prefix[g]]
                 hist[g] += np.bincount(((key >> shift) & 0xFFFF).astype(np.intp), minlength=1 << 16)
 
-        scan(count, f"{desc} pass {p + 1}")
+        scan(count, d)
         if width is None:  # no unit at all
             raise ValueError(f"{desc}: the model has no float tensor to rank")
-        for g in range(G):
-            b, rank[g] = _hist_select(hist[g], rank[g])
-            prefix[g] = (prefix[g] << 16) | b
-        p += 1
-    return prefix
+        return hist
+
+    return _radix_passes(count_pass, ks, lambda: width, desc)
 
 
-def _global_thresholds(scan: Scan, ks: list[int], desc: str) -> list[float]:
+def _global_thresholds(count_pass: Callable[[int, list[int], str], np.ndarray], ks: list[int], desc: str
+                       ) -> list[float]:
     """Per task t, the exact k_t-th largest |x| over every float tensor (k = 0 gives +inf: nothing kept).
 
-    The bits of a non-negative float32 order like the float, so :func:`_kth_keys` on them (two passes) gives it.
+    The bits of a non-negative float32 order like the float, so :func:`_radix_passes` on them (two passes) gives it.
 
     Args:
-      scan: ``scan(f, desc)`` calls ``f(label, leaves)`` for every unit of the model (a tensor or a flat chunk;
-        ``leaves`` are the T task vectors' values there, ``label`` names it in errors).
+      count_pass: ``count_pass(p, prefix, desc)``: the [T, 65536] histogram of pass p over the model
+        (:func:`_digit_pass`).
       ks: k_t per task.
       desc: progress bar label.
 
@@ -1586,8 +1801,7 @@ def _global_thresholds(scan: Scan, ks: list[int], desc: str) -> list[float]:
     T = len(ks)
     if not any(ks):
         return [float("inf")] * T
-    keys = _kth_keys(lambda f, d: scan(lambda label, leaves: f(label, [_mag_bits(x, label) for x in leaves]), d),
-                     [max(k, 1) for k in ks], desc, 32)
+    keys = _radix_passes(count_pass, [max(k, 1) for k in ks], lambda: 32, desc)
     values = np.asarray(keys, np.uint32).view(np.float32)
     return [float(v) if k > 0 else float("inf") for v, k in zip(values, ks)]
 
@@ -1596,7 +1810,8 @@ def _majority_sign(scan: Scan, desc: str) -> int:
     """sgn(#positive - #negative elected signs) over the whole model: ElectSign's rule for zero sums.
 
     Args:
-      scan: ``scan(f, desc)`` calls ``f(raw_sign)`` with the raw elected signs of every unit of the model.
+      scan: ``scan(f, desc)`` calls ``f(counts)`` with [#positive, #negative] raw elected signs of every unit of the
+        model (:func:`_sign_counts`).
       desc: progress bar label.
 
     Returns:
@@ -1604,10 +1819,11 @@ def _majority_sign(scan: Scan, desc: str) -> int:
     """
     pos = neg = 0
 
-    def count(s: np.ndarray) -> None:
+    def count(counts: Any) -> None:
         nonlocal pos, neg
-        pos += int(np.count_nonzero(s > 0))
-        neg += int(np.count_nonzero(s < 0))
+        c = np.asarray(counts)
+        pos += int(c[0])
+        neg += int(c[1])
 
     scan(count, desc)
     return int(np.sign(pos - neg))

@@ -204,7 +204,8 @@ def test_cli_refuses_unsupported_config_in_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("case", DETERMINISTIC)
 def test_run_config_equals_in_memory_bit_for_bit(case, in_fixtures, tmp_path, monkeypatch):
-    """Streaming (flat chunks for coordinatewise configs, tensor by tensor otherwise) writes merge_tensor's bits."""
+    """Streaming writes merge_tensor's bits: flat chunks for coordinatewise configs; for TIES and Breadcrumbs each
+    tensor over its own 32-entry chunks after its band passes; DARE tensor by tensor."""
     from mergejax import stream
 
     cfg = mc.load_config(FIX / "configs" / f"{case}.yaml").resolve()
@@ -215,8 +216,11 @@ def test_run_config_equals_in_memory_bit_for_bit(case, in_fixtures, tmp_path, mo
     for engine in ("_chunked_pass", "_per_tensor_pass"):
         real = getattr(stream, engine)
         monkeypatch.setattr(stream, engine, lambda *a, _real=real, _e=engine: (engines.append(_e), _real(*a))[1])
-    got = _read(mc.run_config(cfg, tmp_path / "out", progress=False, chunk="4KiB", max_shard_size="64KB"))
-    assert engines == ["_chunked_pass" if mc.coordinatewise(cfg) else "_per_tensor_pass"]
+    got = _read(mc.run_config(cfg, tmp_path / "out", progress=False, chunk="128B", max_shard_size="64KB"))
+    chunked = mc.coordinatewise(cfg) or mc.band_chunked(cfg)
+    assert mc.band_chunked(cfg) == (cfg.method in ("ties", "breadcrumbs", "breadcrumbs_ties")
+                                    and not mc.coordinatewise(cfg))
+    assert engines == ["_chunked_pass" if chunked else "_per_tensor_pass"]
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name].dtype == np.asarray(want[name]).dtype, name
@@ -233,3 +237,43 @@ def test_chunked_config_bf16(in_fixtures, tmp_path):
     for name in want:
         assert got[name].dtype.name == "bfloat16", name
         np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
+
+
+@pytest.mark.parametrize("method, params, dtype", [
+    ("ties", [{"weight": 1.0, "density": 0.3}, {"weight": 0.6, "density": 0.05}], "float32"),
+    ("ties", [{"weight": 1.0, "density": 0.0}, {"weight": 0.5, "density": 1.0}], "float32"),
+    ("breadcrumbs", [{"weight": 1.0, "density": 0.4, "gamma": 0.1}, {"weight": 0.7, "density": 0.2, "gamma": 0.0}],
+     "float32"),
+    ("breadcrumbs_ties", [{"weight": 0.8, "density": 0.5, "gamma": 0.3}, {"weight": 1.0, "density": 0.9,
+                                                                            "gamma": 0.2}], "bfloat16"),
+], ids=["ties", "ties-density-0-and-1", "breadcrumbs", "breadcrumbs_ties-bf16"])
+def test_band_chunked_tensors_equal_in_memory(tmp_path, method, params, dtype):
+    """Tensors larger than one chunk stream over their own chunks after the exact band passes (many tied
+    magnitudes, ranks at the band's ends), bit for bit equal to the in-memory per-tensor merge."""
+    from mergejax import stream
+    from mergejax.convert.io import write_sharded_safetensors
+
+    rng = np.random.default_rng(7)
+    shapes = {"a.weight": (40, 70), "b.weight": (3001,), "c.norm": (16,), "d.weight": (64, 64)}
+    levels = np.float32([-3, -1, -0.5, 0, 0.25, 0.5, 2])  # heavy ties among the |delta|
+    base_t = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    models = [base_t] + [{k: v + rng.choice(levels, v.shape) for k, v in base_t.items()} for _ in range(2)]
+    paths = []
+    for m, tensors in enumerate(models):
+        write_sharded_safetensors(tmp_path / f"m{m}", tensors, max_shard_size="8KB")
+        paths.append(tmp_path / f"m{m}")
+    cfg = mc.parse_config({"merge_method": method, "base_model": str(paths[0]), "dtype": dtype,
+                           "models": [{"model": str(p), "parameters": q} for p, q in zip(paths[1:], params)]})
+    assert mc.band_chunked(cfg)
+    base, fts = _inputs(cfg)
+    want = mc.merge_in_memory(cfg, base, fts)
+    seen = []
+    real = mc.tensor_bands
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mc, "tensor_bands", lambda *a: (seen.append(a[1]), real(*a))[1])
+        got = _read(mc.run_config(cfg, tmp_path / "out", progress=False, chunk="1KiB", max_shard_size="16KB"))
+    assert sorted(seen) == ["a.weight", "b.weight", "d.weight"]  # c.norm fits one chunk: whole
+    for name in want:
+        assert got[name].dtype == np.asarray(want[name]).dtype, name
+        np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
+    assert not list((tmp_path / "out").glob("*.partial")) and not (tmp_path / "out" / stream.STATE_FILE).exists()

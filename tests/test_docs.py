@@ -86,7 +86,7 @@ def test_readme_sota_example_runs():
 
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     start = text.index("## Newer data-free methods")
-    (block,) = re.findall(r"```python\n(.*?)```", text[start : text.index("\n## ", start + 3)], re.S)
+    block = re.findall(r"```python\n(.*?)```", text[start : text.index("\n## ", start + 3)], re.S)[0]
 
     def model(seed):
         k = jax.random.split(jax.random.key(seed), 3)

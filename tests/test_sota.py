@@ -477,7 +477,7 @@ def test_readme_sota_example_runs():
 
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     start = text.index("## Newer data-free methods")
-    (block,) = re.findall(r"```python\n(.*?)```", text[start : text.index("\n## ", start + 3)], re.S)
+    block, conv_block = re.findall(r"```python\n(.*?)```", text[start : text.index("\n## ", start + 3)], re.S)
 
     def model(seed):
         k = jax.random.split(jax.random.key(seed), 3)
@@ -487,6 +487,10 @@ def test_readme_sota_example_runs():
     env = {"mj": mj, "base": model(0), "ft_a": model(1), "ft_b": model(2), "ft_c": model(3)}
     exec(compile(block, "README.md", "exec"), env)
     assert env["size"]["masks_bitmap"] > 0
+    (b, f), (tb, tf) = make_conv_models(seed=40, T=2), make_conv_models(seed=40, T=2, torch_layout=True)
+    conv_env = {"mj": mj, "base_cnn": b, "fts_cnn": f, "base_pt": tb, "fts_pt": tf}
+    exec(compile(conv_block, "README.md", "exec"), conv_env)
+    assert conv_env["merged"]["Conv_0"]["kernel"].shape == (6, 4, 3, 3)
 
 
 def test_tall_masks_match_reference_and_recover_models():
@@ -521,3 +525,225 @@ def test_matrix_batch_modes_agree(monkeypatch):
     monkeypatch.setenv("MERGEJAX_MATRIX_BATCH", "loop")
     with pytest.raises(ValueError, match="MERGEJAX_MATRIX_BATCH"):
         batch_mode()
+
+
+# ----------------------------------------------------------------------------------------------------- N-D kernels
+def make_conv_tree(rng, *, torch_layout=False):
+    """A tiny conv net, Flax layout ((kh, kw, in, out) kernels) or its PyTorch state dict ((out, in, kh, kw))."""
+    def f(shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    flax = {
+        "Conv_0": {"kernel": f((3, 3, 4, 6)), "bias": f((6,))},
+        "Conv_1": {"kernel": f((3, 3, 6, 6))},
+        "Conv_2": {"kernel": f((1, 1, 6, 6))},  # a 1x1 conv: (6, 6) as a matrix
+        "BatchNorm_0": {"scale": f((6,)), "bias": f((6,))},
+        "Dense_0": {"kernel": f((6, 5)), "bias": f((5,))},
+    }
+    return jax.tree.map(jnp.asarray, to_torch(flax) if torch_layout else flax)
+
+
+def to_torch(tree):
+    """Flax conv kernels (kh, kw, in, out) -> (out, in, kh, kw) and dense (in, out) -> (out, in), by path."""
+    def leaf(path, x):
+        if path.endswith("kernel"):
+            return np.transpose(x, (3, 2, 0, 1)) if x.ndim == 4 else x.T
+        return x
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return jax.tree_util.tree_unflatten(treedef, [leaf(mj.tree.path_str(p), np.asarray(x)) for p, x in flat])
+
+
+def make_conv_models(seed=0, T=3, torch_layout=False):
+    rng = RNG(seed)
+    return (make_conv_tree(rng, torch_layout=torch_layout),
+            [make_conv_tree(rng, torch_layout=torch_layout) for _ in range(T)])
+
+
+def expected_conv(base, fts, matrix_ref, *, torch_orient, scale=1.0):
+    """numpy: every kernel viewed as (prod(shape[:-1]), shape[-1]), transposed when ``torch_orient``, merged by
+    ``matrix_ref`` and reshaped back; other leaves averaged."""
+    merged = {}
+    for path, xs in tvs_np(base, fts).items():
+        if path.endswith("kernel"):
+            shape = xs[0].shape
+            mats = [x.reshape(-1, shape[-1]) for x in xs]
+            m = matrix_ref([x.T for x in mats]).T if torch_orient else matrix_ref(mats)
+            merged[path] = np.asarray(m).reshape(shape)
+        else:
+            merged[path] = np.mean(xs, axis=0)
+    return {p: np.asarray(b, np.float32) + scale * merged[p] for p, b in paths_and_leaves(base)}
+
+
+CONV_METHODS = {
+    "tsv": (lambda **kw: mj.tsv_chain(**kw), R.tsv, False),
+    "iso_c": (lambda **kw: mj.iso_c_chain(**kw), R.iso_c, False),
+    "iso_cts": (lambda **kw: mj.iso_cts_chain(common_fraction=0.5, **kw), lambda xs: R.iso_cts(xs, 0.5), True),
+    "cart": (lambda **kw: mj.cart_chain(rank_ratio=0.25, coeff=1.5, **kw), lambda xs: R.cart(xs, 0.25, 1.5), False),
+    "wudi": (lambda **kw: mj.wudi_chain(steps=15, lr=1e-3, progress=False, **kw), lambda xs: R.wudi(xs, 15, 1e-3),
+             True),
+}
+
+
+@pytest.mark.parametrize("method", list(CONV_METHODS))
+def test_matrix_axes_merges_conv_kernels_as_matrices(method):
+    """matrix_axes=-1: a Flax conv kernel is the (kh*kw*in, out) matrix (oriented (out, kh*kw*in) where the method
+    is not transpose-invariant), against the numpy references; the PyTorch copy of the same net (layout="torch",
+    matrix_axes=1, (out, in*kh*kw)) merges to the same weights."""
+    factory, matrix_ref, torch_orient = CONV_METHODS[method]
+    base, fts = make_conv_models(seed=31)
+    got = factory(matrix_axes=-1)(base, fts, scale=0.8)
+    want = expected_conv(base, fts, matrix_ref, torch_orient=torch_orient, scale=0.8)
+    for path, g in paths_and_leaves(got):
+        np.testing.assert_allclose(np.asarray(g), want[path], atol=3e-4, err_msg=path)
+    tbase, tfts = make_conv_models(seed=31, torch_layout=True)
+    kw = {"layout": "torch"} if torch_orient else {}
+    tgot = factory(matrix_axes=1, **kw)(tbase, tfts, scale=0.8)
+    for (path, g), (_, t) in zip(paths_and_leaves(to_torch(jax.device_get(got))), paths_and_leaves(tgot)):
+        np.testing.assert_allclose(np.asarray(t), np.asarray(g), atol=3e-4, err_msg=path)
+
+
+def test_conv_net_default_averages_kernels_and_warns():
+    base, fts = make_conv_models(seed=32)
+    with pytest.warns(UserWarning, match=r"tsv: 7 of 8 float leaves \(599 of 629 parameters, 95%\) are not matrices.*"
+                                         r"3 of them have more than two axes.*matrix_axes=-1"):
+        got = mj.tsv(base, fts)
+    tvs = tvs_np(base, fts)
+    np.testing.assert_allclose(np.asarray(got["Conv_1"]["kernel"]),
+                               np.asarray(base["Conv_1"]["kernel"]) + np.mean(tvs["Conv_1/kernel"], 0), atol=1e-6)
+    with pytest.warns(UserWarning, match="wudi: 7 of 8"):
+        mj.wudi(base, fts, steps=2, progress=False)  # leaf by leaf: the merge checks the whole model once
+    with pytest.warns(UserWarning, match="iso_cts: 7 of 8"):
+        jax.jit(lambda b, f: mj.iso_cts(b, f, check_finite=False))(base, fts)  # shapes suffice: warned while tracing
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mj.tsv_chain(matrix_axes=-1)(base, fts)  # every kernel a matrix now: 97% of the parameters
+        mb, mf = make_models(seed=33)
+        mj.tsv(mb, mf)  # a transformer-like tree: mostly matrices, no warning
+
+
+def test_matrix_axes_rules_and_errors():
+    from mergejax.ops.matrix import matrix_axes_rules, matrix_view
+
+    assert matrix_axes_rules(None) == () and matrix_axes_rules(-1) == (("", -1),)
+    assert matrix_axes_rules({"query": 1, "out": -1}) == (("query", 1), ("out", -1))
+    assert matrix_view("a/query/kernel", (8, 2, 4), matrix_axes_rules({"query": 1, "out": -1})) == (8, 8)
+    assert matrix_view("a/out/kernel", (2, 4, 8), matrix_axes_rules({"query": 1, "out": -1})) == (8, 8)
+    assert matrix_view("a/mlp/kernel", (2, 4, 8), matrix_axes_rules({"query": 1})) is None
+    assert matrix_view("x", (3, 4), ()) == (3, 4) and matrix_view("x", (3,), (("", -1),)) is None
+    for bad in (0, True, "1", {"a": 0}, [("a",)]):
+        with pytest.raises(ValueError, match="matrix_axes"):
+            mj.TSV(matrix_axes=bad)
+    base, fts = make_conv_models(seed=34)
+    with pytest.raises(ValueError, match=r"matrix_axes=4 does not split the leaf Conv_0/kernel of shape \(3, 3, 4, 6\)"):
+        mj.tsv_chain(matrix_axes=4)(base, fts)
+
+
+def test_matrix_axes_per_path_and_leaf_schedule():
+    """A {regex: k} rule applies to the matching N-D leaves only; WUDI leaf by leaf equals the single program."""
+    base, fts = make_conv_models(seed=35)
+    m = mj.wudi_chain(steps=6, lr=1e-3, progress=False, matrix_axes={r"Conv_[01]/": -1})
+    leaves, program = m(base, fts, schedule="leaves"), m(base, fts, schedule="program")
+    for (path, a), (_, b) in zip(paths_and_leaves(leaves), paths_and_leaves(program)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=path)
+    tvs = tvs_np(base, fts)
+    np.testing.assert_allclose(np.asarray(leaves["Conv_2"]["kernel"]),  # no rule: averaged
+                               np.asarray(base["Conv_2"]["kernel"]) + np.mean(tvs["Conv_2/kernel"], 0), atol=1e-6)
+    assert not np.allclose(np.asarray(leaves["Conv_0"]["kernel"]),
+                           np.asarray(base["Conv_0"]["kernel"]) + np.mean(tvs["Conv_0/kernel"], 0), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------- factories
+def test_chain_factories_are_what_the_named_methods_run():
+    base, fts = make_models(seed=36, T=2, bf16=False)
+    key = jax.random.key(1)
+    pairs = [
+        (mj.tsv(base, fts, scale=0.5), mj.tsv_chain()(base, fts, scale=0.5)),
+        (mj.iso_cts(base, fts, common_fraction=0.5), mj.iso_cts_chain(common_fraction=0.5)(base, fts)),
+        (mj.cart(base, fts, rank_ratio=0.3), mj.cart_chain(rank_ratio=0.3)(base, fts)),
+        (mj.consensus_ties(base, fts, k=1), mj.consensus_ties_chain(k=1)(base, fts)),
+        (mj.della(base, fts, key=key, density=0.3), mj.della_chain(density=0.3)(base, fts, key=key)),
+        (mj.model_stock(base, fts), mj.model_stock_chain()(base, fts)),
+    ]
+    for a, b in pairs:
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    skip = {"base", "finetuned", "scale", "weights", "heads", "check_finite", "key"}
+    for name in ("tsv", "iso_c", "iso_cts", "wudi", "cart", "consensus_ta", "consensus_ties", "della", "model_stock"):
+        named = {n: p.default for n, p in inspect.signature(getattr(mj, name)).parameters.items() if n not in skip}
+        factory = {n: p.default for n, p in inspect.signature(getattr(mj, f"{name}_chain")).parameters.items()}
+        assert named == factory, name  # matrix_axes= included: the named matrix methods take it too
+
+
+# ----------------------------------------------------------------------------------------------------- DELLA-TIES
+@pytest.mark.parametrize("weighted", [False, True])
+def test_della_ties_one_stage_equals_the_three_stage_chain(weighted):
+    """DellaTies (one pruning pass leaf by leaf) gives the chain Della, ElectSign, DisjointMean exactly, in both
+    schedules, with and without per-task weights."""
+    from mergejax.ops.reduce import DisjointMean
+    from mergejax.ops.sign import ElectSign
+
+    base, fts = make_models(seed=37, T=3)
+    key = jax.random.key(7)
+    w = jnp.asarray([0.5, 1.0, 2.0]) if weighted else None
+    want = mj.chain(mj.Della(0.4, 0.2), ElectSign(), DisjointMean())(base, fts, key=key, weights=w, schedule="leaves")
+    for schedule in ("leaves", "program"):
+        got = mj.chain(mj.DellaTies(0.4, 0.2))(base, fts, key=key, weights=w, schedule=schedule)
+        for (path, a), (_, b) in zip(paths_and_leaves(got), paths_and_leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=path)
+
+
+def test_della_ties_zero_majority_prunes_again(monkeypatch):
+    """A majority sign of 0 (as many +1 as -1 elected signs) is not among the cached candidates: the output pass
+    prunes again with it (forced here); the result is the merge with majority 0."""
+    from mergejax.ops.reduce import DisjointMean
+    from mergejax.ops.sign import ElectSign
+
+    base, fts = make_models(seed=38, T=2, bf16=False)
+    key = jax.random.key(8)
+    monkeypatch.setattr(della.np, "sign", lambda x: 0)
+    got = mj.chain(mj.DellaTies(0.5, 0.1))(base, fts, key=key, schedule="leaves")
+    tvs = tuple(mj.task_vector(f, base) for f in fts)
+    pruned = mj.Della(0.5, 0.1)(tvs, jax.random.fold_in(key, 0))
+    (want,) = DisjointMean()(ElectSign().apply_with(pruned, jnp.int32(0)))
+    for (path, g), (_, t), (_, b) in zip(paths_and_leaves(got), paths_and_leaves(want), paths_and_leaves(base)):
+        if is_float(b):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(b) + np.asarray(t), atol=1e-6, err_msg=path)
+
+
+def test_della_ties_matches_numpy_reference_with_zero_sum_ties():
+    """DellaTies leaf by leaf against numpy (mergekit's MagPrune on the same draws, then TIES' election with the
+    majority sign for zero sums and the disjoint mean); task 1 is -task 0 on one kernel, so many coordinates have an
+    exactly zero sign mass and take the majority sign."""
+    base, fts = make_models(seed=39, T=3, bf16=False)
+    tvs = [mj.task_vector(f, base) for f in fts]
+    neg = {**tvs[1].tree, "Dense_1": {"kernel": -tvs[0].tree["Dense_1"]["kernel"]}}
+    tvs[1] = mj.TaskVector(neg)
+    key = jax.random.key(9)
+    got = mj.chain(mj.DellaTies(0.5, 0.3))(base, tvs, key=key, schedule="leaves")
+    skey = jax.random.fold_in(key, 0)  # the stage's key (stage 0 of the chain)
+    pruned, paths = [], None
+    for t, tv in enumerate(tvs):
+        leaves, fi, paths = [], 0, []
+        for path, x in paths_and_leaves(tv.tree):
+            if not is_float(x):
+                continue
+            u = np.asarray(jax.random.uniform(leaf_keys(skey, t, fi), jnp.shape(x), x.dtype))
+            fi += 1
+            xn = np.asarray(x)
+            kernel = path.endswith("kernel") and xn.ndim == 2
+            leaves.append((R.della(xn.T, u.T, 0.5, 0.3).T if kernel else R.della(xn, u, 0.5, 0.3)).astype(np.float32))
+            paths.append(path)
+        pruned.append(leaves)
+    gammas = ref.elect(pruned, "sum")
+    k1 = [pruned[t][paths.index("Dense_1/kernel")] for t in range(3)]
+    ties0 = np.sum((k1[0] + k1[1] + k1[2] == 0) & (k1[0] != 0))  # zero mass, nonzero entries: the majority decides
+    merged = ref.disjoint(pruned, gammas, "mean")
+    want = dict(zip(paths, merged))
+    for path, g in paths_and_leaves(got):
+        if path in want:
+            b = np.asarray(dict(paths_and_leaves(base))[path], np.float32)
+            np.testing.assert_allclose(np.asarray(g), b + want[path], rtol=1e-5, atol=1e-5, err_msg=path)
+    assert ties0 > 0

@@ -157,17 +157,20 @@ def test_refusals(tmp_path):
         stream.merge(bpath, fpaths, "task_arithmetic", out, progress=False)
 
 
-def test_global_threshold_is_exact_kth_largest(tmp_path):
-    """The two histogram passes find exactly the in-memory k-th largest |tau| (ties at the threshold included)."""
+@pytest.mark.parametrize("device_histogram", [False, True], ids=["host-bincount", "device-scatter"])
+def test_global_threshold_is_exact_kth_largest(tmp_path, monkeypatch, device_histogram):
+    """The two histogram passes find exactly the in-memory k-th largest |tau| (ties at the threshold included, the
+    chunks' zero padding left out), whether the device counts the bins or the host counts the device's digits."""
+    monkeypatch.setattr(stream, "DEVICE_HISTOGRAM", device_histogram)
     rng = np.random.default_rng(3)
     shapes = {"a": (300,), "b": (17, 11)}
     base = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
-    ft = {k: rng.choice(np.float32([-2, -1, 0.5, 1, 3]), s) for k, s in shapes.items()}  # many ties
+    ft = {k: rng.choice(np.float32([-2, -1, 0, 0.5, 1, 3]), s) for k, s in shapes.items()}  # many ties
     for name, m in (("base", base), ("ft", ft)):
         write_sharded_safetensors(tmp_path / name, m)
     for density in (0.0, 0.1, 0.37, 1.0):
         out = stream.merge(tmp_path / "base", [tmp_path / "ft"], "ties", tmp_path / f"o{density}", density=density,
-                           progress=False)
+                           progress=False, chunk="1KiB")  # two chunks, the second zero-padded
         want = mj.ties(_as_jax(base), [_as_jax(ft)], density=density)
         got = _read(out)
         for k in shapes:

@@ -168,3 +168,27 @@ def test_flax_kernel_layout_from_orbax(tmp_path, method, hp):
                               np.asarray(flipped["params"]["dense"]["kernel"]))  # the orientation matters here
     for path, leaf in paths_and_leaves(want):
         np.testing.assert_array_equal(got[path], np.asarray(leaf), err_msg=path)
+
+
+CONV_SHAPES = {"conv.0.weight": (8, 4, 3, 3), "conv.1.weight": (8, 8, 3, 3), "fc.weight": (10, 8), "conv.0.bias": (8,)}
+
+
+@pytest.mark.parametrize("method, hp", [
+    ("tsv", {"matrix_axes": 1}),
+    ("tsv", {"matrix_axes": {r"conv\.0\.": 1}}),  # conv.1 averaged: the path rule decides per tensor
+    ("iso_c", {"matrix_axes": 1, "scale": 1.5}),
+    ("cart", {"matrix_axes": 1, "rank_ratio": 0.5}),
+])
+def test_streaming_matrix_axes_equals_in_memory(tmp_path, method, hp):
+    """``matrix_axes=`` reaches the streamed stages: 4-D conv weights merged as (out, in*kh*kw) matrices, as in
+    memory, and a path-keyed rule applies to the tensors it names only."""
+    base, fts, bpath, fpaths = _write_models(tmp_path, shapes=CONV_SHAPES)
+    out = _read(stream.merge(bpath, fpaths, method, tmp_path / "out", progress=False, max_shard_size="2KB", **hp))
+    fn = getattr(ms, method)
+    want = fn(_as_jax(base), [_as_jax(f) for f in fts], **hp)
+    averaged = fn(_as_jax(base), [_as_jax(f) for f in fts], **{k: v for k, v in hp.items() if k != "matrix_axes"})
+    for name in CONV_SHAPES:
+        np.testing.assert_allclose(out[name], np.asarray(want[name]), rtol=2e-5, atol=1e-6, err_msg=name)
+    conv1_is_matrix = not isinstance(hp["matrix_axes"], dict)
+    assert not np.allclose(np.asarray(want["conv.0.weight"]), np.asarray(averaged["conv.0.weight"]))
+    assert np.allclose(np.asarray(want["conv.1.weight"]), np.asarray(averaged["conv.1.weight"])) != conv1_is_matrix

@@ -126,11 +126,23 @@ class _StageBase:
     and its ``[T]`` weights (not on leaf paths, extras or other leaves), so an eager merge may run it leaf by leaf
     (:mod:`mergejax.ops.schedule`). A stage whose only cross-leaf dependence is a few global statistics implements
     ``host_stats(run)`` and ``apply_with(tvs, stats, key)`` instead.
+
+    ``rowwise``: moreover, at a leaf of two or more axes, the output's rows (slices along the first axis) depend only on
+    the same rows of the inputs, never on the leaf's size, its other rows or flat indices (elementwise maps, per-row
+    selections along the last axis), so the schedule may run a large leaf in row chunks and hold only a chunk's
+    temporaries. ``rowwise_given``: the same of ``apply_with`` and of the arrays ``stat_values`` returns, once the
+    global statistics are given (the statistics' reductions, counts, extremes, sums and maxima, combine over chunks).
+    ``row_chunks``: the stage's program holds leaf-sized temporaries (T key arrays of a per-row selection, T balancing
+    weights), so chunking pays; a fused elementwise program is left whole (it needs no temporaries, and the loop costs
+    time).
     """
 
     reduces: ClassVar[bool] = False
     needs_key: ClassVar[bool] = False
     leafwise: ClassVar[bool] = False
+    rowwise: ClassVar[bool] = False
+    rowwise_given: ClassVar[bool] = False
+    row_chunks: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -196,6 +208,16 @@ class _PreWeighted(Reduction):
     def leafwise(self) -> bool:  # type: ignore[override]
         """Leafwise when the wrapped reduction is."""
         return bool(getattr(self.inner, "leafwise", False))
+
+    @property
+    def rowwise(self) -> bool:  # type: ignore[override]
+        """Rowwise when the wrapped reduction is (the weights scale whole leaves)."""
+        return bool(getattr(self.inner, "rowwise", False))
+
+    @property
+    def rowwise_given(self) -> bool:  # type: ignore[override]
+        """Rowwise with its statistics given when the wrapped reduction is."""
+        return bool(getattr(self.inner, "rowwise_given", False))
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         return self.inner(scale_tasks(tvs, self.weights), key)
@@ -397,6 +419,11 @@ class Given(_StageBase):
     def reduces(self) -> bool:  # type: ignore[override]
         """The wrapped stage's ``reduces``."""
         return bool(self.inner.reduces)
+
+    @property
+    def rowwise(self) -> bool:  # type: ignore[override]
+        """The wrapped stage's ``rowwise_given``: rowwise once its statistics are given."""
+        return bool(getattr(self.inner, "rowwise_given", False))
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         return self.inner.apply_with(tvs, self.stats, key)

@@ -55,6 +55,8 @@ class BreadcrumbsMask(Transform):
     beta: float = static_field(0.15)
     gamma: float = static_field(0.006)
     leafwise: ClassVar[bool] = True
+    rowwise: ClassVar[bool] = True  # per row of the last axis
+    row_chunks: ClassVar[bool] = True  # T leaf-sized temporaries in one program
 
     def __post_init__(self):
         check_fraction("beta", self.beta)

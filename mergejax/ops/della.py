@@ -13,6 +13,15 @@ rank 1 (p = density + epsilon). Random draws: ``uniform(fold_in(fold_in(key, tas
 Execution: leaf by leaf in an eager merge (``leafwise``; :meth:`Della.at_leaf` decides the ranking axis from the
 path), so its compile time depends on the distinct leaf shapes only; in one traced program, same-shaped leaves share
 one vmapped copy (:func:`mergejax.ops.base.map_float_leaves`).
+
+DELLA-TIES in one pass (:class:`DellaTies`). ``chain(Della(), ElectSign(), DisjointMean())`` run leaf by leaf prunes
+every leaf twice: once for the sign election's global majority sign (TIES' zero-sum rule, a whole-model count) and
+once for the output. :class:`DellaTies` is the same merge as one stage whose statistics pass prunes each leaf once
+and keeps, per leaf, its two candidate outputs (the disjoint mean with the zero-sum coordinates elected + and -)
+with its sign counts; the host then picks the candidate of the majority sign, and the output pass only adds the base.
+The results equal the three-stage chain's (the same draws, the same code); the price is memory: two float32 copies
+of the merged model while the pass runs, instead of none. If the majority sign is 0 (as many +1 as -1 elected signs
+in the whole model) the output pass prunes again with it.
 """
 
 from __future__ import annotations
@@ -25,10 +34,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mergejax.ops.base import TaskVectors, Transform, check_fraction, leaf_keys, map_float_leaves
-from mergejax.ops.matrix import Layout, check_layout, resolve_path_rules, static, transposes
+import numpy as np
 
-__all__ = ["della_ranks", "della_probabilities", "della_prune", "Della"]
+from mergejax.ops.base import Reduction, TakesWeights, TaskVectors, Transform, check_fraction, leaf_keys, \
+    map_float_leaves
+from mergejax.ops.matrix import Layout, check_layout, resolve_path_rules, static, transposes
+from mergejax.ops.reduce import DisjointMean
+from mergejax.ops.sign import ElectSign
+
+__all__ = ["della_ranks", "della_probabilities", "della_prune", "Della", "DellaTies"]
 
 
 def della_ranks(a: jax.Array, axis: int = -1) -> jax.Array:
@@ -75,7 +89,8 @@ def della_prune(
 @dataclass(frozen=True)
 class Della(Transform):
     """Chain stage: DELLA MagPrune of every task vector (needs a ``key``). Use before any reduction, e.g.
-    ``chain(Della(0.5, 0.1), ElectSign(), DisjointMean())`` (DELLA-TIES) or ``chain(Della(...), Sum())``.
+    ``chain(Della(0.5, 0.1), ElectSign(), DisjointMean())`` (DELLA-TIES; :class:`DellaTies` is the same merge as one
+    stage, pruning each leaf once when run leaf by leaf) or ``chain(Della(...), Sum())``.
 
     Args:
       density: mean keep probability, in (0, 1]; density 1 keeps everything.
@@ -124,3 +139,86 @@ class Della(Transform):
         return tuple(
             map_float_leaves(partial(prune, t=t), (tv,), kind=self._axis)[0] for t, tv in enumerate(tvs)
         )
+
+
+class DellaTies(TakesWeights, Reduction):
+    """Reduction: DELLA-TIES (Deep et al., 2024), MagPrune then TIES' sign election and disjoint mean, as one stage:
+    equal to ``chain(Della(density, epsilon, rescale, layout, transpose), ElectSign(), DisjointMean())`` (needs a
+    ``key``), but leaf by leaf it prunes every leaf once instead of twice (module docstring).
+
+    Args:
+      density, epsilon, rescale, layout, transpose: as :class:`Della`.
+      weights: per-task weights (set by a merge's ``weights=``): the election on w_t tau_t and a weighted disjoint
+        mean, as the three-stage chain.
+    """
+
+    density: float = static(0.5)
+    epsilon: float = static(0.1)
+    rescale: Literal["inverse", "l1"] = static("inverse")
+    layout: Layout = static("flax")
+    transpose: str | None = static(None)
+    weights: object = None
+    needs_key: ClassVar[bool] = True
+
+    def __post_init__(self):
+        self.drop_stage()  # validates the DELLA hyperparameters
+
+    def drop_stage(self) -> Della:
+        """The MagPrune stage of this merge."""
+        return Della(self.density, self.epsilon, self.rescale, self.layout, self.transpose)
+
+    def stages(self) -> tuple:
+        """The equivalent three-stage chain: (Della, ElectSign, DisjointMean), with this stage's weights."""
+        elect, reduce = ElectSign(), DisjointMean()
+        if self.weights is not None:
+            elect, reduce = elect.with_weights(self.weights), reduce.with_weights(self.weights)
+        return self.drop_stage(), elect, reduce
+
+    def at_leaf(self, path: str) -> "DellaTies":
+        """This stage for the one leaf at ``path``: its ranking axis decided (the leaf-by-leaf schedule)."""
+        return resolve_path_rules(self, path)
+
+    def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
+        drop, elect, reduce = self.stages()
+        return reduce(elect(drop(tvs, key)))
+
+    def stat_values(self, tvs: TaskVectors, name: str, key) -> tuple:
+        """At one leaf (``key``: this stage's key, passed as the statistic's data): ``"signs"`` gives the counts
+        [#(+1), #(-1)] of the raw elected signs of the pruned task vectors; ``"candidates"`` gives those counts and
+        the merged leaf for a majority sign of +1 and of -1."""
+        drop, elect, reduce = self.stages()
+        pruned = drop(tvs, key)
+        counts = elect.stat_values(pruned, "signs", None)
+        if name == "signs":
+            return counts
+        plus, minus = (reduce(elect.apply_with(pruned, jnp.int32(m)))[0] for m in (1, -1))
+        return counts, plus, minus
+
+    def host_stats(self, run):
+        """Leaf by leaf: one pruning pass giving the majority sign and each leaf's merged value.
+
+        Args:
+          run: the leaf-by-leaf runner (:class:`mergejax.ops.schedule.Runner`: its ``key`` and ``per_leaf``).
+
+        Returns:
+          {leaf position: merged leaf}, or the int32 majority sign when it is 0 (the output pass prunes again).
+        """
+        key = getattr(run, "key", None)
+        if key is None or not hasattr(run, "per_leaf"):
+            raise ValueError("DellaTies runs leaf by leaf only under mergejax.ops.schedule (it needs the runner's key "
+                             "and per_leaf); elsewhere use its stages(): chain(Della(...), ElectSign(), DisjointMean())")
+        parts = run.per_leaf("candidates", given=key)
+        counts = np.sum([np.asarray(c, np.int64) for c in jax.device_get([v[0] for v in parts.values()])],
+                        axis=0) if parts else np.zeros(2, np.int64)
+        majority = int(np.sign(int(counts[0]) - int(counts[1])))
+        if majority == 0:
+            return jnp.asarray(0, jnp.int32)
+        return {j: (plus if majority > 0 else minus) for j, (_, plus, minus) in parts.items()}
+
+    def apply_with(self, tvs: TaskVectors, stats, key: jax.Array | None = None) -> TaskVectors:
+        """The merged leaf from :meth:`host_stats`: given (a float array), or pruned again with the given integer
+        majority sign."""
+        if jnp.issubdtype(jnp.result_type(stats), jnp.integer):
+            drop, elect, reduce = self.stages()
+            return reduce(elect.apply_with(drop(tvs, key), stats))
+        return (stats,)

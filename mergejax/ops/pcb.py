@@ -14,9 +14,11 @@ where the reference code would divide by zero.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mergejax.ops.base import Reduction, TaskVectors, check_fraction, map_float_leaves, rank_from_fraction, static_field
 from mergejax.ops.select import key_to_float, kth_largest_groups
@@ -52,7 +54,7 @@ class PCB(Reduction):
 
     Memory: in one traced program, beyond the T task vectors, two float32 copies of one task vector per task (the
     clamped vector and its weights) live at once; an eager merge runs leaf by leaf (:mod:`mergejax.ops.schedule`),
-    so these are one leaf position's.
+    and a large leaf in row chunks (this stage is ``rowwise_given`` and ``row_chunks``), so these are one chunk's.
 
     Args:
       ratio: kept fraction of each task's balancing weights beta_i (Du et al., 2024, Eq. 5-6), in (0, 1]. Static.
@@ -61,6 +63,8 @@ class PCB(Reduction):
 
     ratio: float = static_field(0.05)
     clamp_ratio: float = static_field(1e-4)
+    rowwise_given: ClassVar[bool] = True  # Eqs. 3-7 elementwise once the quantiles are given
+    row_chunks: ClassVar[bool] = True  # T leaf-sized temporaries in one program
 
     def __post_init__(self):
         check_fraction("ratio", self.ratio)
@@ -136,10 +140,16 @@ class PCB(Reduction):
         if n == 0:
             return None
         j_lo, j_hi = self._bound_ranks(n)
-        bounds = key_to_float(run.kth("abs", [n - j_lo] * T + [n - j_hi] * T, magnitude=True))
+        # numpy on the host between the passes: nothing there compiles
+        bounds = key_to_float(np.asarray(run.kth("abs", [n - j_lo] * T + [n - j_hi] * T, magnitude=True)))
         lo_hi = (bounds[:T], bounds[T:])
-        qs = key_to_float(run.kth("beta", [n - rank_from_fraction(1 - self.ratio, n)] * T, given=lo_hi))
-        tops = jnp.asarray(run.maximum("top", given=lo_hi), jnp.float32)
+        k_q = [n - rank_from_fraction(1 - self.ratio, n)] * T
+        if hasattr(run, "kth_and_max"):  # the maxima read in the quantile search's sampled pass
+            q_keys, top_keys = run.kth_and_max("beta", k_q, given=lo_hi)
+            qs, tops = key_to_float(np.asarray(q_keys)), key_to_float(np.asarray(top_keys))
+        else:
+            qs = key_to_float(np.asarray(run.kth("beta", k_q, given=lo_hi)))
+            tops = np.asarray(run.maximum("top", given=lo_hi), np.float32)
         return (*lo_hi, qs, tops)
 
     def stat_values(self, tvs: TaskVectors, name: str, given) -> list[jax.Array] | jax.Array:

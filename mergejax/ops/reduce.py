@@ -109,6 +109,8 @@ class WeightableReduction(TakesWeights, Reduction):
 class Sum(WeightableReduction):
     """Reduction: sum_t w_t tau_t (task arithmetic, Ilharco et al., 2023, Eq. 2, w = 1; Breadcrumbs; DARE)."""
 
+    rowwise: ClassVar[bool] = True  # elementwise over the T task vectors
+
     def combine(self, xs, w=None):
         """sum_t w_t x_t (Ilharco et al., 2023, Eq. 2).
 
@@ -124,6 +126,8 @@ class Sum(WeightableReduction):
 
 class Mean(WeightableReduction):
     """Reduction: sum_t w_t tau_t / sum_t w_t ((1/T) sum_t tau_t without weights: weight averaging at scale 1)."""
+
+    rowwise: ClassVar[bool] = True  # elementwise over the T task vectors
 
     def combine(self, xs, w=None):
         """sum_t w_t x_t / sum_t w_t.
@@ -146,6 +150,8 @@ class DisjointMean(WeightableReduction):
     With weights: sum_t w_t tau_t [tau_t != 0] / sum_t w_t [tau_t != 0], as mergekit's ``ties`` with ``normalize``.
     """
 
+    rowwise: ClassVar[bool] = True  # elementwise over the T task vectors
+
     def combine(self, xs, w=None):
         """The disjoint mean (TIES Eq. 3), see :func:`nonzero_mean`.
 
@@ -165,6 +171,8 @@ class DisjointSum(Sum):
 
 class DisjointMax(WeightableReduction):
     """Reduction: the sign-agreeing entry of largest magnitude per coordinate (of w_t tau_t with weights)."""
+
+    rowwise: ClassVar[bool] = True  # elementwise over the T task vectors
 
     def combine(self, xs, w=None):
         """The entry of largest magnitude of w_t x_t, see :func:`max_magnitude`.

@@ -24,25 +24,39 @@ words (two uint32 per task and leaf) are derived for the whole tree on the host 
 Results equal the single program's: the same stage code, the same exact thresholds, the same random bits.
 
 Peak memory above the inputs: the output (one model in the base's dtype) plus one leaf position's temporaries
-(O(T) leaf-sized buffers at most; the fused elementwise chains need none). With ``donate=True`` the inputs of each
+(the fused elementwise chains need none). A program that would hold leaf-sized temporaries (a stage marked
+``row_chunks``: Breadcrumbs' per-row selection keeps T key arrays for its passes, PCB's statistics T balancing
+weights) runs a large leaf (at least :data:`CHUNK_MIN` entries, two or more axes) in *row chunks* of about
+:data:`CHUNK_ENTRIES` entries when every stage of it is ``rowwise`` (:class:`mergejax.ops.base.Transform`): a
+``lax.fori_loop`` over slices along the first axis, each written into the output in place (or its counts, extremes,
+sums, maxima or strided sample folded into the statistic's), so the temporaries are T chunks, not T leaves. Same
+numbers: the rows are computed by the same code. With ``donate=True`` the inputs of each
 leaf are freed as soon as its output exists, so the peak stays at about the inputs' size.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from mergejax.ops.base import Given, leaf_index, leaf_keys, per_leaf_weights
 from mergejax.ops.dare import hash_words, host_hash_words
 from mergejax.ops.select import _Counter, _key_spec, kth_largest_scheduled, ordered_key
 from mergejax.tree import PyTree, TaskVector, _leaf_apply, acc_dtype, as_tree, is_float, paths_and_leaves
 
-__all__ = ["schedulable", "Runner", "merge_leaf_by_leaf"]
+__all__ = ["CHUNK_MIN", "CHUNK_ENTRIES", "schedulable", "Runner", "merge_leaf_by_leaf"]
+
+CHUNK_MIN = 1 << 20
+"""A leaf of at least this many entries (and two or more axes) runs in row chunks when its program is rowwise."""
+
+CHUNK_ENTRIES = 1 << 18
+"""About this many entries per row chunk (1 MiB of float32: a chunk's T temporaries stay in cache)."""
 
 
 def _stage_ok(stage: Any) -> bool:
@@ -91,6 +105,61 @@ def _prefix(stages: tuple, base: jax.Array, entries: tuple, index, key, tv_mask:
         return _run(stages[:q], xs, key, words)
 
 
+def _chunkable(stages: Sequence[Any], stat: bool = False) -> bool:
+    """Whether a leaf program of ``stages`` may run in row chunks and gains from it: every stage ``rowwise`` (the last
+    one ``rowwise_given`` when the program computes its statistics, ``stat``) and one of them ``row_chunks``."""
+    head, last = (stages[:-1], stages[-1:]) if stat else (stages, ())
+    if not all(getattr(s, "rowwise", False) for s in head):
+        return False
+    if not all(getattr(s, "rowwise_given", False) for s in last):
+        return False
+    return any(getattr(_unwrap(s), "row_chunks", False) for s in stages)
+
+
+def _unwrap(stage: Any) -> Any:
+    while hasattr(stage, "inner"):  # Given, a pre-weighted reduction
+        stage = stage.inner
+    return stage
+
+
+def _chunk_rows(shape: tuple[int, ...], rowwise: bool) -> int:
+    """Rows per chunk for a leaf of ``shape`` whose program is ``rowwise``, or 0 (the whole leaf at once): about
+    :data:`CHUNK_ENTRIES` entries, a divisor of the row count where one lies within 2x (no remainder piece)."""
+    if not rowwise or len(shape) < 2 or math.prod(shape) < CHUNK_MIN:
+        return 0
+    target = max(1, CHUNK_ENTRIES // math.prod(shape[1:]))
+    if target >= shape[0]:
+        return 0
+    return next((r for r in range(target, target // 2, -1) if shape[0] % r == 0), target)
+
+
+def _rows(x: jax.Array, start, n: int) -> jax.Array:
+    return lax.dynamic_slice_in_dim(x, start, n, axis=0)
+
+
+def _fold_rows(step: Callable, carry: Any, n_rows: int, rows: int) -> Any:
+    """``carry = step(carry, start, n)`` over the row chunks [start, start + n) of a leaf: a ``lax.fori_loop`` over
+    the chunks of ``rows`` rows (one traced copy of ``step``), then the remainder rows if any (a second copy)."""
+    full = n_rows // rows
+    carry = lax.fori_loop(0, full, lambda c, acc: step(acc, c * rows, rows), carry)
+    if n_rows > full * rows:
+        carry = step(carry, full * rows, n_rows - full * rows)
+    return carry
+
+
+def _identity(op: str, x: jax.ShapeDtypeStruct) -> jax.Array:
+    """The identity of ``op`` ("sum", "max" or "min") for arrays like ``x``."""
+    if op == "sum":
+        return jnp.zeros(x.shape, x.dtype)
+    info = jnp.finfo(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype)
+    lowest = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else info.min
+    highest = jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else info.max
+    return jnp.full(x.shape, lowest if op == "max" else highest, x.dtype)
+
+
+_COMBINE = {"sum": jnp.add, "max": jnp.maximum, "min": jnp.minimum}
+
+
 @partial(jax.jit, static_argnames=("stage_ids", "n_tasks"))
 def _all_words(key: jax.Array, leaves: jax.Array, *, stage_ids: tuple, n_tasks: int) -> jax.Array:
     """uint32 [L, S, T, 2]: ``hash_words(leaf_keys(fold_in(key, i), t, leaf))`` for every merged leaf, word-drawing
@@ -106,14 +175,23 @@ def _all_words(key: jax.Array, leaves: jax.Array, *, stage_ids: tuple, n_tasks: 
     return grid(stage_keys, tasks, leaves)
 
 
-@partial(jax.jit, static_argnames=("tv_mask", "q", "name", "mode", "magnitude", "stride"))
+@partial(jax.jit, static_argnames=("tv_mask", "q", "name", "mode", "magnitude", "stride", "rows"))
 def _stat_program(stages, base, entries, index, key, words, cands, given, *, tv_mask, q, name, mode, magnitude,
-                  stride):
-    """One leaf: the stage-q input there, then its ``stat_values`` sampled, counted, bounded or returned."""
-    tvs = _prefix(stages, base, entries, index, key, tv_mask, q, words)
-    with leaf_index(index):
-        values = stages[q].stat_values(tvs, name, given)
-    if mode == "value":
+                  stride, rows=0):
+    """One leaf: the stage-q input there, then its ``stat_values`` sampled, counted, bounded or reduced ("sum",
+    "max": returned as they are for a whole leaf, folded over the chunks of a chunked one); ``rows`` > 0: in row
+    chunks of that many rows (:func:`_chunk_rows`)."""
+
+    def values_of(b, es):
+        tvs = _prefix(stages, b, es, index, key, tv_mask, q, words)
+        with leaf_index(index):
+            return stages[q].stat_values(tvs, name, given)
+
+    if rows:
+        return _stat_chunked(values_of, base, entries, cands, mode=mode, magnitude=magnitude, stride=stride,
+                             rows=rows)
+    values = values_of(base, entries)
+    if mode in ("sum", "max"):
         return values
     counter = _Counter([[v] for v in values], magnitude)
     if mode in ("sample", "sample+extremes"):
@@ -123,9 +201,67 @@ def _stat_program(stages, base, entries, index, key, words, cands, given, *, tv_
     return counter.counts(cands)
 
 
-def _final(stages, base, entries, index, key, words, scale, *, tv_mask, check):
-    (merged,) = _prefix(stages, base, entries, index, key, tv_mask, len(stages), words)
-    out = _leaf_apply(base, merged, scale)
+def _stat_chunked(values_of, base, entries, cands, *, mode, magnitude, stride, rows):
+    """:func:`_stat_program` over the row chunks of one leaf: per chunk the ``stat_values`` of its rows, whose counts,
+    extremes and reductions are folded and whose strided sample (every ``stride``-th entry of the flat leaf, from
+    ``stride // 2``) is written in place: the same numbers as the whole leaf at once."""
+    R, width = base.shape[0], math.prod(base.shape[1:])
+
+    def piece(start, n):
+        return values_of(_rows(base, start, n), tuple(_rows(e, start, n) for e in entries))
+
+    if mode in ("sum", "max"):
+        shapes = jax.eval_shape(lambda: piece(0, rows))
+        init = jax.tree_util.tree_map(lambda x: _identity(mode, x), shapes)
+        return _fold_rows(lambda acc, start, n: jax.tree_util.tree_map(_COMBINE[mode], acc, piece(start, n)),
+                          init, R, rows)
+    shapes = jax.eval_shape(lambda: piece(0, rows))
+    G = len(shapes)
+    key_t = _key_spec(jnp.result_type(*[v.dtype for v in shapes]))[0]
+    if mode == "count":
+        zero = jnp.zeros(cands.shape, jnp.int32)
+
+        def count(acc, start, n):
+            hi, lo = _Counter([[v] for v in piece(start, n)], magnitude).counts(cands)
+            return acc[0] + hi, acc[1] + lo
+
+        return _fold_rows(count, (zero, zero), R, rows)
+    n_sample = len(range(stride // 2, R * width, stride))
+    k_info = jnp.iinfo(key_t)
+    init = (jnp.zeros((G, n_sample), key_t), jnp.full((G,), k_info.max, key_t), jnp.full((G,), k_info.min, key_t))
+    extremes = mode == "sample+extremes"
+
+    def sample(acc, start, n):
+        values = piece(start, n)
+        keys = jnp.stack([ordered_key(jnp.abs(v) if magnitude else v).ravel() for v in values])  # [G, n * width]
+        first = start * width  # flat index of the chunk's first entry
+        m0 = jnp.maximum((first - stride // 2 + stride - 1) // stride, 0)  # the first sample index in the chunk
+        m = m0 + jnp.arange((n * width) // stride + 2, dtype=jnp.int32)
+        local = stride // 2 + m * stride - first
+        ok = (local < n * width) & (m < n_sample)
+        buf = acc[0].at[:, jnp.where(ok, m, n_sample)].set(keys[:, jnp.clip(local, 0, n * width - 1)], mode="drop")
+        if not extremes:
+            return buf, acc[1], acc[2]
+        lo, hi = _Counter([[v] for v in values], magnitude).extremes()
+        return buf, jnp.minimum(acc[1], lo), jnp.maximum(acc[2], hi)
+
+    buf, lo, hi = _fold_rows(sample, init, R, rows)
+    return buf, (lo, hi) if extremes else None
+
+
+def _final(stages, base, entries, index, key, words, scale, *, tv_mask, check, rows=0):
+    def piece(b, es):
+        (merged,) = _prefix(stages, b, es, index, key, tv_mask, len(stages), words)
+        return _leaf_apply(b, merged, scale)
+
+    if not rows:
+        out = piece(base, entries)
+    else:  # row chunks, each written into the output in place
+        def step(acc, start, n):
+            part = piece(_rows(base, start, n), tuple(_rows(e, start, n) for e in entries))
+            return lax.dynamic_update_slice_in_dim(acc, part, start, axis=0)
+
+        out = _fold_rows(step, jnp.zeros_like(base), base.shape[0], rows)
     return out, _flags(base, entries, tv_mask, check)
 
 
@@ -141,8 +277,8 @@ def _flags(base, entries, tv_mask, check):
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in (base, *entries)])
 
 
-_final_jit = jax.jit(_final, static_argnames=("tv_mask", "check"))
-_final_donating = jax.jit(_final, static_argnames=("tv_mask", "check"), donate_argnames=("base",))
+_final_jit = jax.jit(_final, static_argnames=("tv_mask", "check", "rows"))
+_final_donating = jax.jit(_final, static_argnames=("tv_mask", "check", "rows"), donate_argnames=("base",))
 _head_jit = jax.jit(_head, static_argnames=("tv_mask", "check"))
 
 
@@ -163,13 +299,26 @@ class Runner:
     def _call(self, j: int, cands, name: Hashable, mode: str, magnitude: bool = False, stride: int = 1,
               given: Any = None):
         p = self.plan
-        return _stat_program(p.stages_at(j, self.q + 1), p.b_leaves[j], p.entries_at(j), jnp.int32(p.index[j]),
+        stages = p.stages_at(j, self.q + 1)
+        rowwise = _chunkable(stages, stat=True)
+        return _stat_program(stages, p.b_leaves[j], p.entries_at(j), np.int32(p.index[j]),
                              p.key_for(self.q), p.words_at(j, self.q), cands, given, tv_mask=p.tv_mask, q=self.q,
-                             name=name, mode=mode, magnitude=magnitude, stride=stride)
+                             name=name, mode=mode, magnitude=magnitude, stride=stride,
+                             rows=_chunk_rows(np.shape(p.b_leaves[j]), rowwise))
 
-    def _values(self, name: Hashable, given: Any) -> list:
-        """``stat_values`` of every leaf position, on the host."""
-        return jax.device_get([self._call(j, None, name, "value", given=given) for j in self.plan.positions])
+    @property
+    def key(self) -> jax.Array | None:
+        """The key this stage draws from (``fold_in(merge key, q)``, as in the single program), or None."""
+        return None if self.plan.key is None else jax.random.fold_in(self.plan.key, self.q)
+
+    def per_leaf(self, name: Hashable, given: Any = None) -> dict[int, Any]:
+        """``stat_values`` at every merged leaf, left on the device: {leaf position: values} (a stage's
+        ``host_stats`` may return such a dict, one entry per leaf, as its statistics)."""
+        return {j: self._call(j, None, name, "sum", given=given) for j in self.plan.positions}  # whole leaves: as they are
+
+    def _values(self, name: Hashable, given: Any, op: str) -> list:
+        """``stat_values`` of every leaf position (folded with ``op`` over a chunked leaf's chunks), on the host."""
+        return jax.device_get([self._call(j, None, name, op, given=given) for j in self.plan.positions])
 
     def total(self, name: Hashable, given: Any = None) -> Any:
         """The sum over leaves of ``stat_values`` (int64 for integer values: exact).
@@ -181,7 +330,7 @@ class Runner:
         Returns:
           The summed values, as numpy arrays.
         """
-        parts = self._values(name, given)
+        parts = self._values(name, given, "sum")
         return jax.tree_util.tree_map(
             lambda *xs: np.sum([np.asarray(x, np.int64 if np.issubdtype(np.asarray(x).dtype, np.integer)
                                            else np.float64) for x in xs], axis=0), *parts)
@@ -196,7 +345,7 @@ class Runner:
         Returns:
           The elementwise maxima, as numpy arrays.
         """
-        parts = self._values(name, given)
+        parts = self._values(name, given, "max")
         return jax.tree_util.tree_map(lambda *xs: np.max(np.stack(xs), axis=0), *parts)
 
     def kth(self, name: Hashable, ks: Sequence[int], *, magnitude: bool = False, given: Any = None) -> jax.Array:
@@ -212,6 +361,22 @@ class Runner:
           [G] ordered keys (``mergejax.ops.select.key_to_float`` turns them into values).
         """
         return self._search(self.plan.positions, name, list(ks), self.n, magnitude, given, per_leaf=False)
+
+    def kth_and_max(self, name: Hashable, ks: Sequence[int], *, given: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`kth` (of the values, not magnitudes) and each group's largest key, read in the search's sampled pass
+        (no program or pass of its own).
+
+        Args:
+          name: which statistic; ``stat_values`` returns G arrays shaped like the leaf.
+          ks: G ranks, 1 <= k <= n.
+          given: data for ``stat_values``.
+
+        Returns:
+          ([G] ordered keys of the k-th largest values, [G] ordered keys of the largest values).
+        """
+        seen: list = []
+        keys = self._search(self.plan.positions, name, list(ks), self.n, False, given, per_leaf=False, extremes=seen)
+        return keys, seen[0][1]
 
     def kth_by_leaf(self, name_of: Callable[[int], Hashable], ks_of: Callable[[int], list[int]], *,
                     magnitude: bool = False) -> dict[int, jax.Array]:
@@ -244,24 +409,31 @@ class Runner:
             out.update({j: keys[i * len(ks):(i + 1) * len(ks)] for i, j in enumerate(members)})
         return out
 
-    def _search(self, positions, name, ks, n, magnitude, given, *, per_leaf: bool) -> jax.Array:
+    def _search(self, positions, name, ks, n, magnitude, given, *, per_leaf: bool, extremes: list | None = None
+                ) -> np.ndarray:
         """:func:`kth_largest_scheduled` over ``positions``: their counts summed (one search of G groups over all
-        of them) or, ``per_leaf``, stacked (G groups per leaf, each leaf its own search, all in lockstep)."""
+        of them) or, ``per_leaf``, stacked (G groups per leaf, each leaf its own search, all in lockstep). With
+        ``extremes`` (a list), the sampled pass also reads the groups' smallest and largest keys and appends them."""
         key_dtype = _key_spec(self.plan.float_dtype)[0]
         G = len(ks) // len(positions) if per_leaf else len(ks)
 
         def sample(stride, with_extremes):
+            keys, ext = sampled(stride, with_extremes or extremes is not None)
+            if extremes is not None:
+                extremes.append(ext)
+            return keys, ext if with_extremes else None
+
+        def sampled(stride, with_extremes):
             mode = "sample+extremes" if with_extremes else "sample"
             parts = jax.device_get([self._call(j, None, name, mode, magnitude, stride, given) for j in positions])
             axis = 0 if per_leaf else 1
-            keys = jnp.asarray(np.concatenate([x for x, _ in parts if per_leaf or x.shape[1]], axis=axis))
+            # numpy on the host, like everything between the passes: nothing compiles there
+            keys = np.concatenate([x for x, _ in parts if per_leaf or x.shape[1]], axis=axis)
             if not with_extremes:
                 return keys, None
             if per_leaf:
-                return (jnp.asarray(np.concatenate([e[0] for _, e in parts])),
-                        jnp.asarray(np.concatenate([e[1] for _, e in parts])))
-            return keys, (jnp.asarray(np.min([e[0] for _, e in parts], axis=0)),
-                          jnp.asarray(np.max([e[1] for _, e in parts], axis=0)))
+                return keys, (np.concatenate([e[0] for _, e in parts]), np.concatenate([e[1] for _, e in parts]))
+            return keys, (np.min([e[0] for _, e in parts], axis=0), np.max([e[1] for _, e in parts], axis=0))
 
         def counts(cands, is_open):
             if per_leaf:  # a leaf whose G searches have all ended is not read again (lockstep costs no extra passes)
@@ -269,11 +441,10 @@ class Runner:
                 parts = jax.device_get([
                     self._call(j, cands[i * G:(i + 1) * G], name, "count", magnitude, given=given)
                     if is_open[i * G:(i + 1) * G].any() else skip for i, j in enumerate(positions)])
-                return (jnp.asarray(np.concatenate([h for h, _ in parts])),
-                        jnp.asarray(np.concatenate([l for _, l in parts])))
+                return np.concatenate([h for h, _ in parts]), np.concatenate([l for _, l in parts])
             parts = jax.device_get([self._call(j, cands, name, "count", magnitude, given=given) for j in positions])
             total = sum((np.asarray(h, np.int64) << 16) + np.asarray(l, np.int64) for h, l in parts)
-            return jnp.asarray(total >> 16, jnp.int32), jnp.asarray(total & 0xFFFF, jnp.int32)
+            return np.asarray(total >> 16, np.int32), np.asarray(total & 0xFFFF, np.int32)
 
         keys, passes = kth_largest_scheduled(n, ks, key_dtype=key_dtype, sample=sample, counts=counts,
                                              magnitude=magnitude)
@@ -391,8 +562,10 @@ def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[An
             out[j], finite[j] = _head_jit(b, ent, tv_mask=plan.tv_mask, check=check)
         else:
             upto = len(plan.stages)
-            out[j], finite[j] = final(plan.stages_at(j, upto), b, ent, jnp.int32(plan.index[j]), plan.key_for(upto),
-                                      plan.words_at(j, upto), scale, tv_mask=plan.tv_mask, check=check)
+            stages = plan.stages_at(j, upto)
+            rows = _chunk_rows(np.shape(b), _chunkable(stages))
+            out[j], finite[j] = final(stages, b, ent, np.int32(plan.index[j]), plan.key_for(upto),
+                                      plan.words_at(j, upto), scale, tv_mask=plan.tv_mask, check=check, rows=rows)
         if donate:
             jax.block_until_ready(out[j])
             for x in (b, *ent):

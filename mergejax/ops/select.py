@@ -106,9 +106,15 @@ def ordered_key(x: jax.Array) -> jax.Array:
     return jnp.where((bits & sign) != 0, ~bits, bits | sign)
 
 
-def key_to_float(key: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """Inverse of :func:`ordered_key` (for the float32 / float64 key types)."""
+def key_to_float(key: jax.Array | np.ndarray, dtype=jnp.float32) -> jax.Array | np.ndarray:
+    """Inverse of :func:`ordered_key` (for the float32 / float64 key types). A numpy key (a statistic computed on the
+    host) is converted with numpy, so the host side of a leaf-by-leaf search compiles nothing."""
     key_t, float_t, nbits = _key_spec(dtype)
+    if isinstance(key, (np.ndarray, np.generic)):
+        kt = np.dtype(key_t).type
+        key = np.asarray(key, kt)
+        sign = kt(1) << kt(nbits - 1)
+        return np.where((key & sign) != 0, key & ~sign, ~key).astype(kt).view(np.dtype(float_t))
     key = jnp.asarray(key, key_t)
     sign = key_t(1) << (nbits - 1)
     bits = jnp.where((key & sign) != 0, key & ~sign, ~key)
@@ -348,14 +354,19 @@ _SPREAD = np.asarray([0.0, -0.4, 0.4, -0.8, 0.8, -1.3, 1.3, -2.0, 2.0, -3.0, 3.0
 _SPREAD_CPU = np.asarray([0.0, -0.7, 0.7, -2.5, 2.5, -7.0, 7.0])  # 8 candidates: as many as a CPU interpolation pass
 
 
-def _sample_candidates(sorted_desc: jax.Array, ks: np.ndarray, ns: np.ndarray, spread: np.ndarray = _SPREAD
-                       ) -> jax.Array:
-    """[m, D] candidates: sample order statistics around the target rank k s / n (plus the central one + 1)."""
-    s = sorted_desc.shape[1]
+def _sample_ranks(s: int, ks: np.ndarray, ns: np.ndarray, spread: np.ndarray = _SPREAD) -> np.ndarray:
+    """[m, D - 1] 0-based descending ranks in a sorted sample of s entries: around the target rank k s / n, spread by
+    the sample's binomial standard deviation."""
     q = ks / ns
     r = (ks - 1) * (s / ns)
     sd = np.sqrt(s * q * (1 - q)) + 1.0
-    ranks = np.clip(np.rint(r[:, None] + sd[:, None] * spread[None]), 0, s - 1).astype(np.int32)
+    return np.clip(np.rint(r[:, None] + sd[:, None] * spread[None]), 0, s - 1).astype(np.int32)
+
+
+def _sample_candidates(sorted_desc: jax.Array, ks: np.ndarray, ns: np.ndarray, spread: np.ndarray = _SPREAD
+                       ) -> jax.Array:
+    """[m, D] candidates: sample order statistics around the target rank k s / n (plus the central one + 1)."""
+    ranks = _sample_ranks(sorted_desc.shape[1], ks, ns, spread)
     picked = jnp.take_along_axis(sorted_desc, jnp.asarray(ranks), axis=1)
     return jnp.concatenate([picked, picked[:, :1] + 1], axis=1)  # + 1: an exact hit when the target value ties
 
@@ -371,36 +382,38 @@ def _layout() -> tuple[np.ndarray, np.ndarray]:
     return _LAYOUT_CPU if jax.default_backend() == "cpu" else _LAYOUT_WIDE
 
 
-def _interp_candidates(lo, hi, c_lo, c_hi, k_f, float_t, layout) -> jax.Array:
+def _interp_candidates(lo, hi, c_lo, c_hi, k_f, float_t, layout, xp=jnp) -> jax.Array:
     """[G, D] candidates in (lo, hi]: lo + 1 and hi (exact hits on ties), evenly spaced ones (each pass shrinks the
     bracket at least 2x: the guarantee) and the rest around the linearly interpolated position of rank k, spread by
-    its binomial standard error. A bracket of at most D keys is counted exhaustively."""
+    its binomial standard error. A bracket of at most D keys is counted exhaustively. ``xp``: ``jnp`` in a program,
+    ``np`` on the host (:func:`kth_largest_scheduled`)."""
     uniform_fr, focus_sd = layout
     D = 2 + len(uniform_fr) + len(focus_sd)
     key_t = lo.dtype
     w = hi - lo
     wf = w.astype(float_t)
-    m = jnp.maximum(c_lo - c_hi, 1.0)  # entries in the bracket
-    u = jnp.clip((c_lo - k_f) / m, 0.0, 1.0)  # the count falls from c_lo at lo to c_hi just above hi
-    sd = jnp.sqrt(jnp.maximum(u * (1 - u), 1.0 / m) / m) + 1.0 / m
-    focus = u[:, None] + sd[:, None] * jnp.asarray(focus_sd, float_t)
-    even = jnp.asarray(np.arange(1, len(focus_sd) + 1) / (len(focus_sd) + 1), float_t)[None]
-    focus = jnp.where((sd * focus_sd.max() > 0.5)[:, None], even, focus)  # a few entries: split the bracket evenly
-    uniform = jnp.broadcast_to(jnp.asarray(uniform_fr, float_t), (lo.shape[0], len(uniform_fr)))
-    frac = jnp.concatenate([uniform, focus], axis=1)
+    m = xp.maximum(c_lo - c_hi, 1.0)  # entries in the bracket
+    u = xp.clip((c_lo - k_f) / m, 0.0, 1.0)  # the count falls from c_lo at lo to c_hi just above hi
+    sd = xp.sqrt(xp.maximum(u * (1 - u), 1.0 / m) / m) + 1.0 / m
+    focus = u[:, None] + sd[:, None] * xp.asarray(focus_sd, float_t)
+    even = xp.asarray(np.arange(1, len(focus_sd) + 1) / (len(focus_sd) + 1), float_t)[None]
+    focus = xp.where((sd * focus_sd.max() > 0.5)[:, None], even, focus)  # a few entries: split the bracket evenly
+    uniform = xp.broadcast_to(xp.asarray(uniform_fr, float_t), (lo.shape[0], len(uniform_fr)))
+    frac = xp.concatenate([uniform, focus], axis=1)
     top = float(np.nextafter(np.asarray(2.0 ** (8 * np.dtype(key_t).itemsize), float_t), 0))  # converts exactly
-    off = jnp.clip(jnp.floor(jnp.clip(frac, 0.0, 1.0) * wf[:, None]), 1.0, top).astype(key_t)
-    off = jnp.concatenate([jnp.ones_like(off[:, :1]), w[:, None], off], axis=1)
-    exhaustive = jnp.arange(1, D + 1, dtype=key_t)[None]
-    off = jnp.minimum(jnp.where((w <= D)[:, None], exhaustive, off), w[:, None])  # in [1, w]; 0 once w = 0
+    off = xp.clip(xp.floor(xp.clip(frac, 0.0, 1.0) * wf[:, None]), 1.0, top).astype(key_t)
+    off = xp.concatenate([xp.ones_like(off[:, :1]), w[:, None], off], axis=1)
+    exhaustive = xp.arange(1, D + 1, dtype=key_t)[None]
+    off = xp.minimum(xp.where((w <= D)[:, None], exhaustive, off), w[:, None])  # in [1, w]; 0 once w = 0
     return lo[:, None] + off
 
 
 def _update_bracket(state: tuple, cands: jax.Array, cnt_hi: jax.Array, cnt_lo: jax.Array, k_hi: jax.Array,
-                    k_lo: jax.Array) -> tuple:
+                    k_lo: jax.Array, xp=jnp) -> tuple:
     """One pass's bracket update from the exact counts (int32 halves) of ``key >= cands`` ([G, D] each).
 
     ``state`` is (passes, lo, hi, c_lo, c_hi): the bracket [lo, hi] and the (approximate) counts at its ends.
+    ``xp``: ``jnp`` or ``np``.
     """
     it, lo, hi, c_lo, c_hi = state
     float_t = c_lo.dtype
@@ -408,17 +421,17 @@ def _update_bracket(state: tuple, cands: jax.Array, cnt_hi: jax.Array, cnt_lo: j
     approx = cnt_hi.astype(float_t) * _HALF + cnt_lo.astype(float_t)
     up = ge & (cands > lo[:, None])
     down = ~ge & (cands <= hi[:, None])
-    new_lo = jnp.maximum(lo, jnp.max(jnp.where(up, cands, lo[:, None]), axis=1))
-    new_hi = jnp.minimum(hi, jnp.min(jnp.where(down, cands - 1, hi[:, None]), axis=1))
-    new_c_lo = jnp.minimum(c_lo, jnp.min(jnp.where(up, approx, jnp.inf), axis=1))
-    new_c_hi = jnp.maximum(c_hi, jnp.max(jnp.where(down, approx, -jnp.inf), axis=1))
+    new_lo = xp.maximum(lo, xp.max(xp.where(up, cands, lo[:, None]), axis=1))
+    new_hi = xp.minimum(hi, xp.min(xp.where(down, cands - 1, hi[:, None]), axis=1))
+    new_c_lo = xp.minimum(c_lo, xp.min(xp.where(up, approx, xp.inf), axis=1))
+    new_c_hi = xp.maximum(c_hi, xp.max(xp.where(down, approx, -xp.inf), axis=1))
     return it + 1, new_lo, new_hi, new_c_lo, new_c_hi
 
 
-def _bracket_open(state: tuple, nbits: int) -> jax.Array:
+def _bracket_open(state: tuple, nbits: int, xp=jnp) -> jax.Array:
     """Whether another pass is needed: some bracket holds more than one key (and the pass budget is not spent)."""
     it, lo, hi = state[:3]
-    return (it < 2 * nbits) & jnp.any(lo < hi)
+    return (it < 2 * nbits) & xp.any(lo < hi)
 
 
 def _needs_extremes(ks: np.ndarray, ns: np.ndarray, sampled: np.ndarray) -> bool:
@@ -489,18 +502,8 @@ def _bracket_search(groups, ks: list, magnitude: bool) -> tuple[jax.Array, jax.A
     return result.at[np.asarray(counted)].set(lo), passes
 
 
-_update_jit = jax.jit(_update_bracket)
-_open_jit = jax.jit(_bracket_open, static_argnums=1)
-
-
-@partial(jax.jit, static_argnames=("wide",))
-def _interp_jit(state: tuple, k_f: jax.Array, *, wide: bool) -> jax.Array:
-    return _interp_candidates(*state[1:], k_f, k_f.dtype, _LAYOUT_WIDE if wide else _layout())
-
-
-@jax.jit
-def _descending(keys: jax.Array) -> jax.Array:
-    return lax.rev(jnp.sort(keys, axis=1), (1,))
+def _descending_np(keys: np.ndarray) -> np.ndarray:
+    return np.sort(keys, axis=1)[:, ::-1]
 
 
 def kth_largest_scheduled(
@@ -531,7 +534,7 @@ def kth_largest_scheduled(
       magnitude: the keys are of |x| (the search starts at +0.0).
 
     Returns:
-      ([G] keys of the k-th largest entries, the number of counting passes).
+      ([G] keys of the k-th largest entries, as numpy, the number of counting passes).
     """
     _check_ranks([[jax.ShapeDtypeStruct((n,), jnp.float32)]] * len(ks), ks)
     key_t = np.dtype(key_dtype).type
@@ -541,30 +544,34 @@ def kth_largest_scheduled(
     kn = np.asarray(ks, np.float64)
     ns = np.full((G,), float(n))
     if n <= SORT_MAX:
-        desc = _descending(sample(1, False)[0])
-        return jnp.take_along_axis(desc, jnp.asarray(np.asarray(ks, np.int32) - 1)[:, None], axis=1)[:, 0], 0
+        desc = _descending_np(np.asarray(sample(1, False)[0]))
+        return np.take_along_axis(desc, (np.asarray(ks, np.int64) - 1)[:, None], axis=1)[:, 0], 0
     need_extremes = _needs_extremes(kn, ns, np.ones((G,), bool))
     keys, ext = sample(_next_prime(-(-n // SAMPLE_SIZE)), need_extremes)
     cpu = jax.default_backend() == "cpu"
-    first = _sample_candidates(_descending(keys), kn, ns, _SPREAD_CPU if cpu else _SPREAD)
-    lo = jnp.full((G,), (key_t(1) << (nbits - 1)) if magnitude else 0, key_dtype)
-    hi = jnp.full((G,), np.iinfo(np.dtype(key_dtype)).max, key_dtype)
+    # between the passes everything is numpy on the host: nothing compiles there, whatever G
+    picked = np.take_along_axis(_descending_np(np.asarray(keys)),
+                                _sample_ranks(np.shape(keys)[1], kn, ns, _SPREAD_CPU if cpu else _SPREAD), axis=1)
+    cands = np.concatenate([picked, picked[:, :1] + key_t(1)], axis=1)  # + 1: an exact hit on a tied target
+    lo = np.full((G,), (key_t(1) << key_t(nbits - 1)) if magnitude else 0, key_dtype)
+    hi = np.full((G,), np.iinfo(np.dtype(key_dtype)).max, key_dtype)
     if need_extremes:
-        lo, hi = ext
+        lo, hi = (np.asarray(e, key_dtype) for e in ext)
     k_arr = np.asarray(ks, np.int64)
-    k_hi, k_lo = jnp.asarray(k_arr >> 16, jnp.int32), jnp.asarray(k_arr & (_HALF - 1), jnp.int32)
-    k_f = jnp.asarray(k_arr, float_t)
-    state = (jnp.int32(0), lo, hi, jnp.asarray(ns, float_t), jnp.zeros((G,), float_t))
-    state = _update_jit(state, first, *counts(first, np.ones((G,), bool)), k_hi, k_lo)
-    while bool(_open_jit(state, nbits)):
-        cands = _interp_jit(state, k_f, wide=not cpu)
-        is_open = np.asarray(jax.device_get(state[1] < state[2]))
-        c_hi, c_lo = counts(cands, is_open)
-        closed = jnp.asarray(~is_open)[:, None]  # a closed bracket's candidates all equal its answer: count >= k
-        c_hi = jnp.where(closed, k_hi[:, None], c_hi)
-        c_lo = jnp.where(closed, k_lo[:, None], c_lo)
-        state = _update_jit(state, cands, c_hi, c_lo, k_hi, k_lo)
-    return state[1], int(state[0])
+    k_hi, k_lo = np.asarray(k_arr >> 16, np.int32), np.asarray(k_arr & (_HALF - 1), np.int32)
+    k_f = np.asarray(k_arr, float_t)
+    layout = _LAYOUT_WIDE if not cpu else _layout()
+    state = (np.int32(0), lo, hi, np.asarray(ns, float_t), np.zeros((G,), float_t))
+    is_open = np.ones((G,), bool)
+    while True:
+        c_hi, c_lo = (np.asarray(c) for c in counts(cands, is_open))
+        closed = ~is_open[:, None]  # a closed bracket's candidates all equal its answer: count >= k
+        c_hi, c_lo = np.where(closed, k_hi[:, None], c_hi), np.where(closed, k_lo[:, None], c_lo)
+        state = _update_bracket(state, cands, c_hi, c_lo, k_hi, k_lo, xp=np)
+        if not _bracket_open(state, nbits, xp=np):
+            return state[1], int(state[0])
+        cands = _interp_candidates(*state[1:], k_f, float_t, layout, xp=np)
+        is_open = state[1] < state[2]
 
 
 def _check_ranks(groups, ks) -> None:

@@ -9,7 +9,7 @@ if that total is 0 too, the coordinate elects 0 and merges to 0.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +135,7 @@ class ElectSign(TakesWeights, Transform):
     method: SignMethod = "sum"
     weights: Any = None
 
+    rowwise_given: ClassVar[bool] = True  # elementwise once the majority sign is given
 
     def __post_init__(self):
         if self.method not in ("sum", "count"):

@@ -2,7 +2,7 @@
 
 Every per-matrix function takes the T task-vector matrices ``xs`` (same shape (m, n), float32 or wider), returns the
 merged (m, n) matrix, and is ``vmap``-able (shapes and ranks are static; no branching on values). Non-matrix leaves
-are averaged (:mod:`mergejax.ops.matrix`).
+are averaged (:mod:`mergejax.ops.matrix`), unless ``matrix_axes=`` views N-D leaves (conv kernels) as matrices.
 
 One deliberate difference from the reference code: orthogonal factors are computed as the *partial isometry*
 ``polar(A) = U diag(s > tol) V^T`` (``tol = max(m, n) * eps * s_max``, numpy's ``matrix_rank`` rule), and TSV-M drops
@@ -20,7 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from mergejax.ops.base import Reduction, TaskVectors, check_fraction, rank_from_fraction
-from mergejax.ops.matrix import Layout, PreWeightedInputs, check_layout, map_matrices, mean_leaves, static
+from mergejax.ops.matrix import (
+    Layout, MatrixAxes, PreWeightedInputs, check_layout, map_matrices, matrix_axes_rules, mean_leaves, static,
+    warn_non_matrix,
+)
 
 __all__ = [
     "polar",
@@ -148,15 +151,26 @@ def cart_matrix(xs: list[jax.Array], rank_ratio: float = 0.12, coeff: float = 2.
 
 @dataclass(frozen=True)
 class _MatrixReduction(PreWeightedInputs, Reduction):
-    """Base of the matrix reductions: ``merge_matrix(xs)`` on 2-D leaves, the mean elsewhere."""
+    """Base of the matrix reductions: ``merge_matrix(xs)`` on matrix leaves (2-D, or N-D by ``matrix_axes``), the
+    mean elsewhere. Subclasses declare ``matrix_axes: MatrixAxes = static(None)`` last."""
 
     orient: ClassVar[bool] = False  # True for the methods defined on the PyTorch orientation
+    method_name: ClassVar[str] = "matrix merge"
+
+    def _normalize_matrix_axes(self) -> None:
+        object.__setattr__(self, "matrix_axes", matrix_axes_rules(getattr(self, "matrix_axes", None)))
+
+    def check_model(self, base) -> None:
+        """Warns when most of ``base``'s parameters are not matrices and would be averaged (:func:`warn_non_matrix`);
+        a merge calls it once with the whole model."""
+        warn_non_matrix(base, method=self.method_name, matrix_axes=getattr(self, "matrix_axes", None),
+                        exclude=getattr(self, "exclude", None))
 
     def merge_matrix(self, xs: list[jax.Array]) -> jax.Array:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def combine(self, xs: list[jax.Array]) -> jax.Array:
-        """One leaf (in its stored orientation): the matrix merge for 2-D leaves, the mean otherwise."""
+        """One 2-D or lower leaf (in its stored orientation): the matrix merge for 2-D leaves, the mean otherwise."""
         if xs[0].ndim != 2:
             return mean_leaves(xs)
         return self.merge_matrix(xs)
@@ -169,18 +183,26 @@ class _MatrixReduction(PreWeightedInputs, Reduction):
             transpose=getattr(self, "transpose", None),
             exclude=getattr(self, "exclude", None),
             orient=self.orient,
+            matrix_axes=getattr(self, "matrix_axes", None),
         )
 
 
 @dataclass(frozen=True)
 class TSV(_MatrixReduction):
-    """Reduction: Task Singular Vectors merging (TSV-M), :func:`tsv_matrix` on every 2-D leaf, the mean elsewhere.
+    """Reduction: Task Singular Vectors merging (TSV-M), :func:`tsv_matrix` on every matrix leaf, the mean elsewhere.
 
     Args:
-      exclude: path regex of 2-D leaves to average instead (FusionBench's ``exclude_keys``).
+      exclude: path regex of matrix leaves to average instead (FusionBench's ``exclude_keys``).
+      matrix_axes: None (only 2-D leaves are matrices, as FusionBench), or how N-D leaves are viewed as matrices,
+        e.g. -1 for Flax conv kernels (kh, kw, in, out) -> (kh*kw*in, out) (:func:`mergejax.ops.matrix.matrix_view`).
     """
 
     exclude: str | None = static(None)
+    matrix_axes: MatrixAxes = static(None)
+    method_name: ClassVar[str] = "tsv"
+
+    def __post_init__(self):
+        self._normalize_matrix_axes()
 
     def merge_matrix(self, xs):
         return tsv_matrix(xs)
@@ -188,9 +210,19 @@ class TSV(_MatrixReduction):
 
 @dataclass(frozen=True)
 class IsoC(_MatrixReduction):
-    """Reduction: Iso-C, :func:`iso_c_matrix` on every 2-D leaf, the mean elsewhere."""
+    """Reduction: Iso-C, :func:`iso_c_matrix` on every matrix leaf, the mean elsewhere.
+
+    Args:
+      exclude: path regex of matrix leaves to average instead.
+      matrix_axes: how N-D leaves are viewed as matrices (None: they are averaged); see :class:`TSV`.
+    """
 
     exclude: str | None = static(None)
+    matrix_axes: MatrixAxes = static(None)
+    method_name: ClassVar[str] = "iso_c"
+
+    def __post_init__(self):
+        self._normalize_matrix_axes()
 
     def merge_matrix(self, xs):
         return iso_c_matrix(xs)
@@ -198,23 +230,28 @@ class IsoC(_MatrixReduction):
 
 @dataclass(frozen=True)
 class IsoCTS(_MatrixReduction):
-    """Reduction: Iso-CTS, :func:`iso_cts_matrix` on every 2-D leaf in PyTorch orientation, the mean elsewhere.
+    """Reduction: Iso-CTS, :func:`iso_cts_matrix` on every matrix leaf in PyTorch orientation, the mean elsewhere.
 
     Args:
       common_fraction: fraction of the rank given to the common subspace (FusionBench ``common_space_fraction``).
       layout, transpose: orientation rule (:mod:`mergejax.ops.matrix`): Flax ``kernel`` leaves are transposed.
-      exclude: path regex of 2-D leaves to average instead.
+      exclude: path regex of matrix leaves to average instead.
+      matrix_axes: how N-D leaves are viewed as matrices (None: averaged): -1 for Flax conv kernels (then oriented
+        (out, kh*kw*in)), 1 with ``layout="torch"`` for PyTorch conv weights (out, in*kh*kw); see :class:`TSV`.
     """
 
     common_fraction: float = static(0.8)
     layout: Layout = static("flax")
     transpose: str | None = static(None)
     exclude: str | None = static(None)
+    matrix_axes: MatrixAxes = static(None)
     orient: ClassVar[bool] = True
+    method_name: ClassVar[str] = "iso_cts"
 
     def __post_init__(self):
         check_fraction("common_fraction", self.common_fraction)
         check_layout(self.layout)
+        self._normalize_matrix_axes()
 
     def merge_matrix(self, xs):
         return iso_cts_matrix(xs, self.common_fraction)
@@ -222,21 +259,25 @@ class IsoCTS(_MatrixReduction):
 
 @dataclass(frozen=True)
 class CART(_MatrixReduction):
-    """Reduction: centered task arithmetic with rank reduction, :func:`cart_matrix` on every 2-D leaf; other leaves
+    """Reduction: centered task arithmetic with rank reduction, :func:`cart_matrix` on every matrix leaf; other leaves
     get tau_avg (their centered residuals sum to zero).
 
     Args:
       rank_ratio: fraction of the rank kept per centered task matrix (the authors' 8-task default 0.12).
       coeff: lambda on the low-rank residuals (the authors' ``prior``, 2.0 for 8 ViT-B/32 tasks).
-      exclude: path regex of 2-D leaves to average instead.
+      exclude: path regex of matrix leaves to average instead.
+      matrix_axes: how N-D leaves are viewed as matrices (None: averaged); see :class:`TSV`.
     """
 
     rank_ratio: float = static(0.12)
     coeff: float = 2.0
     exclude: str | None = static(None)
+    matrix_axes: MatrixAxes = static(None)
+    method_name: ClassVar[str] = "cart"
 
     def __post_init__(self):
         check_fraction("rank_ratio", self.rank_ratio)
+        self._normalize_matrix_axes()
 
     def merge_matrix(self, xs):
         return cart_matrix(xs, self.rank_ratio, self.coeff)

@@ -48,7 +48,8 @@ import optax
 
 from mergejax.ops.base import Reduction, TaskVectors
 from mergejax.ops.matrix import (
-    Layout, PreWeightedInputs, check_layout, mean_leaves, place, resolve_path_rules, sharding_of, static, transposes,
+    Layout, MatrixAxes, PreWeightedInputs, check_layout, matrix_axes_rules, matrix_view, mean_leaves, place,
+    resolve_path_rules, sharding_of, static, transposes, warn_non_matrix,
 )
 from mergejax.tree import is_float, path_str
 
@@ -185,15 +186,18 @@ def wudi_optimize(
 
 @dataclass(frozen=True)
 class WUDI(PreWeightedInputs, Reduction):
-    """Reduction: WUDI merging of every 2-D leaf (PyTorch orientation), the mean elsewhere.
+    """Reduction: WUDI merging of every matrix leaf (PyTorch orientation), the mean elsewhere.
 
     Args:
       steps: Adam steps (official: 300).
       lr: Adam learning rate (official: 1e-5).
       normalize: "squared" (1/||tau_i||^2: paper, FusionBench) or "norm" (1/||tau_i||: the official ViT script).
       layout, transpose: orientation rule of :mod:`mergejax.ops.matrix`.
-      exclude: path regex of 2-D leaves to average instead.
+      exclude: path regex of matrix leaves to average instead.
       progress: show a progress bar (one per matrix when run leaf by leaf).
+      matrix_axes: how N-D leaves are viewed as matrices (None: averaged, as the reference): -1 for Flax conv
+        kernels (kh, kw, in, out) -> (kh*kw*in, out), then oriented (out, kh*kw*in); 1 with ``layout="torch"`` for
+        PyTorch conv weights (:func:`mergejax.ops.matrix.matrix_view`).
     """
 
     steps: int = static(300)
@@ -203,10 +207,12 @@ class WUDI(PreWeightedInputs, Reduction):
     transpose: str | None = static(None)
     exclude: str | None = static(None)
     progress: bool = static(True)
+    matrix_axes: MatrixAxes = static(None)
     leafwise: ClassVar[bool] = True  # per matrix; the path rules are resolved per leaf by at_leaf
 
     def __post_init__(self):
         check_layout(self.layout)
+        object.__setattr__(self, "matrix_axes", matrix_axes_rules(self.matrix_axes))
         if int(self.steps) < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps!r}")
         if self.normalize not in ("squared", "norm"):
@@ -215,6 +221,10 @@ class WUDI(PreWeightedInputs, Reduction):
     def at_leaf(self, path: str) -> "WUDI":
         """This stage for the one leaf at ``path`` (see :func:`resolve_path_rules`)."""
         return resolve_path_rules(self, path)
+
+    def check_model(self, base) -> None:
+        """Warns when most of ``base``'s parameters are not matrices (:func:`warn_non_matrix`); called once per merge."""
+        warn_non_matrix(base, method="wudi", matrix_axes=self.matrix_axes, exclude=self.exclude)
 
     def __call__(self, tvs: TaskVectors, key: jax.Array | None = None) -> TaskVectors:
         flat = [jax.tree_util.tree_flatten_with_path(t) for t in tvs]
@@ -226,10 +236,12 @@ class WUDI(PreWeightedInputs, Reduction):
         for i, (path, col) in enumerate(zip(paths, columns)):
             if not is_float(col[0]):
                 continue
-            if jnp.ndim(col[0]) != 2 or (self.exclude is not None and re.search(self.exclude, path)):
+            view = matrix_view(path, jnp.shape(col[0]), matrix_axes_rules(self.matrix_axes))
+            if view is None or (self.exclude is not None and re.search(self.exclude, path)):
                 out[i] = mean_leaves(col)
                 continue
             flip = transposes(path, self.layout, self.transpose)
+            col = [jnp.reshape(x, view) for x in col]  # an N-D leaf viewed as a matrix (a no-op on 2-D ones)
             mats.append(i)
             flips.append(flip)
             init.append(sum(col[1:], col[0]))
@@ -239,5 +251,5 @@ class WUDI(PreWeightedInputs, Reduction):
             merged = wudi_optimize(init, stats, steps=int(self.steps), lr=self.lr, flips=flips,
                                    progress=self.progress, desc=desc)
             for i, m in zip(mats, merged):
-                out[i] = place(m, sharding_of(columns[i][0]))
+                out[i] = place(jnp.reshape(m, jnp.shape(columns[i][0])), sharding_of(columns[i][0]))
         return (jax.tree_util.tree_unflatten(treedef, out),)
