@@ -92,6 +92,8 @@ class Config:
     """Replace the text backbone by a small random BERT (wiring tests only; results mean nothing)."""
     resume: bool = True
     """Reuse the per-seed results already in ``<out>/per_seed/`` written by the same configuration."""
+    rerun: tuple[str, ...] = ()
+    """Method keys whose saved rows are discarded and recomputed (the other rows are reused)."""
 
 
 TEXT_TASKS = ("wn_pos", "wn_lexname", "sentiment", "fortune_topic", "fortune_lang", "tweet_source")
@@ -188,6 +190,41 @@ def suite_tasks(cfg: Config) -> tuple[str, ...]:
 
 
 # ============================================================================================ one seed
+CACHE_READERS: dict[str, frozenset[str]] = {
+    "ties": frozenset({"ties", "lines"}),
+    "fisher": frozenset({"fisher"}),
+    "grams": frozenset({"regmean"}),
+    "compeft": frozenset({"compeft_experts", "compeft_task_arithmetic", "compeft_ties"}),
+    "compeft_alpha": frozenset({"compeft_experts"}),
+}
+"""The rows that read each kind of :attr:`Run._cache` entry (keyed ``kind`` or ``(kind, density)``)."""
+
+PROTOCOL_CACHE = frozenset({"ties", "compeft", "compeft_alpha"})
+"""Kinds that :func:`protocol_density` reuses at the densities of ``Config.sweep_densities``."""
+
+
+def free_host_memory() -> None:
+    """Frees what a finished row leaves behind in the process: JAX's compiled programs and traces
+    (``jax.clear_caches()``; a later row that needs a program again recompiles it, or loads it from the persistent
+    compilation cache, to the same executable), then the allocator's free pages (glibc ``malloc_trim(0)``; a no-op
+    elsewhere).
+
+    Without this the resident set grows by 50-250 MB per row while the live arrays stay flat: on the tiny model
+    the live arrays are 20-30 MB and the RSS grows from 0.5 to more than 1 GB over the rows (experiments/README.md,
+    memory).
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _chunks(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
     n = len(next(iter(batch.values())))
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
@@ -345,6 +382,27 @@ class Run:
             self._cache[("compeft", density)] = out
             self._cache[("compeft_alpha", density)] = alphas
         return self._cache[("compeft", density)]
+
+    def release(self, pending: Iterable[str], protocols: bool = False) -> list[Any]:
+        """Drops the cached state that no ``pending`` row reads (:data:`CACHE_READERS`) and, with ``protocols``,
+        that the protocols do not reuse either (:data:`PROTOCOL_CACHE` at ``Config.sweep_densities``); clears the
+        per-method merge cache. Nothing a later reader needs is dropped, so no result changes.
+
+        Returns:
+          The keys dropped.
+        """
+        pending, sweep = set(pending), set(self.cfg.sweep_densities)
+        dropped = []
+        for key in list(self._cache):
+            kind = key[0] if isinstance(key, tuple) else key
+            if kind not in CACHE_READERS or CACHE_READERS[kind] & pending:  # an undeclared kind is kept
+                continue
+            if protocols and kind in PROTOCOL_CACHE and isinstance(key, tuple) and key[1] in sweep:
+                continue
+            del self._cache[key]
+            dropped.append(key)
+        self.merge_cache.clear()
+        return dropped
 
     def chosen_compeft_density(self) -> float:
         return self.chosen("compeft_experts", "density", self.cfg.grids.compeft_densities[0])
@@ -511,6 +569,9 @@ def protocol_density(run: Run, expert_acc: dict[str, float], store: PointStore |
         c = store.point(f"density/{d:g}/compeft_experts", lambda d=d: compeft(d))
         out["compeft_experts"].append(c["normalized"])
         out["compeft_bits_per_param"].append(c["bits_per_param"])
+        for kind in PROTOCOL_CACHE:  # each density is swept once: its cached merges have no later reader
+            run._cache.pop((kind, d), None)
+        free_host_memory()
     return out
 
 
@@ -670,8 +731,10 @@ def _resume_key(cfg: Config, rows: bool = False) -> str:
     import hashlib
 
     d = dataclasses.asdict(cfg)
-    for k in ("seeds", "out", "progress", "cache", "resume", "protocols") + (("methods",) if rows else ()):
+    for k in ("seeds", "out", "progress", "cache", "resume", "protocols", "rerun") + (("methods",) if rows else ()):
         d.pop(k)
+    for k in ("compeft_ta_scales", "compeft_ties_scales"):  # added in the fourth sitting: the rows saved before
+        d["grids"].pop(k)  # stay reusable; their two ComPEFT merge rows are recomputed with --rerun
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -729,6 +792,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         t_seed = time.perf_counter()
         seed_file, proto_file = out / "per_seed" / f"seed_{seed}.json", out / "per_seed" / "protocols.json"
         cached = _load_done(seed_file, rkey) if cfg.resume else None
+        reused_rows = None
+        if cached is not None and set(cfg.rerun) & set(cached["log"]):  # reuse the seed's other rows
+            reused_rows, cached = cached["log"], None
         want_protocols = cfg.protocols and seed == cfg.seeds[0]
         cached_protocols = _load_done(proto_file, pkey) if cfg.resume and want_protocols else None
         if cached_protocols is not None:
@@ -742,13 +808,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             backbone_name = run.backbone.name
             run.train_experts()
             partial_file = out / "per_seed" / f"seed_{seed}.partial.json"
-            log = (_load_done(partial_file, row_key) if cfg.resume else None) or {}
-            for m in tqdm(methods, desc=f"methods (seed {seed})", disable=not cfg.progress):
+            log = reused_rows or (_load_done(partial_file, row_key) if cfg.resume else None) or {}
+            log = {k: v for k, v in log.items() if k not in cfg.rerun}
+            for j, m in enumerate(tqdm(methods, desc=f"methods (seed {seed})", disable=not cfg.progress)):
                 if m.key in log:  # finished by an interrupted run: reuse its row and its choice
                     run.chosen_hp[m.key] = log[m.key]["hyperparameters"]
                     continue
                 run_method(run, m, log)
                 _save_done(partial_file, row_key, log)
+                run.release([k.key for k in methods[j + 1:]], protocols=want_protocols)  # what later rows need
+                free_host_memory()
             log = {m.key: log[m.key] for m in methods}  # table order
             walls[f"seed_{seed}"] = {"finetune_s": run.finetune_s, "total_s": time.perf_counter() - t_seed,
                                      "methods_s": {k: v["seconds"] for k, v in log.items()}}

@@ -8,6 +8,10 @@ unless overridden) and varies one thing:
 - ``fisher``: Fisher merging against the number of examples its (empirical) Fisher sees, with the fraction of
   Fisher entries under the 1e-6 floor (where the Fisher mean degenerates to the plain mean), and with per-model
   normalisation.
+- ``compeft``: merging ComPEFT-compressed experts (TA, TIES) against the magnitude of the compressed vectors (alpha
+  chosen per expert, alpha = 1, the official code's STC magnitude = mean |tau| over the kept entries, or the pruned
+  dense values) on a lambda grid wider than the benchmark's, next to the dense merges; with the norms of the
+  compressed and merged vectors.
 
 Run ``python -m experiments.isolate`` (every experiment) or ``--only adamerging``; benchmark overrides follow ``--``
 (e.g. ``-- --tasks wn_pos,sentiment``). Writes ``results/isolate/isolate.json`` and prints Markdown tables.
@@ -32,7 +36,7 @@ from mergejax.cli import enable_compile_cache
 from mergejax.tree import path_str
 
 from experiments import backbones
-from experiments.benchmark import Run, parse_args, prepare_data
+from experiments.benchmark import Run, _json_default, free_host_memory, parse_args, prepare_data
 
 
 def _normalised(run: Run, accs: dict[str, float], expert: dict[str, float]) -> tuple[float, float]:
@@ -106,6 +110,126 @@ def fisher_examples(run: Run, expert: dict[str, float], counts: Sequence[int], f
     return rows
 
 
+def _norm(tree: Any) -> float:
+    """L2 norm over every float leaf of a tree (float32 accumulation)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    return float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)))
+
+
+def _delta_norm(run: Run, merged: Any) -> float:
+    """||merged - base||: the L2 norm of a merged model's task vector."""
+    return _norm(jax.tree.map(lambda m, b: m.astype(jnp.float32) - b.astype(jnp.float32), merged,
+                              run.backbone.base))
+
+
+def _trimmed_norm(tv: Any, density: float) -> float:
+    """||trim_k(tau)||: the norm of the top-``density`` magnitudes (global, as ComPEFT's and TIES's mask)."""
+    from mergejax.ops.trim import magnitude_mask
+
+    mask = magnitude_mask(tv, density)
+    return _norm(jax.tree.map(lambda x, m: jnp.where(m, x, 0), tv, mask))
+
+
+def _ternary_norm(ttv: Any) -> float:
+    """||tau_hat|| = scale * sqrt(nnz) of a globally scaled ternary task vector."""
+    from mergejax import ternary
+
+    return float(ttv.scale[0]) * float(np.sqrt(ternary.stats(ttv).nnz))
+
+
+BENCHMARK_GRIDS = {"ta": (0.3, 0.5, 0.7, 1.0, 1.5), "ties": (0.7, 1.0, 1.5)}
+"""The benchmark's lambda grids of the ComPEFT rows (TA: ``Grids.ta_scales``, TIES: ``Grids.ties_scales``)."""
+
+
+def _lambda_sweep(run: Run, unit: Any, scales: Sequence[float], bench: Sequence[float],
+                  expert: dict[str, float]) -> dict[str, Any]:
+    """Validation accuracy of ``base + lambda * (unit - base)`` for every lambda; test accuracy at the validation
+    choice within ``scales`` and within the benchmark's grid ``bench``."""
+    val = {float(s): float(np.mean(list(run.evaluate(run.with_heads(run.rescaled(unit, s)), "val").values())))
+           for s in scales}
+    out: dict[str, Any] = {"validation": val, "merged_norm": _delta_norm(run, unit)}
+    for name, grid in (("wide", scales), ("benchmark", bench)):
+        best = max((s for s in grid if float(s) in val), key=lambda s: val[float(s)])  # ties keep the smaller
+        if name == "benchmark" and out.get("wide", {}).get("lambda") == best:
+            out[name] = dict(out["wide"])
+            continue
+        acc, norm = _normalised(run, run.evaluate(run.with_heads(run.rescaled(unit, best)), "test"), expert)
+        out[name] = {"lambda": float(best), "accuracy": acc, "normalized": norm}
+    return out
+
+
+def compeft_merging(run: Run, expert: dict[str, float], density: float, scales: Sequence[float],
+                    save: Callable[[list[dict]], None] = _no_save, only: Sequence[str] | None = None) -> list[dict]:
+    """TA and TIES of ComPEFT experts at ``density`` against the magnitude of the compressed vectors.
+
+    Compressions of each expert's task vector tau_t (the same global top-k mask in all four):
+
+    - ``chosen``: ``alpha_t * sigma_t * sign`` with alpha_t picked on the expert's own validation split (the
+      benchmark's ComPEFT rows; :meth:`Run.compeft`);
+    - ``alpha1``: ``sigma_t * sign`` (ComPEFT, Eq. 2, alpha = 1);
+    - ``stc``: ``mean(|tau_t| on the mask) * sign`` (the official code's ``replace_factor=-2``: the kept L1 mass);
+    - ``pruned``: the kept dense values (``replace_factor=-1``, no quantization);
+
+    and the dense experts (``dense``). Each set is merged once at lambda = 1 (TA: a sum; TIES: trim at 1 for the
+    already sparse vectors, at ``density`` for the dense ones; elect signs; disjoint mean) and rescaled over
+    ``scales``. Each row: mean ||tau_hat_t|| / ||trim_k(tau_t)||, ||merged task vector||, validation accuracy per
+    lambda, test accuracy at the validation choice (wide grid, and the benchmark's grid). ``save(rows)`` after
+    every row; ``only``: the compressions to merge (default all).
+    """
+    from mergejax import ternary
+
+    base = run.backbone.base
+    tvs = [mj.task_vector(s, base).tree for s in run.stripped]
+    trimmed = [_trimmed_norm(tv, density) for tv in tvs]
+    chosen = run.compeft(density)
+    sets: dict[str, list[Any]] = {
+        "chosen": chosen,
+        "alpha1": [ternary.with_alpha(c, 1.0) for c in chosen],
+        "stc": [ternary.compress(tv, density=density, alpha=1.0, scale="mean_abs") for tv in tvs],
+    }
+    magnitude = {name: float(np.mean([_ternary_norm(c) / n for c, n in zip(cs, trimmed)]))
+                 for name, cs in sets.items()}
+    magnitude.update(pruned=1.0, dense=float(np.mean([_norm(tv) / n for tv, n in zip(tvs, trimmed)])))
+    del tvs  # 6 dense float32 copies of the model: the merges below read run.stripped
+    free_host_memory()
+    merges: list[tuple[str, str, Callable[[], Any]]] = []
+    for name, cs in sets.items():
+        merges += [(name, "ta", lambda cs=cs: mj.task_arithmetic(base, cs)),
+                   (name, "ties", lambda cs=cs: mj.ties(base, cs, density=1.0))]
+    merges += [("pruned", "ta", lambda: mj.chain(mj.Trim(density), mj.Sum())(base, run.stripped, scale=1.0)),
+               ("dense", "ta", lambda: mj.task_arithmetic(base, run.stripped)),
+               ("dense", "ties", lambda: mj.ties(base, run.stripped, density=density))]
+    merges = [m for m in merges if only is None or m[0] in only]
+    alphas = run._cache.get(("compeft_alpha", density))
+    rows: list[dict] = []
+    for name, merge, build in merges:
+        t0 = time.perf_counter()
+        unit = run.with_heads(build())
+        row = dict(compression=name, merge=merge, density=density, magnitude_ratio=magnitude[name],
+                   **_lambda_sweep(run, unit, scales, BENCHMARK_GRIDS[merge], expert))
+        if name == "chosen":
+            row["alphas"] = alphas
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        del unit
+        free_host_memory()
+        print({k: v for k, v in row.items() if k != "validation"}, flush=True)
+        save(rows)
+    return rows
+
+
+def compeft_markdown(rows: Sequence[dict]) -> str:
+    """The ComPEFT-merging rows as a Markdown table."""
+    lines = ["| experts | merge | ||tau_hat|| / ||trim_k tau|| | ||merged tau|| | lambda (wide) | acc | norm. "
+             "| lambda (benchmark grid) | acc | norm. |", "|" + "---|" * 10]
+    for r in rows:
+        w, b = r["wide"], r["benchmark"]
+        lines.append(f"| {r['compression']} | {r['merge']} | {r['magnitude_ratio']:.2f} | {r['merged_norm']:.2f} "
+                     f"| {w['lambda']:g} | {w['accuracy']:.1f} | {w['normalized']:.1f} | {b['lambda']:g} "
+                     f"| {b['accuracy']:.1f} | {b['normalized']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="adamerging,fisher", help="comma-separated experiments")
@@ -113,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--ada-budgets", default="15:0.001,60:0.001,60:0.01,180:0.01",
                    help="steps:lr pairs for layer-wise AdaMerging")
     p.add_argument("--fisher-counts", default="16,64,192")
+    p.add_argument("--compeft-density", type=float, default=0.2, help="ComPEFT density of the merging experiment")
+    p.add_argument("--compeft-scales", default="0.1,0.2,0.3,0.5,0.7,1.0,1.5", help="lambda grid of that experiment")
+    p.add_argument("--compeft-sets", default="", help="compressions to merge (chosen,alpha1,stc,pruned,dense; all)")
     p.add_argument("--out", default="results/isolate")
     args, rest = p.parse_known_args(argv)
     cfg = parse_args([a for a in rest if a != "--"])
@@ -128,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def save(name: str) -> Callable[[list[dict]], None]:
         def write(rows: list[dict]) -> None:  # after every row: a killed run keeps what finished
             out[name] = rows
-            (path / "isolate.json").write_text(json.dumps(out, indent=1))
+            (path / "isolate.json").write_text(json.dumps(out, indent=1, default=_json_default))
 
         return write
 
@@ -143,7 +270,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "fisher" in only:
         out["fisher"] = fisher_examples(run, expert, [int(n) for n in args.fisher_counts.split(",")],
                                         save=save("fisher"))
-    (path / "isolate.json").write_text(json.dumps(out, indent=1))
+    if "compeft" in only:
+        out["compeft"] = compeft_merging(run, expert, args.compeft_density,
+                                         [float(x) for x in args.compeft_scales.split(",")], save=save("compeft"),
+                                         only=args.compeft_sets.split(",") if args.compeft_sets else None)
+        print(compeft_markdown(out["compeft"]))
+    (path / "isolate.json").write_text(json.dumps(out, indent=1, default=_json_default))
     print(f"wrote {path / 'isolate.json'}")
     return out
 

