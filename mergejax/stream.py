@@ -1028,7 +1028,8 @@ class _ShardSink:
 _PER_LEAF = (BreadcrumbsMask, Sum, Mean, DisjointMean, DisjointSum, DisjointMax, WeightedSum)
 _ELEMENTWISE = (Sum, Mean, DisjointMean, DisjointSum, DisjointMax, WeightedSum, ElectSign)
 _PER_MATRIX = (TSV, IsoC, IsoCTS, CART, WUDI, ModelStock)  # one leaf's output depends on that leaf alone
-_PATH_FIELDS = ("exclude", "transpose", "layout", "matrix_axes")  # the stage fields that make a leaf's output depend on its path
+# the stage fields that make a leaf's output depend on its path
+_PATH_FIELDS = ("exclude", "transpose", "layout", "matrix_axes")
 
 Pos = tuple[int, ...]  # a stage's position: (i,) in the chain, (i, q) for stage q inside a Consensus at i
 

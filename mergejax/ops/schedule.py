@@ -30,9 +30,9 @@ weights) runs a large leaf (at least :data:`CHUNK_MIN` entries, two or more axes
 :data:`CHUNK_ENTRIES` entries when every stage of it is ``rowwise`` (:class:`mergejax.ops.base.Transform`): a
 ``lax.fori_loop`` over slices along the first axis, each written into the output in place (or its counts, extremes,
 sums, maxima or strided sample folded into the statistic's), so the temporaries are T chunks, not T leaves. Same
-numbers: the rows are computed by the same code. A ``flat_stats`` stage (PCB) first in its chain computes its statistics on
-small leaves (at most :data:`FLAT_MAX` entries) as flat zero-padded copies, the padding masked: one program per
-size bucket and pass kind, whatever the leaves' shapes. With ``donate=True`` the inputs of each
+numbers: the rows are computed by the same code. A ``flat_stats`` stage (PCB) first in its chain computes its
+statistics on small leaves (at most :data:`FLAT_MAX` entries) as flat zero-padded copies, the padding masked: one
+program per size bucket and pass kind, whatever the leaves' shapes. With ``donate=True`` the inputs of each
 leaf are freed as soon as its output exists, so the peak stays at about the inputs' size.
 """
 
@@ -377,7 +377,8 @@ class Runner:
     def per_leaf(self, name: Hashable, given: Any = None) -> dict[int, Any]:
         """``stat_values`` at every merged leaf, left on the device: {leaf position: values} (a stage's
         ``host_stats`` may return such a dict, one entry per leaf, as its statistics)."""
-        return {j: self._call(j, None, name, "sum", given=given) for j in self.plan.positions}  # whole leaves: as they are
+        # whole leaves, as they are
+        return {j: self._call(j, None, name, "sum", given=given) for j in self.plan.positions}
 
     def _values(self, name: Hashable, given: Any, op: str) -> list:
         """``stat_values`` of every leaf position (folded with ``op`` over a chunked leaf's chunks), on the host."""
