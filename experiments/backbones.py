@@ -42,6 +42,9 @@ class Backbone:
       features: ``features(params, batch) -> [n, d]`` pooled encoder features.
       encode: ``encode(inputs) -> batch`` (a dict of numpy arrays without labels) for a list/array of raw inputs.
       blocks: ``{leaf path: block index}`` of the encoder's layers, for LiNeS.
+      matrix_axes: what the matrix methods (TSV-M, Iso-C/CTS, WUDI, CART) take as ``matrix_axes=``: None where
+        every weight is already 2-D (MiniLM), ``-1`` for a conv net, whose 4-D Flax kernels (kh, kw, in, out) then
+        merge as (kh*kw*in, out) matrices instead of being averaged (:mod:`mergejax.ops.matrix`).
     """
 
     name: str
@@ -52,6 +55,7 @@ class Backbone:
     features: Callable[[Any, Any], jax.Array]
     encode: Callable[[Any], dict[str, np.ndarray]]
     blocks: dict[str, int]
+    matrix_axes: Any = None
 
 
 def _require(module: str, pip_name: str) -> Any:
@@ -116,7 +120,8 @@ def minilm(heads: Sequence[tuple[str, int]], key: jax.Array, *, max_len: int = 6
         return mean_pool(states, batch["attention_mask"])
 
     blocks = _block_map(base, r"encoder/layer_(\d+)/")
-    return Backbone("tiny-random-bert" if tiny else "all-MiniLM-L6-v2", names, base, apply_fn, train_logits, features, encode, blocks)
+    return Backbone("tiny-random-bert" if tiny else "all-MiniLM-L6-v2", names, base, apply_fn, train_logits, features,
+                    encode, blocks)
 
 
 def efficientnet(heads: Sequence[tuple[str, int]], key: jax.Array, *, resolution: int = 64) -> Backbone:
@@ -152,7 +157,8 @@ def efficientnet(heads: Sequence[tuple[str, int]], key: jax.Array, *, resolution
         return model.apply(params, batch["x"], train=False, features_only=True)
 
     blocks = _block_map(base, r"blocks_(\d+)/")
-    return Backbone("EfficientNet-Lite0", names, base, apply_fn, train_logits, features, encode, blocks)
+    return Backbone("EfficientNet-Lite0", names, base, apply_fn, train_logits, features, encode, blocks,
+                    matrix_axes=-1)
 
 
 def build(suite: str, heads: Sequence[tuple[str, int]], key: jax.Array, *, max_len: int = 64,

@@ -192,12 +192,14 @@ def _compeft_ties(run: "Run", hp: dict) -> Any:
                                                              density=1.0), hp["scale"])
 
 
-def _sota(fn: Callable[..., Any]) -> Callable[["Run", dict], Any]:
-    """A data-free mergejax method called on the head-stripped experts with the grid point ``hp`` as keywords."""
+def _sota(fn: Callable[..., Any], matrix: bool = False) -> Callable[["Run", dict], Any]:
+    """A data-free mergejax method called on the head-stripped experts with the grid point ``hp`` as keywords;
+    ``matrix``: a matrix method, given the backbone's ``matrix_axes`` (a conv net's kernels merge as matrices)."""
     def build(run: "Run", hp: dict) -> Any:
         rest = {k: v for k, v in hp.items() if k != "scale"}
-        return _at_scale(run, (fn.__name__, *sorted(rest.items())), lambda: fn(run.backbone.base, run.stripped, **rest),
-                         hp.get("scale", 1.0))
+        extra = {"matrix_axes": run.backbone.matrix_axes} if matrix and run.backbone.matrix_axes is not None else {}
+        return _at_scale(run, (fn.__name__, *sorted(rest.items())),
+                         lambda: fn(run.backbone.base, run.stripped, **rest, **extra), hp.get("scale", 1.0))
 
     return build
 
@@ -206,7 +208,8 @@ def _wudi(run: "Run", hp: dict) -> Any:
     # the token/position embeddings go to the averaging branch: WUDI's input-side Gram is defined for the linear
     # layers (FusionBench merges the transformer's linear layers)
     return run.with_heads(mj.wudi(run.backbone.base, run.stripped, steps=run.cfg.wudi_steps,
-                                  exclude=r"embeddings/", progress=run.cfg.progress))
+                                  exclude=r"embeddings/", progress=run.cfg.progress,
+                                  matrix_axes=run.backbone.matrix_axes))
 
 
 def _della(run: "Run", hp: dict) -> Any:
@@ -262,14 +265,14 @@ METHODS: tuple[Method, ...] = (
     # methods beyond the issue's list (key = mergejax function name). model_stock is left out: it averages
     # fine-tunes of ONE task (Jang et al., 2024), so it has no meaning on a multi-task table.
     Method("tsv", lambda hp: f"TSV-M (lambda={hp['scale']:g})", lambda g, r: _product(scale=g.sota_scales),
-           _sota(mj.tsv)),
+           _sota(mj.tsv, matrix=True)),
     Method("iso_c", lambda hp: f"Iso-C (lambda={hp['scale']:g})", lambda g, r: _product(scale=g.iso_scales),
-           _sota(mj.iso_c)),
+           _sota(mj.iso_c, matrix=True)),
     Method("iso_cts", lambda hp: f"Iso-CTS (lambda={hp['scale']:g})", lambda g, r: _product(scale=g.iso_scales),
-           _sota(mj.iso_cts)),
+           _sota(mj.iso_cts, matrix=True)),
     Method("wudi", lambda hp: "WUDI merging", _none, _wudi),
     Method("cart", lambda hp: f"CART (k=12%, c={hp['coeff']:g})",
-           lambda g, r: _product(rank_ratio=(0.12,), coeff=g.cart_coeffs), _sota(mj.cart)),
+           lambda g, r: _product(rank_ratio=(0.12,), coeff=g.cart_coeffs), _sota(mj.cart, matrix=True)),
     Method("consensus_ta", lambda hp: f"Consensus TA (lam={hp['lam']:g}, lambda={hp['scale']:g})",
            lambda g, r: _product(lam=g.consensus_lams, k=(2,), scale=(r.chosen("task_arithmetic", "scale", 0.3),)),
            _sota(mj.consensus_ta)),
