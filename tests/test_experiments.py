@@ -393,3 +393,39 @@ def test_rerun_recomputes_only_the_named_rows(pools, tmp_path, monkeypatch):
     assert ran == ["compeft_task_arithmetic"] and again == json.loads(json.dumps(first))
     assert benchmark._resume_key(benchmark.parse_args(argv)) == benchmark._resume_key(
         benchmark.parse_args([*argv, "--rerun", "x", "--grids-compeft-ties-scales", "9"]))
+
+
+@pytest.mark.parametrize("key", ["tsv", "iso_c", "iso_cts", "cart", "wudi"])
+def test_matrix_methods_merge_conv_kernels_as_matrices(key):
+    """On a conv net (the vision backbone: ``matrix_axes=-1``) the matrix rows merge the 4-D kernels as matrices,
+    as ``mj.<key>(..., matrix_axes=-1)`` does; on the text backbone (None) the call is the plain one."""
+    import jax
+    import jax.numpy as jnp
+
+    import mergejax as mj
+    from experiments.methods import by_key
+
+    rng = np.random.default_rng(1)
+    base = {"params": {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)},
+                       "dense": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
+                                 "bias": jnp.zeros((5,), jnp.float32)}}}
+    fts = [jax.tree.map(lambda x: x + 0.1 * jnp.asarray(rng.normal(size=x.shape), jnp.float32), base)
+           for _ in range(3)]
+    (method,) = by_key([key])
+    hp = {"scale": 1.0, **({"rank_ratio": 0.12, "coeff": 1.0} if key == "cart" else {})}
+    extra = {k: v for k, v in hp.items() if k != "scale"}
+    if key == "wudi":
+        extra = {"steps": 3, "exclude": r"embeddings/", "progress": False}
+    for axes in (-1, None):
+        run = benchmark.Run.__new__(benchmark.Run)
+        run.backbone = types.SimpleNamespace(base=base, matrix_axes=axes)
+        run.stripped, run.merge_cache = fts, {}
+        run.cfg = types.SimpleNamespace(wudi_steps=3, progress=False)
+        run.with_heads = lambda tree: tree
+        got = method.build(run, hp)
+        want = getattr(mj, key)(base, fts, **extra, **({"matrix_axes": axes} if axes is not None else {}))
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    conv = lambda tree: np.asarray(tree["params"]["conv"]["kernel"])  # noqa: E731
+    mean = np.mean([conv(f) for f in fts], axis=0)
+    assert not np.allclose(conv(mj.tsv(base, fts, matrix_axes=-1)), mean, atol=1e-4)  # not just averaged
