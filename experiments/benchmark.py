@@ -41,7 +41,7 @@ from mergejax.tree import path_str
 
 from experiments import backbones, datasets
 from experiments.finetune import FinetuneConfig, cached_finetune
-from experiments.methods import Grids, Method, by_key
+from experiments.methods import METHOD_KEYS, Grids, Method, by_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,11 +120,14 @@ VISION_FINETUNE = FinetuneConfig(steps=64, batch_size=32, lr=1e-4)
 BatchNorm biases moved by more than their own norm, an expert at half its task vector lost 3-25 points, and every
 merge of three experts fell to chance (experiments/README.md)."""
 
-VISION = dict(seeds=(0,), resolution=32, finetune=VISION_FINETUNE, protocols=False)
-"""The reference vision configuration (``--suite vision`` without ``--quick``), sized for about 40 minutes of 2 busy
-CPU cores: XLA:CPU runs EfficientNet-Lite0's depthwise convolutions slowly (3 s per training step of 32 images at
-32 px, 0.7 s per 48-image evaluation batch, on 2 cores at load 10), so one seed, 32 px inputs (28 px sources), no
-protocols; ``--seeds 0,1,2 --protocols true --resolution 64`` restore the rest."""
+VISION_METHODS = tuple(k for k in METHOD_KEYS if k != "regmean")
+"""Every row but RegMean, which regresses 2-D kernels only and would be weight averaging on a conv net."""
+
+VISION = dict(seeds=(0,), resolution=32, finetune=VISION_FINETUNE, methods=VISION_METHODS)
+"""The reference vision configuration (``--suite vision`` without ``--quick``): XLA:CPU runs EfficientNet-Lite0's
+depthwise convolutions slowly (3 s per training step of 32 images at 32 px, 0.7 s per 48-image evaluation batch, on
+2 cores at load 10), so one seed and 32 px inputs (28 px sources), with the protocols (about 12 min);
+``--seeds 0,1,2 --resolution 64`` restore the rest."""
 
 
 def _parse(tp: Any, text: str) -> Any:

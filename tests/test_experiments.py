@@ -79,11 +79,12 @@ def test_config_overrides_and_quick_preset():
 
 def test_vision_preset_and_its_overrides():
     cfg = benchmark.parse_args(["--suite", "vision"])
-    assert cfg.seeds == (0,) and cfg.resolution == 32 and cfg.protocols is False and cfg.out == "results/vision"
+    assert cfg.seeds == (0,) and cfg.resolution == 32 and cfg.protocols is True and cfg.out == "results/vision"
+    assert cfg.methods == tuple(k for k in METHOD_KEYS if k != "regmean")
     assert cfg.finetune == benchmark.VISION_FINETUNE and cfg.finetune.lr == 1e-4
     assert benchmark.suite_tasks(cfg) == ("fashion_mnist", "mnist", "animal_shape", "digits")
-    over = benchmark.parse_args(["--suite", "vision", "--seeds", "0,1,2", "--resolution", "64", "--protocols", "true"])
-    assert (over.seeds, over.resolution, over.protocols) == ((0, 1, 2), 64, True)
+    over = benchmark.parse_args(["--suite", "vision", "--seeds", "0,1,2", "--resolution", "64", "--protocols", "false"])
+    assert (over.seeds, over.resolution, over.protocols) == ((0, 1, 2), 64, False)
     quick = benchmark.parse_args(["--quick", "--suite", "vision"])
     assert quick.tasks == benchmark.QUICK_VISION_TASKS and quick.finetune == benchmark.VISION_FINETUNE
 
