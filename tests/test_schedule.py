@@ -10,6 +10,7 @@ import pytest
 
 import mergejax as mj
 from mergejax.ops import schedule as sch
+from mergejax.ops.base import Given
 from mergejax.ops.pcb import PCB
 from mergejax.ops.reduce import DisjointMean
 from mergejax.ops.select import key_to_float, ordered_key
@@ -252,3 +253,83 @@ def test_small_leaves_share_the_flat_statistics_programs():
     # more than SORT_MAX entries: a sampled pass, then counting passes
     assert sch._flat_stat_program._cache_size() == 2 * 2 * 2  # 2 buckets x (|tau|, beta) x (sample, count)
     assert_same(got, m(base, fts, schedule="program"), 1e-6)
+
+
+def bits(tree) -> list[np.ndarray]:
+    """The float leaves' bit patterns (so -0.0 and 0.0 differ)."""
+    return [np.asarray(x).view(np.uint16 if x.dtype == jnp.bfloat16 else np.uint32)
+            for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+def assert_bits(a, b):
+    for x, y in zip(bits(a), bits(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def signed_tree(majority: int) -> tuple[dict, list]:
+    """Base and two TaskVectors (T = 2, density 1 keeps every entry) whose raw elected signs tally to ``majority``,
+    with coordinates the majority decides: +a and -a (they cancel), two -0.0 (kept by a zero majority, into a
+    -0.0 base: the output's sign bit shows it); a first small leaf whose signs point the other way."""
+    rng = np.random.default_rng(7)
+    a = np.abs(rng.standard_normal(300)).astype(np.float32) + 0.5
+    t0, t1 = a.copy(), np.zeros_like(a)
+    t0[:10], t1[:10] = a[:10], -a[:10]  # exact cancellations: sum 0, entries nonzero
+    t0[10:12], t1[10:12] = -0.0, -0.0
+    n_neg = {1: 100, -1: 200, 0: 144}[majority]  # of the 288 remaining coordinates, flip this many to negative
+    t0[12:12 + n_neg] *= -1
+    # the first leaf's signs lead the kernel to assume the wrong majority (+1 on a tie)
+    first = np.asarray([1.0, 1.0, -1.0, -1.0] if majority == 0 else [-majority] * 3 + [majority], np.float32)
+    base = {"a_first": jnp.zeros((4,), jnp.float32), "b_kernel": jnp.full((20, 15), -0.0, jnp.float32)}
+    tvs = [mj.TaskVector({"a_first": jnp.asarray(f), "b_kernel": jnp.asarray(t.reshape(20, 15))})
+           for f, t in ((first, t0), (first, t1))]
+    return base, tvs
+
+
+@pytest.mark.parametrize("majority", [1, -1, 0])
+@pytest.mark.parametrize("sign_method", ["sum", "count"])
+def test_deferred_majority_reruns_only_the_leaves_it_decides(majority, sign_method):
+    """TIES's majority sign is deferred into the final pass: each leaf assumes the majority of the leaves before it
+    (+1 at the first), tallies its raw signs and the coordinates the majority decides, and a leaf that assumed
+    wrong and has such coordinates is rerun with the true majority: bit for bit the single program's."""
+    base, tvs = signed_tree(majority)
+    m = ties_chain(density=1.0, sign_method=sign_method)
+    got = m(base, tvs, schedule="leaves")
+    info = sch.last_info
+    assert info.deferred == 1
+    assert_bits(got, m(base, tvs, schedule="program"))
+    # the first leaf has no coordinates the majority decides; the kernel assumed the first leaf's (wrong) majority
+    # and has 12 of them: rerun once
+    assert info.recomputed == 1
+    stages = (Given(Trim(), jnp.zeros((2,), jnp.float32)), ElectSign(sign_method), DisjointMean())
+    prior = jnp.asarray([0.0, 5.0, 0.0], jnp.float32)  # more -1 than +1 so far: -1 assumed
+    _, _, tally, used, nxt = sch._final_jit(stages, base["b_kernel"], tuple(t.tree["b_kernel"] for t in tvs),
+                                           np.int32(1), None, None, np.float32(1.0), prior, tv_mask=(True, True),
+                                           check=False, defer=1)
+    n_neg = {1: 100, -1: 200, 0: 144}[majority]
+    np.testing.assert_array_equal(np.asarray(tally), [288 - n_neg, n_neg, 12])
+    assert int(used) == -1
+    np.testing.assert_array_equal(np.asarray(nxt), np.asarray(prior) + np.asarray(tally))
+
+
+def test_deferred_majority_fallbacks(models):
+    """No deferral where the inputs are donated (a leaf could not be rerun) or a stage runs in row chunks; the
+    statistic is then computed in its own pass first, with the same numbers."""
+    base, fts = models
+    want = ties_chain()(base, fts, schedule="program")
+    b2, f2 = jax.tree_util.tree_map(jnp.copy, (base, fts))
+    assert_bits(ties_chain()(b2, f2, donate=True, schedule="leaves"), want)
+    assert sch.last_info.deferred is None
+    assert sch._deferrable(breadcrumbs_chain().stages, False) is None  # its statistics stage runs in row chunks
+    assert sch._deferrable(mj.chain(mj.Sum()).stages, False) is None  # no statistics at all
+    assert sch._deferrable(ties_chain().stages, False) == 1
+
+
+def test_side_output_is_exact():
+    """The one-loop pair of outputs returns both arrays bit for bit (-0.0, NaN, inf, bf16, scalars)."""
+    x = jnp.asarray([0.0, -0.0, 1.5, -np.inf, np.nan, 1e-45], jnp.float32)
+    codes = jnp.asarray([0, 1, -1, 2, 0, 1], jnp.int8)
+    for out in (x, x.astype(jnp.bfloat16), x[1]):
+        side = codes if out.ndim else codes[1]
+        got, got_side = jax.jit(sch._side_output)(out, side)
+        assert_bits(got, out)
+        np.testing.assert_array_equal(np.asarray(got_side), np.asarray(side))

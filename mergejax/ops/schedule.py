@@ -13,6 +13,12 @@ each over the T + 1 input leaves of ONE leaf position:
   quantiles) implements ``host_stats(run)``: :class:`Runner` computes them with per-leaf programs (counts summed on
   the host, the exact bracketing search of :func:`mergejax.ops.select.kth_largest_scheduled`), and the stage then
   runs leafwise as ``Given(stage, stats)``;
+- the chain's last statistics stage may instead be *deferred* into the final pass (:func:`_deferrable`; TIES's
+  majority sign): each leaf's program assumes a provisional statistic (the stage's ``deferred_guess`` of the tallies
+  of the leaves before it), and returns, in the same read of its inputs, the tally of per-coordinate
+  ``deferred_codes`` the statistic is summed from and how many coordinates it decides; once every leaf is done the
+  true statistic is resolved from the exact totals and only the leaves that assumed another one and have such
+  coordinates run again (:func:`_resolve_deferred`);
 - a leafwise stage whose rule depends on the leaf's path (which 2-D leaves are Flax kernels, an ``exclude`` regex)
   implements ``at_leaf(path)``, the stage with that rule decided for the one leaf (its programs are then cached by the
   decision, a static field).
@@ -38,6 +44,7 @@ leaf are freed as soon as its output exists, so the peak stays at about the inpu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 from typing import Any, Callable, Hashable, Sequence
@@ -49,10 +56,11 @@ from jax import lax
 
 from mergejax.ops.base import Given, leaf_index, leaf_keys, per_leaf_weights
 from mergejax.ops.dare import hash_words, host_hash_words
-from mergejax.ops.select import _Counter, _key_spec, kth_largest_scheduled, ordered_key
+from mergejax.ops.select import _Counter, _key_spec, _sum_counts, kth_largest_scheduled, ordered_key
 from mergejax.tree import PyTree, TaskVector, _leaf_apply, acc_dtype, as_tree, is_float, paths_and_leaves
 
-__all__ = ["CHUNK_MIN", "CHUNK_ENTRIES", "FLAT_MIN", "FLAT_MAX", "schedulable", "Runner", "merge_leaf_by_leaf"]
+__all__ = ["CHUNK_MIN", "CHUNK_ENTRIES", "FLAT_MIN", "FLAT_MAX", "schedulable", "Runner", "RunInfo",
+           "merge_leaf_by_leaf"]
 
 CHUNK_MIN = 1 << 20
 """A leaf of at least this many entries (and two or more axes) runs in row chunks when its program is rowwise."""
@@ -96,10 +104,11 @@ def _tau(entry: jax.Array, base: jax.Array, is_tv: bool) -> jax.Array:
     return jnp.asarray(entry, dt) if is_tv else jnp.asarray(entry, dt) - jnp.asarray(base, dt)
 
 
-def _run(stages: tuple, xs: tuple, key, words: tuple | None):
-    """``run_stages(stages, xs, key)`` (stage i draws from ``fold_in(key, i)``), except that a stage with host-derived
-    words (``words[i]`` not None, see :meth:`_Plan.words_at`) gets them instead of its key."""
-    for i, stage in enumerate(stages):
+def _run(stages: tuple, xs: tuple, key, words: tuple | None, start: int = 0):
+    """``run_stages(stages[start:], xs, key, offset=start)`` (stage i draws from ``fold_in(key, i)``), except that a
+    stage with host-derived words (``words[i]`` not None, see :meth:`_Plan.words_at`) gets them instead of its key."""
+    for i in range(start, len(stages)):
+        stage = stages[i]
         if words is not None and words[i] is not None:
             xs = stage.with_words(xs, words[i])
         else:
@@ -289,7 +298,14 @@ def _flat_stat_program(stage, base, entries, n_valid, cands, given, *, tv_mask, 
     return keys[:, stride // 2 :: stride], (lo, hi)
 
 
-def _final(stages, base, entries, index, key, words, scale, *, tv_mask, check, rows=0):
+def _final(stages, base, entries, index, key, words, scale, prior=None, *, tv_mask, check, rows=0, defer=-1):
+    """One leaf's merged output and its inputs' finiteness flags. ``defer`` >= 0: stage ``defer``'s statistic is
+    deferred (:func:`_deferred_leaf`, whole leaves only), which also returns its tally, the statistic it assumed and
+    ``prior`` plus the tally."""
+    if defer >= 0:
+        out, tally, used = _deferred_leaf(stages, base, entries, index, key, words, scale, prior, tv_mask, defer)
+        return out, _flags(base, entries, tv_mask, check), tally, used, prior + tally.astype(prior.dtype)
+
     def piece(b, es):
         (merged,) = _prefix(stages, b, es, index, key, tv_mask, len(stages), words)
         return _leaf_apply(b, merged, scale)
@@ -305,6 +321,40 @@ def _final(stages, base, entries, index, key, words, scale, *, tv_mask, check, r
     return out, _flags(base, entries, tv_mask, check)
 
 
+def _deferred_leaf(stages, base, entries, index, key, words, scale, prior, tv_mask, q: int):
+    """One leaf's output with stage q's statistic assumed to be ``stages[q].deferred_guess(prior)`` (``prior``: the
+    earlier leaves' tallies summed), the int32 tally of its ``deferred_codes`` (the count of each of its
+    ``deferred_kinds``) and the statistic assumed; the output and the codes in one read of the inputs."""
+    stage = stages[q]
+    used = stage.deferred_guess(prior)
+    xs = _prefix(stages, base, entries, index, key, tv_mask, q, words)
+    with leaf_index(index):
+        codes = stage.deferred_codes(xs)
+        (merged,) = _run((*stages[:q], Given(stage, used), *stages[q + 1 :]), xs, key, words, start=q)
+    out, codes = _side_output(_leaf_apply(base, merged, scale), codes)
+    codes = lax.optimization_barrier(codes)  # the counts read the int8 codes, not the inputs again
+    tally = jnp.stack(_sum_counts([codes == c for c in stage.deferred_kinds], tuple(range(codes.ndim))))
+    return out, tally, used
+
+
+def _side_output(out: jax.Array, side: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(out, side)``, two arrays of one shape computed in one loop over the inputs they share.
+
+    XLA:CPU fuses no sibling elementwise outputs (each would re-read and recompute the inputs), but it emits a
+    variadic reduction as one loop: so on CPU both come out of a reduction over a trailing axis of two, the second
+    slot the identity (-0.0 for floats, x + -0.0 = x exactly; 0 for integers). Elsewhere XLA fuses siblings itself.
+    """
+    if jax.default_backend() != "cpu":
+        return out, side
+
+    def pad(x):
+        ident = jnp.asarray(-0.0 if jnp.issubdtype(x.dtype, jnp.floating) else 0, x.dtype)
+        return jnp.stack([x, jnp.broadcast_to(ident, x.shape)], axis=-1), ident
+
+    (po, io), (ps, is_) = pad(out), pad(side)
+    return tuple(lax.reduce((po, ps), (io, is_), lambda a, b: (a[0] + b[0], a[1] + b[1]), (out.ndim,)))
+
+
 def _head(base, entries, *, tv_mask, check):
     dt = acc_dtype(base.dtype)
     out = (jnp.asarray(base, dt) + sum(_tau(e, base, t) for e, t in zip(entries, tv_mask))).astype(base.dtype)
@@ -317,8 +367,8 @@ def _flags(base, entries, tv_mask, check):
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in (base, *entries)])
 
 
-_final_jit = jax.jit(_final, static_argnames=("tv_mask", "check", "rows"))
-_final_donating = jax.jit(_final, static_argnames=("tv_mask", "check", "rows"), donate_argnames=("base",))
+_final_jit = jax.jit(_final, static_argnames=("tv_mask", "check", "rows", "defer"))
+_final_donating = jax.jit(_final, static_argnames=("tv_mask", "check", "rows", "defer"), donate_argnames=("base",))
 _head_jit = jax.jit(_head, static_argnames=("tv_mask", "check"))
 
 
@@ -591,6 +641,36 @@ class _Plan:
         return tuple(e[j] for e in self.e_leaves)
 
 
+@dataclasses.dataclass
+class RunInfo:
+    """What one leaf-by-leaf merge did: ``passes``, the counting passes of its last global search;
+    ``deferred``, the chain position of the stage whose statistic was deferred (None: none was);
+    ``recomputed``, the leaves run a second time because that statistic differed from the one assumed."""
+
+    passes: int = 0
+    deferred: int | None = None
+    recomputed: int = 0
+
+
+last_info = RunInfo()
+"""The :class:`RunInfo` of the latest :func:`merge_leaf_by_leaf` call (for benchmarks and tests)."""
+
+
+def _deferrable(stages: tuple, donate: bool) -> int | None:
+    """The position of the stage whose statistic the final pass may defer, or None.
+
+    A stage defers when it implements the deferred protocol (``deferred_codes``, ``deferred_kinds``,
+    ``deferred_guess``, ``deferred_resolve``; :func:`_deferred_leaf`) and is the chain's last one with global
+    statistics (no later statistic reads its output), no leaf of the chain runs in row chunks and the inputs are
+    not donated (a leaf may have to be recomputed from them)."""
+    stat_stages = [q for q, s in enumerate(stages) if not getattr(s, "leafwise", False)]
+    if donate or not stat_stages or any(getattr(_unwrap(s), "row_chunks", False) for s in stages):
+        return None
+    q = stat_stages[-1]
+    protocol = ("deferred_codes", "deferred_kinds", "deferred_guess", "deferred_resolve")
+    return q if all(hasattr(stages[q], a) for a in protocol) else None
+
+
 def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[Any], scale: jax.Array, weights: Any,
                        key: jax.Array | None, flags: Sequence[bool], *, check: bool, donate: bool = False
                        ) -> tuple[PyTree, list[bool] | None, int]:
@@ -611,12 +691,26 @@ def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[An
       (the merged tree, per leaf of base then of each entry the finiteness flag of every float leaf in the order of
       ``mergejax.merge._finite_names`` (None without ``check``), the counting passes of the last global search).
     """
+    global last_info
     plan = _Plan(stages, base, entries, flags, weights, key)
+    defer = _deferrable(plan.stages, donate)
     for q, s in enumerate(plan.stages):
-        if not getattr(s, "leafwise", False):
+        if not getattr(s, "leafwise", False) and q != defer:
             plan.given[q] = s.host_stats(Runner(plan, q))
     out = list(plan.b_leaves)
     finite: dict[int, Any] = {}
+    upto = len(plan.stages)
+    prior = None if defer is None else jnp.zeros((len(plan.stages[defer].deferred_kinds),), jnp.float32)
+    tallies: dict[int, tuple] = {}  # deferred: leaf -> (its tally, the statistic it assumed)
+
+    def run_final(j: int, final: Callable) -> Any:
+        stages = plan.stages_at(j, upto)
+        rows = _chunk_rows(np.shape(plan.b_leaves[j]), _chunkable(stages))
+        deferring = defer is not None and defer not in plan.given  # not yet resolved
+        return final(stages, plan.b_leaves[j], plan.entries_at(j), np.int32(plan.index[j]), plan.key_for(upto),
+                     plan.words_at(j, upto), scale, prior if deferring else None, tv_mask=plan.tv_mask,
+                     check=check, rows=rows, defer=defer if deferring else -1)
+
     for j, b in enumerate(plan.b_leaves):
         if not is_float(b):
             continue
@@ -625,17 +719,18 @@ def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[An
         final = _final_donating if donate and not aliased else _final_jit
         if flags[j]:
             out[j], finite[j] = _head_jit(b, ent, tv_mask=plan.tv_mask, check=check)
+        elif defer is None:
+            out[j], finite[j] = run_final(j, final)
         else:
-            upto = len(plan.stages)
-            stages = plan.stages_at(j, upto)
-            rows = _chunk_rows(np.shape(b), _chunkable(stages))
-            out[j], finite[j] = final(stages, b, ent, np.int32(plan.index[j]), plan.key_for(upto),
-                                      plan.words_at(j, upto), scale, tv_mask=plan.tv_mask, check=check, rows=rows)
+            out[j], finite[j], tally, used, prior = run_final(j, final)
+            tallies[j] = (tally, used)
         if donate:
             jax.block_until_ready(out[j])
             for x in (b, *ent):
                 if isinstance(x, jax.Array) and not x.is_deleted():
                     x.delete()
+    recomputed = _resolve_deferred(plan, defer, tallies, lambda j: run_final(j, _final_jit)[0], out)
+    last_info = RunInfo(plan.passes, defer, recomputed)
     merged = jax.tree_util.tree_unflatten(plan.treedef, out)
     if not check:
         return merged, None, plan.passes
@@ -645,3 +740,20 @@ def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[An
     for t in range(plan.n_tasks):
         order += [fl[j][1 + t] for j in fpos]
     return merged, [bool(v) for v in order], plan.passes
+
+
+def _resolve_deferred(plan: _Plan, defer: int | None, tallies: dict, rerun: Callable[[int], Any], out: list) -> int:
+    """After a deferred final pass: the true statistic from the exact (int64) sum of the leaves' tallies, set as
+    ``plan.given[defer]``, and every leaf that assumed another one and has coordinates it affects (its tally of the
+    last of ``deferred_kinds``) rerun with it into ``out``. Returns the number of leaves rerun."""
+    if defer is None or not tallies:
+        return 0
+    got = jax.device_get(tallies)
+    total = np.sum([np.asarray(t, np.int64) for t, _ in got.values()], axis=0)
+    true = plan.stages[defer].deferred_resolve(total)
+    plan.given[defer] = true
+    stale = [j for j, (t, used) in got.items() if int(t[-1]) > 0 and not np.array_equal(np.asarray(used),
+                                                                                      np.asarray(true))]
+    for j in stale:
+        out[j] = rerun(j)
+    return len(stale)
