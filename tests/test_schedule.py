@@ -333,3 +333,61 @@ def test_side_output_is_exact():
         got, got_side = jax.jit(sch._side_output)(out, side)
         assert_bits(got, out)
         np.testing.assert_array_equal(np.asarray(got_side), np.asarray(side))
+
+
+@pytest.fixture(scope="module")
+def big_models():
+    """Kernels of 400 x 64 entries: more than SORT_MAX, so per-tensor thresholds are searched too."""
+    rng = np.random.default_rng(4)
+    base = make_tree(rng, rows=400)
+    fts = [jax.tree_util.tree_map(lambda b: b + (0.1 * rng.standard_normal(b.shape)).astype(b.dtype)
+                                  if jnp.issubdtype(b.dtype, jnp.floating) else b, base) for _ in range(3)]
+    return base, fts
+
+
+@pytest.mark.parametrize("load", [1.0, 1 / 16])
+@pytest.mark.parametrize("name", ["ties_global", "ties_tensor", "ties_count_max", "ties_weights"])
+def test_gathering_pass_gives_the_same_thresholds(big_models, monkeypatch, name, load):
+    """The leaf-by-leaf search ends with one gathering pass (per row of 128 entries: the counts above and inside
+    the bracket and its smallest and largest keys inside) once the brackets are small; where a row holds three or
+    more of them it misses and the counting passes go on. Here it is forced early (``GATHER_LOAD`` raised: rows
+    of many bracket entries, so it also misses); the merge equals the single program's bit for bit."""
+    from mergejax.ops import select
+    monkeypatch.setattr(select, "GATHER_LOAD", load)
+    modes = []
+    orig = sch._stat_program
+    monkeypatch.setattr(sch, "_stat_program", lambda *a, **k: modes.append(k["mode"]) or orig(*a, **k))
+    base, fts = big_models
+    m, kw = CASES[name]
+    assert_bits(m(base, fts, schedule="leaves", **kw), m(base, fts, schedule="program", **kw))
+    assert "gather" in modes
+    if load == 1.0 and name == "ties_global":
+        assert sch.last_info.gather_misses > 0  # the miss path ran, and the counting passes finished the search
+
+
+def test_gathered_kth_is_exact_or_misses():
+    rng = np.random.default_rng(3)
+    from mergejax.ops.select import gather_row, gathered_kth
+    for trial in range(50):
+        keys = rng.integers(0, 40, size=(64, 8)).astype(np.uint32)  # rows of 8, many ties
+        lo, hi = np.uint32(rng.integers(0, 20)), np.uint32(rng.integers(20, 40))
+        inside = (keys >= lo) & (keys <= hi)
+        packed = (keys > hi).sum(1).astype(np.int32) + (inside.sum(1).astype(np.int32) << 16)
+        low = np.where(inside, keys, np.uint32(2**32 - 1)).min(1)
+        high = np.where(inside, keys, np.uint32(0)).max(1)
+        desc = np.sort(keys.ravel())[::-1]
+        k = int(rng.integers(1, keys.size + 1))
+        got = gathered_kth(k, packed, low, high)
+        in_bracket = (keys > hi).sum() < k <= (keys >= lo).sum()
+        if got is not None:
+            assert in_bracket and inside.sum(1).max() <= 2 and got == desc[k - 1]
+        else:
+            assert not in_bracket or inside.sum(1).max() > 2
+    # exactly two per row: seen in full
+    keys = np.asarray([[5, 9, 1, 1], [7, 0, 7, 2]], np.uint32)
+    packed = np.asarray([0 + (2 << 16), 0 + (2 << 16)], np.int32)  # bracket [5, 9]
+    assert gathered_kth(3, packed, np.asarray([5, 7], np.uint32), np.asarray([9, 7], np.uint32)) == 7
+    assert gathered_kth(1, packed, np.asarray([5, 7], np.uint32), np.asarray([9, 7], np.uint32)) == 9
+    assert gather_row(6104 * 1024) == 128 and gather_row(48) == 48 and gather_row(16 * 7919) == 16
+    assert gather_row(1000) == 1000  # gcd 8: too short rows, so one row
+    assert gather_row(3 * 7919) == 3 * 7919  # no divisor of at least 16: one row

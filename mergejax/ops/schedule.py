@@ -56,7 +56,7 @@ from jax import lax
 
 from mergejax.ops.base import Given, leaf_index, leaf_keys, per_leaf_weights
 from mergejax.ops.dare import hash_words, host_hash_words
-from mergejax.ops.select import _key_spec, _sum_counts, kth_largest_scheduled, ordered_key
+from mergejax.ops.select import _key_spec, _sum_counts, gather_row, kth_largest_scheduled, ordered_key
 from mergejax.tree import PyTree, TaskVector, _leaf_apply, acc_dtype, as_tree, is_float, paths_and_leaves
 
 __all__ = ["CHUNK_MIN", "CHUNK_ENTRIES", "FLAT_MIN", "FLAT_MAX", "schedulable", "Runner", "RunInfo",
@@ -210,6 +210,8 @@ def _stat_program(stages, base, entries, index, key, words, cands, given, *, tv_
     values = values_of(base, entries)
     if mode in ("sum", "max"):
         return values
+    if mode == "gather":
+        return _leaf_gather(values, cands, magnitude)
     if mode in ("sample", "sample+extremes"):
         keys = [ordered_key(jnp.abs(v) if magnitude else v).ravel() for v in values]
         picked = jnp.stack([k[stride // 2 :: stride] if stride > 1 else k for k in keys])
@@ -232,6 +234,33 @@ def _leaf_counts(values: Sequence[jax.Array], cands: jax.Array, magnitude: bool)
     flags = [k >= cands[g, d].astype(k.dtype) for g, k in enumerate(keys) for d in range(D)]
     c = jnp.stack(_sum_counts(flags, tuple(range(keys[0].ndim)))).reshape(len(keys), D)  # a leaf < 2**31 entries
     return c >> 16, c & 0xFFFF
+
+
+def _leaf_gather(values: Sequence[jax.Array], bounds: jax.Array, magnitude: bool) -> tuple[jax.Array, ...]:
+    """A gathering pass over one leaf's G value arrays with brackets ``bounds`` [G, 2] (lo, hi keys), in one
+    reduction over rows of :func:`mergejax.ops.select.gather_row` entries: per group and row, int32
+    ``#{key > hi} + (#{lo <= key <= hi} << 16)`` and the smallest and largest key in the bracket ([G, rows] each)."""
+    keys = _leaf_keys(values, magnitude)
+    size = int(keys[0].size)
+    rows = [k.reshape(-1, gather_row(size)) for k in keys]
+    info = jnp.iinfo(keys[0].dtype)
+    top, bottom = jnp.asarray(info.max, keys[0].dtype), jnp.asarray(info.min, keys[0].dtype)
+    ops, inits = [], []
+    for g, k in enumerate(rows):
+        lo, hi = bounds[g, 0].astype(k.dtype), bounds[g, 1].astype(k.dtype)
+        inside = (k >= lo) & (k <= hi)
+        ops += [(k > hi).astype(jnp.int32) + (inside.astype(jnp.int32) << 16), jnp.where(inside, k, top),
+                jnp.where(inside, k, bottom)]
+        inits += [jnp.int32(0), top, bottom]
+
+    def combine(a, b):
+        out = []
+        for i in range(0, len(a), 3):
+            out += [a[i] + b[i], jnp.minimum(a[i + 1], b[i + 1]), jnp.maximum(a[i + 2], b[i + 2])]
+        return tuple(out)
+
+    out = lax.reduce(tuple(ops), tuple(inits), combine, (1,))
+    return tuple(jnp.stack(out[a::3]) for a in range(3))
 
 
 def _leaf_extremes(values: Sequence[jax.Array], magnitude: bool) -> tuple[jax.Array, jax.Array]:
@@ -422,11 +451,19 @@ class Runner:
         stages = p.stages_at(j, self.q + 1)
         if mode in ("count", "sample", "sample+extremes") and self._flat(j, stages[-1]):
             return self._flat_call(j, stages[-1], cands, name, mode, magnitude, stride, given)
-        rowwise = _chunkable(stages, stat=True)
         return _stat_program(stages, p.b_leaves[j], p.entries_at(j), np.int32(p.index[j]),
                              p.key_for(self.q), p.words_at(j, self.q), cands, given, tv_mask=p.tv_mask, q=self.q,
-                             name=name, mode=mode, magnitude=magnitude, stride=stride,
-                             rows=_chunk_rows(np.shape(p.b_leaves[j]), rowwise))
+                             name=name, mode=mode, magnitude=magnitude, stride=stride, rows=self._rows(j, stages))
+
+    def _rows(self, j: int, stages: tuple) -> int:
+        """The row chunks leaf j's statistics program runs in (0: the whole leaf at once)."""
+        return _chunk_rows(np.shape(self.plan.b_leaves[j]), _chunkable(stages, stat=True))
+
+    def _whole(self, j: int) -> bool:
+        """Whether leaf j's statistics run as one program on the whole leaf (neither flat nor in row chunks): the
+        programs a gathering pass has."""
+        stages = self.plan.stages_at(j, self.q + 1)
+        return not self._flat(j, stages[-1]) and not self._rows(j, stages)
 
     def _flat(self, j: int, stage: Any) -> bool:
         """Whether leaf j's statistic runs on its flat padded copy: the stage is the chain's first (its input is tau)
@@ -590,9 +627,25 @@ class Runner:
             total = sum((np.asarray(h, np.int64) << 16) + np.asarray(l, np.int64) for h, l in parts)
             return np.asarray(total >> 16, np.int32), np.asarray(total & 0xFFFF, np.int32)
 
-        keys, passes = kth_largest_scheduled(n, ks, key_dtype=key_dtype, sample=sample, counts=counts,
-                                             magnitude=magnitude)
+        def gather(lo, hi, is_open):
+            bounds = np.stack([lo, hi], axis=1)  # [G, 2]
+            if per_leaf:  # as in counts: a leaf whose searches have all ended is not read
+                parts = jax.device_get([
+                    self._call(j, bounds[i * G:(i + 1) * G], name, "gather", magnitude, given=given)
+                    if is_open[i * G:(i + 1) * G].any() else None for i, j in enumerate(positions)])
+                return [None if p is None else tuple(a[g] for a in p) for p in parts for g in range(G)]
+            parts = jax.device_get([self._call(j, bounds, name, "gather", magnitude, given=given)
+                                    for j in positions])
+            return [tuple(np.concatenate([p[a][g] for p in parts]) for a in range(3)) for g in range(G)]
+
+        rows = [int(np.size(self.plan.b_leaves[j])) // gather_row(int(np.size(self.plan.b_leaves[j])))
+                for j in positions]
+        gather_rows = np.repeat(rows, G) if per_leaf else np.full((G,), sum(rows))
+        keys, passes, misses = kth_largest_scheduled(
+            n, ks, key_dtype=key_dtype, sample=sample, counts=counts, magnitude=magnitude,
+            gather=gather if all(self._whole(j) for j in positions) else None, gather_rows=gather_rows)
         self.plan.passes = max(self.plan.passes, passes)
+        self.plan.gather_misses += misses
         return keys
 
 
@@ -622,6 +675,7 @@ class _Plan:
         self.given: dict[int, Any] = {}
         self.flat: dict[int, tuple] = {}  # flat padded copies of small leaves (base, entries), made once per merge
         self.passes = 0
+        self.gather_misses = 0
         self.weights = self._leaf_weights(weights, flags)
 
     def _leaf_weights(self, weights, flags) -> dict[int, Any]:
@@ -675,11 +729,13 @@ class _Plan:
 class RunInfo:
     """What one leaf-by-leaf merge did: ``passes``, the counting passes of its last global search;
     ``deferred``, the chain position of the stage whose statistic was deferred (None: none was);
-    ``recomputed``, the leaves run a second time because that statistic differed from the one assumed."""
+    ``recomputed``, the leaves run a second time because that statistic differed from the one assumed;
+    ``gather_misses``, the searches whose gathering pass missed (they went on counting)."""
 
     passes: int = 0
     deferred: int | None = None
     recomputed: int = 0
+    gather_misses: int = 0
 
 
 last_info = RunInfo()
@@ -760,7 +816,7 @@ def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[An
                 if isinstance(x, jax.Array) and not x.is_deleted():
                     x.delete()
     recomputed = _resolve_deferred(plan, defer, tallies, lambda j: run_final(j, _final_jit)[0], out)
-    last_info = RunInfo(plan.passes, defer, recomputed)
+    last_info = RunInfo(plan.passes, defer, recomputed, plan.gather_misses)
     merged = jax.tree_util.tree_unflatten(plan.treedef, out)
     if not check:
         return merged, None, plan.passes

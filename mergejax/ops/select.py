@@ -64,6 +64,10 @@ __all__ = [
     "kth_largest_per_row",
     "count_ge",
     "kth_largest_scheduled",
+    "GATHER_ROW",
+    "GATHER_LOAD",
+    "gather_row",
+    "gathered_kth",
 ]
 
 DEFAULT_RADIX_BITS = None
@@ -80,6 +84,15 @@ STACK_MAX = 1 << 16
 shape); larger ones are counted one by one, so no stacked copy of a model's big kernels is ever made."""
 
 _D = 16  # candidates counted per pass of the bracketing search
+
+GATHER_ROW = 128
+"""A gathering pass (:func:`kth_largest_scheduled`) reads a leaf as rows of this many entries (a divisor of its size
+of at least 16, else the whole leaf as one row): per row, the number of keys above the bracket and inside it, and
+the smallest and largest key inside."""
+
+GATHER_LOAD = 1 / 256
+"""The gathering pass runs once every open bracket holds at most this many entries per row of its group (by the
+counts at its ends), so that a row holding three or more (whose middle keys it cannot see: a miss) is rare."""
 
 
 def default_radix_bits() -> int:
@@ -506,6 +519,36 @@ def _descending_np(keys: np.ndarray) -> np.ndarray:
     return np.sort(keys, axis=1)[:, ::-1]
 
 
+def gather_row(size: int) -> int:
+    """The row length a gathering pass reads a leaf of ``size`` entries in (:data:`GATHER_ROW`)."""
+    if size <= GATHER_ROW:
+        return max(size, 1)
+    g = math.gcd(size, GATHER_ROW)
+    return g if g >= 16 else size
+
+
+def gathered_kth(k: int, packed: np.ndarray, low: np.ndarray, high: np.ndarray):
+    """The exact k-th largest key of a group from its gathering pass, or None (a miss).
+
+    Args:
+      k: the rank, 1 <= k <= n.
+      packed: per row, int32 ``#{key > hi} + (#{lo <= key <= hi} << 16)`` (rows of at most 2**16 - 1 entries).
+      low, high: per row, the smallest and largest key in [lo, hi] (anything where the row has none).
+
+    Returns:
+      The key, or None where a row holds three or more keys of the bracket (the middle ones unseen) or the rank
+      is not inside it.
+    """
+    n_in = packed >> 16
+    if np.any(n_in > 2):
+        return None
+    rank = k - int(np.sum(packed & 0xFFFF, dtype=np.int64))
+    keys = np.concatenate([high[n_in >= 1], low[n_in == 2]])
+    if not 1 <= rank <= keys.size:
+        return None
+    return np.sort(keys)[::-1][rank - 1]
+
+
 def kth_largest_scheduled(
     n: int,
     ks: Sequence[int],
@@ -514,7 +557,9 @@ def kth_largest_scheduled(
     sample: Callable[[int, bool], tuple[jax.Array, tuple[jax.Array, jax.Array] | None]],
     counts: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
     magnitude: bool = False,
-) -> tuple[jax.Array, int]:
+    gather: Callable[[np.ndarray, np.ndarray, np.ndarray], list] | None = None,
+    gather_rows: Sequence[int] | None = None,
+) -> tuple[jax.Array, int, int]:
     """The bracketing search driven from the host, for data the caller visits piece by piece (leaf by leaf).
 
     The same search as :func:`kth_largest_groups` (strided-sample pass, then interpolation passes, each at least
@@ -532,9 +577,16 @@ def kth_largest_scheduled(
         ``#{key >= cand}`` as int32 (hi, lo) 16-bit halves, [G, D] each. Only the open groups' rows are read: a group
         whose bracket is closed (its answer known) may get any counts, so the caller can skip the data it alone needs.
       magnitude: the keys are of |x| (the search starts at +0.0).
+      gather: optional ``gather(lo, hi, open)`` with the [G] brackets -> per group, None where it is closed, else the
+        numpy arrays (packed, low, high) of :func:`gathered_kth` over all rows of the group's data (a pass that
+        reads rows of :func:`gather_row` entries). Once every open bracket is small enough (:data:`GATHER_LOAD`)
+        it replaces the last counting passes: one pass instead of two to four. Where it misses (a row with three or
+        more keys of the bracket; detected, never silent) the counting passes go on from the same bracket.
+      gather_rows: [G] the number of such rows in each group's data (needed with ``gather``).
 
     Returns:
-      ([G] keys of the k-th largest entries, as numpy, the number of counting passes).
+      ([G] keys of the k-th largest entries, as numpy, the number of passes over the data after the sampled one,
+      the number of groups the gathering pass missed).
     """
     _check_ranks([[jax.ShapeDtypeStruct((n,), jnp.float32)]] * len(ks), ks)
     key_t = np.dtype(key_dtype).type
@@ -545,7 +597,7 @@ def kth_largest_scheduled(
     ns = np.full((G,), float(n))
     if n <= SORT_MAX:
         desc = _descending_np(np.asarray(sample(1, False)[0]))
-        return np.take_along_axis(desc, (np.asarray(ks, np.int64) - 1)[:, None], axis=1)[:, 0], 0
+        return np.take_along_axis(desc, (np.asarray(ks, np.int64) - 1)[:, None], axis=1)[:, 0], 0, 0
     need_extremes = _needs_extremes(kn, ns, np.ones((G,), bool))
     keys, ext = sample(_next_prime(-(-n // SAMPLE_SIZE)), need_extremes)
     cpu = jax.default_backend() == "cpu"
@@ -563,15 +615,36 @@ def kth_largest_scheduled(
     layout = _LAYOUT_WIDE if not cpu else _layout()
     state = (np.int32(0), lo, hi, np.asarray(ns, float_t), np.zeros((G,), float_t))
     is_open = np.ones((G,), bool)
+    gathered, misses = gather is None, 0
     while True:
         c_hi, c_lo = (np.asarray(c) for c in counts(cands, is_open))
         closed = ~is_open[:, None]  # a closed bracket's candidates all equal its answer: count >= k
         c_hi, c_lo = np.where(closed, k_hi[:, None], c_hi), np.where(closed, k_lo[:, None], c_lo)
         state = _update_bracket(state, cands, c_hi, c_lo, k_hi, k_lo, xp=np)
-        if not _bracket_open(state, nbits, xp=np):
-            return state[1], int(state[0])
-        cands = _interp_candidates(*state[1:], k_f, float_t, layout, xp=np)
         is_open = state[1] < state[2]
+        if not gathered and _bracket_open(state, nbits, xp=np) and np.all(
+                ~is_open | (state[3] - state[4] <= GATHER_LOAD * np.asarray(gather_rows, np.float64))):
+            gathered = True
+            state, misses = _apply_gather(state, gather(state[1], state[2], is_open), ks, is_open)
+            is_open = state[1] < state[2]
+        if not _bracket_open(state, nbits, xp=np):
+            return state[1], int(state[0]), misses
+        cands = _interp_candidates(*state[1:], k_f, float_t, layout, xp=np)
+
+
+def _apply_gather(state: tuple, rows: list, ks: Sequence[int], is_open: np.ndarray) -> tuple[tuple, int]:
+    """The bracket state after a gathering pass (one more pass): every open group it resolved closed on its answer;
+    and the number of open groups it missed."""
+    it, lo, hi, c_lo, c_hi = state
+    lo, hi = lo.copy(), hi.copy()
+    misses = 0
+    for g in np.flatnonzero(is_open):
+        key = gathered_kth(int(ks[g]), *rows[g])
+        if key is None:
+            misses += 1
+        else:
+            lo[g] = hi[g] = key
+    return (it + 1, lo, hi, c_lo, c_hi), misses
 
 
 def _check_ranks(groups, ks) -> None:
