@@ -627,12 +627,12 @@ class Runner:
             total = sum((np.asarray(h, np.int64) << 16) + np.asarray(l, np.int64) for h, l in parts)
             return np.asarray(total >> 16, np.int32), np.asarray(total & 0xFFFF, np.int32)
 
-        def gather(lo, hi, is_open):
+        def gather(lo, hi, now):
             bounds = np.stack([lo, hi], axis=1)  # [G, 2]
-            if per_leaf:  # as in counts: a leaf whose searches have all ended is not read
+            if per_leaf:  # as in counts: only the leaves of the groups gathering now are read
                 parts = jax.device_get([
                     self._call(j, bounds[i * G:(i + 1) * G], name, "gather", magnitude, given=given)
-                    if is_open[i * G:(i + 1) * G].any() else None for i, j in enumerate(positions)])
+                    if now[i * G:(i + 1) * G].any() else None for i, j in enumerate(positions)])
                 return [None if p is None else tuple(a[g] for a in p) for p in parts for g in range(G)]
             parts = jax.device_get([self._call(j, bounds, name, "gather", magnitude, given=given)
                                     for j in positions])
@@ -643,7 +643,8 @@ class Runner:
         gather_rows = np.repeat(rows, G) if per_leaf else np.full((G,), sum(rows))
         keys, passes, misses = kth_largest_scheduled(
             n, ks, key_dtype=key_dtype, sample=sample, counts=counts, magnitude=magnitude,
-            gather=gather if all(self._whole(j) for j in positions) else None, gather_rows=gather_rows)
+            gather=gather if all(self._whole(j) for j in positions) else None, gather_rows=gather_rows,
+            units=np.repeat(np.arange(len(positions)), G) if per_leaf else None)
         self.plan.passes = max(self.plan.passes, passes)
         self.plan.gather_misses += misses
         return keys

@@ -65,7 +65,8 @@ __all__ = [
     "count_ge",
     "kth_largest_scheduled",
     "GATHER_ROW",
-    "GATHER_LOAD",
+    "GATHER_MISS",
+    "gather_ready",
     "gather_row",
     "gathered_kth",
 ]
@@ -90,9 +91,15 @@ GATHER_ROW = 128
 of at least 16, else the whole leaf as one row): per row, the number of keys above the bracket and inside it, and
 the smallest and largest key inside."""
 
-GATHER_LOAD = 1 / 256
-"""The gathering pass runs once every open bracket holds at most this many entries per row of its group (by the
-counts at its ends), so that a row holding three or more (whose middle keys it cannot see: a miss) is rare."""
+GATHER_MISS = 0.01
+"""A group's gathering pass runs once its bracket holds so few entries (by the counts at its ends) that, were they
+spread at random over its rows, the expected number of rows holding three or more (whose middle keys the pass
+cannot see: a miss) is at most this: m**3 / (6 rows**2) <= GATHER_MISS (:func:`gather_ready`)."""
+
+
+def gather_ready(m: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Whether brackets of about ``m`` entries over ``rows`` rows are small enough to gather (:data:`GATHER_MISS`)."""
+    return np.asarray(m, np.float64) ** 3 <= 6 * GATHER_MISS * np.asarray(rows, np.float64) ** 2
 
 
 def default_radix_bits() -> int:
@@ -559,6 +566,7 @@ def kth_largest_scheduled(
     magnitude: bool = False,
     gather: Callable[[np.ndarray, np.ndarray, np.ndarray], list] | None = None,
     gather_rows: Sequence[int] | None = None,
+    units: Sequence[int] | None = None,
 ) -> tuple[jax.Array, int, int]:
     """The bracketing search driven from the host, for data the caller visits piece by piece (leaf by leaf).
 
@@ -577,12 +585,15 @@ def kth_largest_scheduled(
         ``#{key >= cand}`` as int32 (hi, lo) 16-bit halves, [G, D] each. Only the open groups' rows are read: a group
         whose bracket is closed (its answer known) may get any counts, so the caller can skip the data it alone needs.
       magnitude: the keys are of |x| (the search starts at +0.0).
-      gather: optional ``gather(lo, hi, open)`` with the [G] brackets -> per group, None where it is closed, else the
-        numpy arrays (packed, low, high) of :func:`gathered_kth` over all rows of the group's data (a pass that
-        reads rows of :func:`gather_row` entries). Once every open bracket is small enough (:data:`GATHER_LOAD`)
-        it replaces the last counting passes: one pass instead of two to four. Where it misses (a row with three or
-        more keys of the bracket; detected, never silent) the counting passes go on from the same bracket.
+      gather: optional ``gather(lo, hi, now)`` with the [G] brackets and a numpy bool [G] -> per group, the numpy
+        arrays (packed, low, high) of :func:`gathered_kth` over all rows of the group's data where ``now``, else
+        None (a pass that reads rows of :func:`gather_row` entries). Once every open bracket of a unit is small
+        enough (:func:`gather_ready`) the unit's next pass is that one instead of the last two to four counting
+        passes. Where it misses (a row with three or more keys of the bracket; detected, never silent) the counting
+        passes go on from the same bracket.
       gather_rows: [G] the number of such rows in each group's data (needed with ``gather``).
+      units: [G] which groups share their data (one pass reads it for all of them, and a unit's groups gather
+        together, while other units may still count); None: one unit.
 
     Returns:
       ([G] keys of the k-th largest entries, as numpy, the number of passes over the data after the sampled one,
@@ -615,36 +626,56 @@ def kth_largest_scheduled(
     layout = _LAYOUT_WIDE if not cpu else _layout()
     state = (np.int32(0), lo, hi, np.asarray(ns, float_t), np.zeros((G,), float_t))
     is_open = np.ones((G,), bool)
-    gathered, misses = gather is None, 0
+    unit = np.zeros((G,), np.int64) if units is None else np.asarray(units, np.int64)
+    gathered = np.full((G,), gather is None)  # groups whose gathering pass has run (or that have none)
+    misses = 0
+    now = np.zeros((G,), bool)  # the groups gathering in this pass (the others count)
     while True:
-        c_hi, c_lo = (np.asarray(c) for c in counts(cands, is_open))
-        closed = ~is_open[:, None]  # a closed bracket's candidates all equal its answer: count >= k
-        c_hi, c_lo = np.where(closed, k_hi[:, None], c_hi), np.where(closed, k_lo[:, None], c_lo)
-        state = _update_bracket(state, cands, c_hi, c_lo, k_hi, k_lo, xp=np)
-        is_open = state[1] < state[2]
-        if not gathered and _bracket_open(state, nbits, xp=np) and np.all(
-                ~is_open | (state[3] - state[4] <= GATHER_LOAD * np.asarray(gather_rows, np.float64))):
-            gathered = True
-            state, misses = _apply_gather(state, gather(state[1], state[2], is_open), ks, is_open)
-            is_open = state[1] < state[2]
+        counted = is_open & ~now
+        if counted.any():
+            c_hi, c_lo = (np.asarray(c) for c in counts(np.where(counted[:, None], cands, state[1][:, None]),
+                                                        counted))
+            # a group not counted keeps its bracket: its candidates are lo, and "count >= k" holds there
+            c_hi, c_lo = np.where(counted[:, None], c_hi, k_hi[:, None]), np.where(counted[:, None], c_lo, k_lo[:, None])
+            state = _update_bracket(state, np.where(counted[:, None], cands, state[1][:, None]), c_hi, c_lo, k_hi,
+                                    k_lo, xp=np)
+        else:
+            state = (state[0] + 1, *state[1:])
+        if now.any():
+            state, missed = _apply_gather(state, gather(state[1], state[2], now), ks, now)
+            misses += missed
+            gathered |= now
         if not _bracket_open(state, nbits, xp=np):
             return state[1], int(state[0]), misses
+        is_open = state[1] < state[2]
+        now = _gather_now(state, is_open, gathered, unit, gather_rows)
         cands = _interp_candidates(*state[1:], k_f, float_t, layout, xp=np)
 
 
-def _apply_gather(state: tuple, rows: list, ks: Sequence[int], is_open: np.ndarray) -> tuple[tuple, int]:
-    """The bracket state after a gathering pass (one more pass): every open group it resolved closed on its answer;
-    and the number of open groups it missed."""
+def _gather_now(state: tuple, is_open: np.ndarray, gathered: np.ndarray, unit: np.ndarray, rows) -> np.ndarray:
+    """The open groups whose next pass is their gathering pass: those of every unit whose open groups have not
+    gathered yet and all hold small brackets (:func:`gather_ready`)."""
+    if gathered.all():
+        return np.zeros_like(is_open)
+    ready = ~is_open | (~gathered & gather_ready(np.maximum(state[3] - state[4], 0), rows))
+    unit_ready = np.ones((int(unit.max()) + 1,), bool)
+    np.logical_and.at(unit_ready, unit, ready)
+    return is_open & unit_ready[unit]
+
+
+def _apply_gather(state: tuple, rows: list, ks: Sequence[int], now: np.ndarray) -> tuple[tuple, int]:
+    """The bracket state after a gathering pass of the groups ``now``: each one it resolved closed on its answer;
+    and the number it missed (their brackets are kept)."""
     it, lo, hi, c_lo, c_hi = state
     lo, hi = lo.copy(), hi.copy()
     misses = 0
-    for g in np.flatnonzero(is_open):
+    for g in np.flatnonzero(now):
         key = gathered_kth(int(ks[g]), *rows[g])
         if key is None:
             misses += 1
         else:
             lo[g] = hi[g] = key
-    return (it + 1, lo, hi, c_lo, c_hi), misses
+    return (it, lo, hi, c_lo, c_hi), misses
 
 
 def _check_ranks(groups, ks) -> None:
