@@ -28,6 +28,13 @@ Two searches share that counting pass:
   significant bit, counting the ``2**radix_bits - 1`` candidate prefixes per pass: exactly ``32 / radix_bits``
   passes for float32.
 
+Driven from the host leaf by leaf (:func:`kth_largest_scheduled`, an eager merge), the bracketing search may end with a
+**gathering pass** instead of its last two to four counting passes: once a bracket holds few entries
+(:func:`gather_ready`), one pass reads each leaf as rows of :data:`GATHER_ROW` entries and returns per row the counts
+above and inside the bracket and its smallest and largest key inside; where no row holds three or more bracket keys
+these are all of them, and the host picks the exact k-th largest (:func:`gathered_kth`); otherwise (a miss, reported)
+the counting passes go on.
+
 Same-(shape, dtype) leaves of all groups (up to :data:`STACK_MAX` entries each) are stacked inside each pass and
 counted by one batched reduction, so the program holds one copy of the counting code per leaf *shape*, not per leaf;
 larger leaves are counted one by one (no stacked copy of the big kernels). Counts are exact: int32 per leaf, summed as 16-bit
