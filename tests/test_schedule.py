@@ -391,3 +391,17 @@ def test_gathered_kth_is_exact_or_misses():
     assert gather_row(6104 * 1024) == 128 and gather_row(48) == 48 and gather_row(16 * 7919) == 16
     assert gather_row(1000) == 1000  # gcd 8: too short rows, so one row
     assert gather_row(3 * 7919) == 3 * 7919  # no divisor of at least 16: one row
+
+
+@pytest.mark.parametrize("shape", [(37, 50), (3, 5, 64), (999,), (2, 70000)])
+@pytest.mark.parametrize("D", [8, 3])
+def test_leaf_counts_equal_numpy(shape, D):
+    """A leaf's counts of every group and candidate in one reduction (on CPU two per 32-bit word along the rows of
+    the last axis, where those are shorter than 2**16): the exact integers."""
+    rng = np.random.default_rng(9)
+    values = [jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3)]
+    keys = [np.asarray(ordered_key(jnp.abs(v))) for v in values]
+    cands = np.stack([np.sort(rng.choice(k.ravel(), D)) for k in keys]).astype(np.uint32)
+    hi, lo = jax.jit(sch._leaf_counts, static_argnums=2)(values, jnp.asarray(cands), True)
+    want = np.asarray([[int((k >= c).sum()) for c in row] for k, row in zip(keys, cands)])
+    np.testing.assert_array_equal(np.asarray(hi) * 65536 + np.asarray(lo), want)

@@ -232,8 +232,28 @@ def _leaf_counts(values: Sequence[jax.Array], cands: jax.Array, magnitude: bool)
     keys = _leaf_keys(values, magnitude)
     D = cands.shape[1]
     flags = [k >= cands[g, d].astype(k.dtype) for g, k in enumerate(keys) for d in range(D)]
-    c = jnp.stack(_sum_counts(flags, tuple(range(keys[0].ndim)))).reshape(len(keys), D)  # a leaf < 2**31 entries
+    if jax.default_backend() == "cpu" and keys[0].ndim >= 2 and keys[0].shape[-1] < 1 << 16:
+        c = _paired_counts(flags)
+    else:
+        c = jnp.stack(_sum_counts(flags, tuple(range(keys[0].ndim))))
+    c = c.reshape(len(keys), D)  # int32: a leaf has < 2**31 entries
     return c >> 16, c & 0xFFFF
+
+
+def _paired_counts(flags: list[jax.Array]) -> jax.Array:
+    """The True counts of same-shaped boolean arrays (at least 2-D, rows along the last axis shorter than 2**16), as
+    one int32 vector: two flags per uint32 word (16-bit halves), summed along the rows in one variadic reduction,
+    then the halves over the rows. On XLA:CPU half the accumulators of one count each: ~30% faster at 64 flags (the
+    rows must be the leaf's own last axis: a reshape into other rows costs more than it saves)."""
+    u32 = jnp.uint32
+    words = [f.astype(u32) + (g.astype(u32) << 16) for f, g in zip(flags[0::2], flags[1::2])]
+    if len(flags) % 2:
+        words.append(flags[-1].astype(u32))
+    rows = lax.reduce(tuple(words), (u32(0),) * len(words), lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                      (flags[0].ndim - 1,))
+    per = jnp.stack([w.reshape(-1) for w in rows])  # [words, rows]
+    halves = jnp.stack([per & 0xFFFF, per >> 16], axis=1).astype(jnp.int32)  # [words, 2, rows]
+    return jnp.sum(halves, axis=2, dtype=jnp.int32).reshape(-1)[: len(flags)]
 
 
 def _leaf_gather(values: Sequence[jax.Array], bounds: jax.Array, magnitude: bool) -> tuple[jax.Array, ...]:
