@@ -220,7 +220,8 @@ def bench_methods(
                        time_over_baseline=best / base_s)
             info = schedule.last_info
             if mode == "eager" and (info.deferred is not None or info.passes):  # the last call's search
-                row.update(search_passes=info.passes, deferred=info.deferred, reruns=info.recomputed)
+                row.update(search_passes=info.passes, deferred=info.deferred, reruns=info.recomputed,
+                           gather_misses=info.gather_misses)
             schedule.last_info = schedule.RunInfo()
         rows.append(row)
         progress.advance(task_id)
