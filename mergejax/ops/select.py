@@ -640,12 +640,11 @@ def kth_largest_scheduled(
     while True:
         counted = is_open & ~now
         if counted.any():
-            c_hi, c_lo = (np.asarray(c) for c in counts(np.where(counted[:, None], cands, state[1][:, None]),
-                                                        counted))
-            # a group not counted keeps its bracket: its candidates are lo, and "count >= k" holds there
-            c_hi, c_lo = np.where(counted[:, None], c_hi, k_hi[:, None]), np.where(counted[:, None], c_lo, k_lo[:, None])
-            state = _update_bracket(state, np.where(counted[:, None], cands, state[1][:, None]), c_hi, c_lo, k_hi,
-                                    k_lo, xp=np)
+            keep = ~counted[:, None]  # a group not counted keeps its bracket: its candidates lo, "count >= k" there
+            cands = np.where(keep, state[1][:, None], cands)
+            c_hi, c_lo = (np.asarray(c) for c in counts(cands, counted))
+            c_hi, c_lo = np.where(keep, k_hi[:, None], c_hi), np.where(keep, k_lo[:, None], c_lo)
+            state = _update_bracket(state, cands, c_hi, c_lo, k_hi, k_lo, xp=np)
         else:
             state = (state[0] + 1, *state[1:])
         if now.any():
