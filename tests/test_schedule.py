@@ -367,7 +367,7 @@ def test_gathering_pass_gives_the_same_thresholds(big_models, monkeypatch, name,
 
 def test_gathered_kth_is_exact_or_misses():
     rng = np.random.default_rng(3)
-    from mergejax.ops.select import gather_row, gathered_kth
+    from mergejax.ops.select import gather_row, gather_summary, gathered_kth, merge_summaries
     for trial in range(50):
         keys = rng.integers(0, 40, size=(64, 8)).astype(np.uint32)  # rows of 8, many ties
         lo, hi = np.uint32(rng.integers(0, 20)), np.uint32(rng.integers(20, 40))
@@ -377,7 +377,8 @@ def test_gathered_kth_is_exact_or_misses():
         high = np.where(inside, keys, np.uint32(0)).max(1)
         desc = np.sort(keys.ravel())[::-1]
         k = int(rng.integers(1, keys.size + 1))
-        got = gathered_kth(k, packed, low, high)
+        got = gathered_kth(k, merge_summaries([gather_summary(packed[:40], low[:40], high[:40]),
+                                               gather_summary(packed[40:], low[40:], high[40:])]))
         in_bracket = (keys > hi).sum() < k <= (keys >= lo).sum()
         if got is not None:
             assert in_bracket and inside.sum(1).max() <= 2 and got == desc[k - 1]
@@ -386,8 +387,8 @@ def test_gathered_kth_is_exact_or_misses():
     # exactly two per row: seen in full
     keys = np.asarray([[5, 9, 1, 1], [7, 0, 7, 2]], np.uint32)
     packed = np.asarray([0 + (2 << 16), 0 + (2 << 16)], np.int32)  # bracket [5, 9]
-    assert gathered_kth(3, packed, np.asarray([5, 7], np.uint32), np.asarray([9, 7], np.uint32)) == 7
-    assert gathered_kth(1, packed, np.asarray([5, 7], np.uint32), np.asarray([9, 7], np.uint32)) == 9
+    two = gather_summary(packed, np.asarray([5, 7], np.uint32), np.asarray([9, 7], np.uint32))
+    assert gathered_kth(3, two) == 7 and gathered_kth(1, two) == 9
     assert gather_row(6104 * 1024) == 128 and gather_row(48) == 48 and gather_row(16 * 7919) == 16
     assert gather_row(1000) == 1000  # gcd 8: too short rows, so one row
     assert gather_row(3 * 7919) == 3 * 7919  # no divisor of at least 16: one row

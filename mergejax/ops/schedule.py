@@ -56,7 +56,8 @@ from jax import lax
 
 from mergejax.ops.base import Given, leaf_index, leaf_keys, per_leaf_weights
 from mergejax.ops.dare import hash_words, host_hash_words
-from mergejax.ops.select import _key_spec, _sum_counts, gather_row, kth_largest_scheduled, ordered_key
+from mergejax.ops.select import (_key_spec, _sum_counts, gather_row, gather_summary, kth_largest_scheduled,
+                                merge_summaries, ordered_key)
 from mergejax.tree import PyTree, TaskVector, _leaf_apply, acc_dtype, as_tree, is_float, paths_and_leaves
 
 __all__ = ["CHUNK_MIN", "CHUNK_ENTRIES", "FLAT_MIN", "FLAT_MAX", "schedulable", "Runner", "RunInfo",
@@ -649,14 +650,19 @@ class Runner:
 
         def gather(lo, hi, now):
             bounds = np.stack([lo, hi], axis=1)  # [G, 2]
+
+            def summaries(j, b):  # leaf by leaf, so that no per-row arrays of the whole model are ever held
+                rows = jax.device_get(self._call(j, b, name, "gather", magnitude, given=given))
+                return [gather_summary(*(a[g] for a in rows)) for g in range(len(b))]
+
             if per_leaf:  # as in counts: only the leaves of the groups gathering now are read
-                parts = jax.device_get([
-                    self._call(j, bounds[i * G:(i + 1) * G], name, "gather", magnitude, given=given)
-                    if now[i * G:(i + 1) * G].any() else None for i, j in enumerate(positions)])
-                return [None if p is None else tuple(a[g] for a in p) for p in parts for g in range(G)]
-            parts = jax.device_get([self._call(j, bounds, name, "gather", magnitude, given=given)
-                                    for j in positions])
-            return [tuple(np.concatenate([p[a][g] for p in parts]) for a in range(3)) for g in range(G)]
+                out = []
+                for i, j in enumerate(positions):
+                    part = slice(i * G, (i + 1) * G)
+                    out += summaries(j, bounds[part]) if now[part].any() else [None] * G
+                return out
+            parts = [summaries(j, bounds) for j in positions]
+            return [merge_summaries([p[g] for p in parts]) for g in range(G)]
 
         rows = [int(np.size(self.plan.b_leaves[j])) // gather_row(int(np.size(self.plan.b_leaves[j])))
                 for j in positions]

@@ -76,6 +76,8 @@ __all__ = [
     "gather_ready",
     "gather_row",
     "gathered_kth",
+    "gather_summary",
+    "merge_summaries",
 ]
 
 DEFAULT_RADIX_BITS = None
@@ -541,22 +543,36 @@ def gather_row(size: int) -> int:
     return g if g >= 16 else size
 
 
-def gathered_kth(k: int, packed: np.ndarray, low: np.ndarray, high: np.ndarray):
-    """The exact k-th largest key of a group from its gathering pass, or None (a miss).
+def gather_summary(packed: np.ndarray, low: np.ndarray, high: np.ndarray) -> tuple:
+    """One group's gathering-pass rows of one leaf reduced to what :func:`gathered_kth` needs (small: only the rows
+    holding bracket keys), so a caller keeps no per-row arrays of the whole model.
 
     Args:
-      k: the rank, 1 <= k <= n.
       packed: per row, int32 ``#{key > hi} + (#{lo <= key <= hi} << 16)`` (rows of at most 2**16 - 1 entries).
       low, high: per row, the smallest and largest key in [lo, hi] (anything where the row has none).
 
     Returns:
-      The key, or None where a row holds three or more keys of the bracket (the middle ones unseen) or the rank
-      is not inside it.
+      (the count above the bracket (int), and of the rows holding bracket keys: their number of them, their
+      smallest and their largest key).
     """
+    packed = np.asarray(packed)
     n_in = packed >> 16
+    rows = np.flatnonzero(n_in)
+    return int(np.sum(packed & 0xFFFF, dtype=np.int64)), n_in[rows], np.asarray(low)[rows], np.asarray(high)[rows]
+
+
+def merge_summaries(parts: Sequence[tuple]) -> tuple:
+    """:func:`gather_summary` of one group over several leaves, from theirs."""
+    return (sum(p[0] for p in parts), *(np.concatenate([p[a] for p in parts]) for a in (1, 2, 3)))
+
+
+def gathered_kth(k: int, summary: tuple):
+    """The exact k-th largest key of a group from its gathering pass (:func:`gather_summary`), or None (a miss):
+    where some row holds three or more keys of the bracket (the middle ones unseen) or the rank is not inside it."""
+    above, n_in, low, high = summary
     if np.any(n_in > 2):
         return None
-    rank = k - int(np.sum(packed & 0xFFFF, dtype=np.int64))
+    rank = k - above
     keys = np.concatenate([high[n_in >= 1], low[n_in == 2]])
     if not 1 <= rank <= keys.size:
         return None
@@ -592,9 +608,9 @@ def kth_largest_scheduled(
         ``#{key >= cand}`` as int32 (hi, lo) 16-bit halves, [G, D] each. Only the open groups' rows are read: a group
         whose bracket is closed (its answer known) may get any counts, so the caller can skip the data it alone needs.
       magnitude: the keys are of |x| (the search starts at +0.0).
-      gather: optional ``gather(lo, hi, now)`` with the [G] brackets and a numpy bool [G] -> per group, the numpy
-        arrays (packed, low, high) of :func:`gathered_kth` over all rows of the group's data where ``now``, else
-        None (a pass that reads rows of :func:`gather_row` entries). Once every open bracket of a unit is small
+      gather: optional ``gather(lo, hi, now)`` with the [G] brackets and a numpy bool [G] -> per group, the
+        :func:`gather_summary` of all rows of the group's data where ``now``, else None (a pass that reads rows of
+        :func:`gather_row` entries). Once every open bracket of a unit is small
         enough (:func:`gather_ready`) the unit's next pass is that one instead of the last two to four counting
         passes. Where it misses (a row with three or more keys of the bracket; detected, never silent) the counting
         passes go on from the same bracket.
@@ -676,7 +692,7 @@ def _apply_gather(state: tuple, rows: list, ks: Sequence[int], now: np.ndarray) 
     lo, hi = lo.copy(), hi.copy()
     misses = 0
     for g in np.flatnonzero(now):
-        key = gathered_kth(int(ks[g]), *rows[g])
+        key = gathered_kth(int(ks[g]), rows[g])
         if key is None:
             misses += 1
         else:
