@@ -868,5 +868,6 @@ def _resolve_deferred(plan: _Plan, defer: int | None, tallies: dict, rerun: Call
     stale = [j for j, (t, used) in got.items() if int(t[-1]) > 0 and not np.array_equal(np.asarray(used),
                                                                                       np.asarray(true))]
     for j in stale:
+        out[j].delete()  # its stale output freed first: the rerun's takes its place, no more memory
         out[j] = rerun(j)
     return len(stale)
