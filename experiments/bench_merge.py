@@ -71,6 +71,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import mergejax
+from mergejax.ops import schedule
 from mergejax.ops.select import key_to_float, kth_largest_groups_with_passes
 from mergejax.ops.dare import keep_mask
 from mergejax.tree import check_finite
@@ -217,6 +218,11 @@ def bench_methods(
             best, runs = best_time(lambda: fn(base, fts, key), repeats, max_seconds)
             row.update(best_s=best, runs=runs, GBps=bytes_rw / best / GB, frac_baseline=(bytes_rw / best) / base_bw,
                        time_over_baseline=best / base_s)
+            info = schedule.last_info
+            if mode == "eager" and (info.deferred is not None or info.passes):  # the last call's search
+                row.update(search_passes=info.passes, deferred=info.deferred, reruns=info.recomputed,
+                           gather_misses=info.gather_misses)
+            schedule.last_info = schedule.RunInfo()
         rows.append(row)
         progress.advance(task_id)
     return rows
@@ -394,6 +400,9 @@ def print_tables(console: Console, merge_rows: list[dict], thr_rows: list[dict],
         style = None if frac is None or r["method"].startswith(("baseline", "check")) else (
             "green" if frac >= 0.5 else "red")
         note = r.get("skipped", "")
+        if "search_passes" in r:
+            note = f"{r['search_passes']} counting passes" + (
+                f", majority deferred ({r['reruns']} leaves rerun)" if r["deferred"] is not None else "")
         if r["method"].startswith("check"):
             note = f"{r['frac_of_baseline_time']:.2f}x the baseline's time"
         table.add_row(

@@ -10,6 +10,7 @@ import pytest
 
 import mergejax as mj
 from mergejax.ops import schedule as sch
+from mergejax.ops.base import Given
 from mergejax.ops.pcb import PCB
 from mergejax.ops.reduce import DisjointMean
 from mergejax.ops.select import key_to_float, ordered_key
@@ -252,3 +253,156 @@ def test_small_leaves_share_the_flat_statistics_programs():
     # more than SORT_MAX entries: a sampled pass, then counting passes
     assert sch._flat_stat_program._cache_size() == 2 * 2 * 2  # 2 buckets x (|tau|, beta) x (sample, count)
     assert_same(got, m(base, fts, schedule="program"), 1e-6)
+
+
+def bits(tree) -> list[np.ndarray]:
+    """The float leaves' bit patterns (so -0.0 and 0.0 differ)."""
+    return [np.asarray(x).view(np.uint16 if x.dtype == jnp.bfloat16 else np.uint32)
+            for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+def assert_bits(a, b):
+    for x, y in zip(bits(a), bits(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def signed_tree(majority: int) -> tuple[dict, list]:
+    """Base and two TaskVectors (T = 2, density 1 keeps every entry) whose raw elected signs tally to ``majority``,
+    with coordinates the majority decides: +a and -a (they cancel), two -0.0 (kept by a zero majority, into a
+    -0.0 base: the output's sign bit shows it); a first small leaf whose signs point the other way."""
+    rng = np.random.default_rng(7)
+    a = np.abs(rng.standard_normal(300)).astype(np.float32) + 0.5
+    t0, t1 = a.copy(), np.zeros_like(a)
+    t0[:10], t1[:10] = a[:10], -a[:10]  # exact cancellations: sum 0, entries nonzero
+    t0[10:12], t1[10:12] = -0.0, -0.0
+    n_neg = {1: 100, -1: 200, 0: 144}[majority]  # of the 288 remaining coordinates, flip this many to negative
+    t0[12:12 + n_neg] *= -1
+    # the first leaf's signs lead the kernel to assume the wrong majority (+1 on a tie)
+    first = np.asarray([1.0, 1.0, -1.0, -1.0] if majority == 0 else [-majority] * 3 + [majority], np.float32)
+    base = {"a_first": jnp.zeros((4,), jnp.float32), "b_kernel": jnp.full((20, 15), -0.0, jnp.float32)}
+    tvs = [mj.TaskVector({"a_first": jnp.asarray(f), "b_kernel": jnp.asarray(t.reshape(20, 15))})
+           for f, t in ((first, t0), (first, t1))]
+    return base, tvs
+
+
+@pytest.mark.parametrize("majority", [1, -1, 0])
+@pytest.mark.parametrize("sign_method", ["sum", "count"])
+def test_deferred_majority_reruns_only_the_leaves_it_decides(majority, sign_method):
+    """TIES's majority sign is deferred into the final pass: each leaf assumes the majority of the leaves before it
+    (+1 at the first), tallies its raw signs and the coordinates the majority decides, and a leaf that assumed
+    wrong and has such coordinates is rerun with the true majority: bit for bit the single program's."""
+    base, tvs = signed_tree(majority)
+    m = ties_chain(density=1.0, sign_method=sign_method)
+    got = m(base, tvs, schedule="leaves")
+    info = sch.last_info
+    assert info.deferred == 1
+    assert_bits(got, m(base, tvs, schedule="program"))
+    # the first leaf has no coordinates the majority decides; the kernel assumed the first leaf's (wrong) majority
+    # and has 12 of them: rerun once
+    assert info.recomputed == 1
+    stages = (Given(Trim(), jnp.zeros((2,), jnp.float32)), ElectSign(sign_method), DisjointMean())
+    prior = jnp.asarray([0.0, 5.0, 0.0], jnp.float32)  # more -1 than +1 so far: -1 assumed
+    _, _, tally, used, nxt = sch._final_jit(stages, base["b_kernel"], tuple(t.tree["b_kernel"] for t in tvs),
+                                           np.int32(1), None, None, np.float32(1.0), prior, tv_mask=(True, True),
+                                           check=False, defer=1)
+    n_neg = {1: 100, -1: 200, 0: 144}[majority]
+    np.testing.assert_array_equal(np.asarray(tally), [288 - n_neg, n_neg, 12])
+    assert int(used) == -1
+    np.testing.assert_array_equal(np.asarray(nxt), np.asarray(prior) + np.asarray(tally))
+
+
+def test_deferred_majority_fallbacks(models):
+    """No deferral where the inputs are donated (a leaf could not be rerun) or a stage runs in row chunks; the
+    statistic is then computed in its own pass first, with the same numbers."""
+    base, fts = models
+    want = ties_chain()(base, fts, schedule="program")
+    b2, f2 = jax.tree_util.tree_map(jnp.copy, (base, fts))
+    assert_bits(ties_chain()(b2, f2, donate=True, schedule="leaves"), want)
+    assert sch.last_info.deferred is None
+    assert sch._deferrable(breadcrumbs_chain().stages, False) is None  # its statistics stage runs in row chunks
+    assert sch._deferrable(mj.chain(mj.Sum()).stages, False) is None  # no statistics at all
+    assert sch._deferrable(ties_chain().stages, False) == 1
+
+
+def test_side_output_is_exact():
+    """The one-loop pair of outputs returns both arrays bit for bit (-0.0, NaN, inf, bf16, scalars)."""
+    x = jnp.asarray([0.0, -0.0, 1.5, -np.inf, np.nan, 1e-45], jnp.float32)
+    codes = jnp.asarray([0, 1, -1, 2, 0, 1], jnp.int8)
+    for out in (x, x.astype(jnp.bfloat16), x[1]):
+        side = codes if out.ndim else codes[1]
+        got, got_side = jax.jit(sch._side_output)(out, side)
+        assert_bits(got, out)
+        np.testing.assert_array_equal(np.asarray(got_side), np.asarray(side))
+
+
+@pytest.fixture(scope="module")
+def big_models():
+    """Kernels of 400 x 64 entries: more than SORT_MAX, so per-tensor thresholds are searched too."""
+    rng = np.random.default_rng(4)
+    base = make_tree(rng, rows=400)
+    fts = [jax.tree_util.tree_map(lambda b: b + (0.1 * rng.standard_normal(b.shape)).astype(b.dtype)
+                                  if jnp.issubdtype(b.dtype, jnp.floating) else b, base) for _ in range(3)]
+    return base, fts
+
+
+@pytest.mark.parametrize("load", [1e12, 10.0])
+@pytest.mark.parametrize("name", ["ties_global", "ties_tensor", "ties_count_max", "ties_weights"])
+def test_gathering_pass_gives_the_same_thresholds(big_models, monkeypatch, name, load):
+    """The leaf-by-leaf search ends with one gathering pass (per row of 128 entries: the counts above and inside
+    the bracket and its smallest and largest keys inside) once the brackets are small; where a row holds three or
+    more of them it misses and the counting passes go on. Here it is forced early (``GATHER_MISS`` raised: rows
+    of many bracket entries, so it also misses); the merge equals the single program's bit for bit."""
+    from mergejax.ops import select
+    monkeypatch.setattr(select, "GATHER_MISS", load)
+    modes = []
+    orig = sch._stat_program
+    monkeypatch.setattr(sch, "_stat_program", lambda *a, **k: modes.append(k["mode"]) or orig(*a, **k))
+    base, fts = big_models
+    m, kw = CASES[name]
+    assert_bits(m(base, fts, schedule="leaves", **kw), m(base, fts, schedule="program", **kw))
+    assert "gather" in modes
+    if load > 1e6 and name == "ties_global":
+        assert sch.last_info.gather_misses > 0  # the miss path ran, and the counting passes finished the search
+
+
+def test_gathered_kth_is_exact_or_misses():
+    rng = np.random.default_rng(3)
+    from mergejax.ops.select import gather_row, gather_summary, gathered_kth, merge_summaries
+    for trial in range(50):
+        keys = rng.integers(0, 40, size=(64, 8)).astype(np.uint32)  # rows of 8, many ties
+        lo, hi = np.uint32(rng.integers(0, 20)), np.uint32(rng.integers(20, 40))
+        inside = (keys >= lo) & (keys <= hi)
+        packed = (keys > hi).sum(1).astype(np.int32) + (inside.sum(1).astype(np.int32) << 16)
+        low = np.where(inside, keys, np.uint32(2**32 - 1)).min(1)
+        high = np.where(inside, keys, np.uint32(0)).max(1)
+        desc = np.sort(keys.ravel())[::-1]
+        k = int(rng.integers(1, keys.size + 1))
+        got = gathered_kth(k, merge_summaries([gather_summary(packed[:40], low[:40], high[:40]),
+                                               gather_summary(packed[40:], low[40:], high[40:])]))
+        in_bracket = (keys > hi).sum() < k <= (keys >= lo).sum()
+        if got is not None:
+            assert in_bracket and inside.sum(1).max() <= 2 and got == desc[k - 1]
+        else:
+            assert not in_bracket or inside.sum(1).max() > 2
+    # exactly two per row: seen in full
+    keys = np.asarray([[5, 9, 1, 1], [7, 0, 7, 2]], np.uint32)
+    packed = np.asarray([0 + (2 << 16), 0 + (2 << 16)], np.int32)  # bracket [5, 9]
+    two = gather_summary(packed, np.asarray([5, 7], np.uint32), np.asarray([9, 7], np.uint32))
+    assert gathered_kth(3, two) == 7 and gathered_kth(1, two) == 9
+    assert gather_row(6104 * 1024) == 128 and gather_row(48) == 48 and gather_row(16 * 7919) == 16
+    assert gather_row(1000) == 1000  # gcd 8: too short rows, so one row
+    assert gather_row(3 * 7919) == 3 * 7919  # no divisor of at least 16: one row
+
+
+@pytest.mark.parametrize("shape", [(37, 50), (3, 5, 64), (999,), (2, 70000)])
+@pytest.mark.parametrize("D", [8, 3])
+def test_leaf_counts_equal_numpy(shape, D):
+    """A leaf's counts of every group and candidate in one reduction (on CPU two per 32-bit word along the rows of
+    the last axis, where those are shorter than 2**16): the exact integers."""
+    rng = np.random.default_rng(9)
+    values = [jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3)]
+    keys = [np.asarray(ordered_key(jnp.abs(v))) for v in values]
+    cands = np.stack([np.sort(rng.choice(k.ravel(), D)) for k in keys]).astype(np.uint32)
+    hi, lo = jax.jit(sch._leaf_counts, static_argnums=2)(values, jnp.asarray(cands), True)
+    want = np.asarray([[int((k >= c).sum()) for c in row] for k, row in zip(keys, cands)])
+    np.testing.assert_array_equal(np.asarray(hi) * 65536 + np.asarray(lo), want)

@@ -13,6 +13,12 @@ each over the T + 1 input leaves of ONE leaf position:
   quantiles) implements ``host_stats(run)``: :class:`Runner` computes them with per-leaf programs (counts summed on
   the host, the exact bracketing search of :func:`mergejax.ops.select.kth_largest_scheduled`), and the stage then
   runs leafwise as ``Given(stage, stats)``;
+- the chain's last statistics stage may instead be *deferred* into the final pass (:func:`_deferrable`; TIES's
+  majority sign): each leaf's program assumes a provisional statistic (the stage's ``deferred_guess`` of the tallies
+  of the leaves before it), and returns, in the same read of its inputs, the tally of per-coordinate
+  ``deferred_codes`` the statistic is summed from and how many coordinates it decides; once every leaf is done the
+  true statistic is resolved from the exact totals and only the leaves that assumed another one and have such
+  coordinates run again (:func:`_resolve_deferred`);
 - a leafwise stage whose rule depends on the leaf's path (which 2-D leaves are Flax kernels, an ``exclude`` regex)
   implements ``at_leaf(path)``, the stage with that rule decided for the one leaf (its programs are then cached by the
   decision, a static field).
@@ -38,6 +44,7 @@ leaf are freed as soon as its output exists, so the peak stays at about the inpu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 from typing import Any, Callable, Hashable, Sequence
@@ -49,10 +56,12 @@ from jax import lax
 
 from mergejax.ops.base import Given, leaf_index, leaf_keys, per_leaf_weights
 from mergejax.ops.dare import hash_words, host_hash_words
-from mergejax.ops.select import _Counter, _key_spec, kth_largest_scheduled, ordered_key
+from mergejax.ops.select import (_key_spec, _sum_counts, gather_row, gather_summary, kth_largest_scheduled,
+                                merge_summaries, ordered_key)
 from mergejax.tree import PyTree, TaskVector, _leaf_apply, acc_dtype, as_tree, is_float, paths_and_leaves
 
-__all__ = ["CHUNK_MIN", "CHUNK_ENTRIES", "FLAT_MIN", "FLAT_MAX", "schedulable", "Runner", "merge_leaf_by_leaf"]
+__all__ = ["CHUNK_MIN", "CHUNK_ENTRIES", "FLAT_MIN", "FLAT_MAX", "schedulable", "Runner", "RunInfo",
+           "merge_leaf_by_leaf"]
 
 CHUNK_MIN = 1 << 20
 """A leaf of at least this many entries (and two or more axes) runs in row chunks when its program is rowwise."""
@@ -96,10 +105,11 @@ def _tau(entry: jax.Array, base: jax.Array, is_tv: bool) -> jax.Array:
     return jnp.asarray(entry, dt) if is_tv else jnp.asarray(entry, dt) - jnp.asarray(base, dt)
 
 
-def _run(stages: tuple, xs: tuple, key, words: tuple | None):
-    """``run_stages(stages, xs, key)`` (stage i draws from ``fold_in(key, i)``), except that a stage with host-derived
-    words (``words[i]`` not None, see :meth:`_Plan.words_at`) gets them instead of its key."""
-    for i, stage in enumerate(stages):
+def _run(stages: tuple, xs: tuple, key, words: tuple | None, start: int = 0):
+    """``run_stages(stages[start:], xs, key, offset=start)`` (stage i draws from ``fold_in(key, i)``), except that a
+    stage with host-derived words (``words[i]`` not None, see :meth:`_Plan.words_at`) gets them instead of its key."""
+    for i in range(start, len(stages)):
+        stage = stages[i]
         if words is not None and words[i] is not None:
             xs = stage.with_words(xs, words[i])
         else:
@@ -201,12 +211,91 @@ def _stat_program(stages, base, entries, index, key, words, cands, given, *, tv_
     values = values_of(base, entries)
     if mode in ("sum", "max"):
         return values
-    counter = _Counter([[v] for v in values], magnitude)
+    if mode == "gather":
+        return _leaf_gather(values, cands, magnitude)
     if mode in ("sample", "sample+extremes"):
         keys = [ordered_key(jnp.abs(v) if magnitude else v).ravel() for v in values]
         picked = jnp.stack([k[stride // 2 :: stride] if stride > 1 else k for k in keys])
-        return picked, counter.extremes() if mode == "sample+extremes" else None
-    return counter.counts(cands)
+        return picked, _leaf_extremes(values, magnitude) if mode == "sample+extremes" else None
+    return _leaf_counts(values, cands, magnitude)
+
+
+def _leaf_keys(values: Sequence[jax.Array], magnitude: bool) -> list[jax.Array]:
+    """The ordered keys (of |v| if ``magnitude``) of G same-shaped value arrays, in their common float type."""
+    dtype = jnp.result_type(*values)
+    return [ordered_key(jnp.abs(v) if magnitude else v) for v in (jnp.asarray(v, dtype) for v in values)]
+
+
+def _leaf_counts(values: Sequence[jax.Array], cands: jax.Array, magnitude: bool) -> tuple[jax.Array, jax.Array]:
+    """``#{key(values[g]) >= cands[g, d]}`` of one leaf's G value arrays as int32 (hi, lo) 16-bit halves, [G, D]
+    each: every count of every group in ONE reduction, one read of the leaf's inputs (a reduction per group would
+    read and recompute them G times: ~2x slower at T = 8 on CPU)."""
+    keys = _leaf_keys(values, magnitude)
+    D = cands.shape[1]
+    flags = [k >= cands[g, d].astype(k.dtype) for g, k in enumerate(keys) for d in range(D)]
+    if jax.default_backend() == "cpu" and keys[0].ndim >= 2 and keys[0].shape[-1] < 1 << 16:
+        c = _paired_counts(flags)
+    else:
+        c = jnp.stack(_sum_counts(flags, tuple(range(keys[0].ndim))))
+    c = c.reshape(len(keys), D)  # int32: a leaf has < 2**31 entries
+    return c >> 16, c & 0xFFFF
+
+
+def _paired_counts(flags: list[jax.Array]) -> jax.Array:
+    """The True counts of same-shaped boolean arrays (at least 2-D, rows along the last axis shorter than 2**16), as
+    one int32 vector: two flags per uint32 word (16-bit halves), summed along the rows in one variadic reduction,
+    then the halves over the rows. On XLA:CPU half the accumulators of one count each: ~30% faster at 64 flags (the
+    rows must be the leaf's own last axis: a reshape into other rows costs more than it saves)."""
+    u32 = jnp.uint32
+    words = [f.astype(u32) + (g.astype(u32) << 16) for f, g in zip(flags[0::2], flags[1::2])]
+    if len(flags) % 2:
+        words.append(flags[-1].astype(u32))
+    rows = lax.reduce(tuple(words), (u32(0),) * len(words), lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                      (flags[0].ndim - 1,))
+    per = jnp.stack([w.reshape(-1) for w in rows])  # [words, rows]
+    halves = jnp.stack([per & 0xFFFF, per >> 16], axis=1).astype(jnp.int32)  # [words, 2, rows]
+    return jnp.sum(halves, axis=2, dtype=jnp.int32).reshape(-1)[: len(flags)]
+
+
+def _leaf_gather(values: Sequence[jax.Array], bounds: jax.Array, magnitude: bool) -> tuple[jax.Array, ...]:
+    """A gathering pass over one leaf's G value arrays with brackets ``bounds`` [G, 2] (lo, hi keys), in one
+    reduction over rows of :func:`mergejax.ops.select.gather_row` entries: per group and row, int32
+    ``#{key > hi} + (#{lo <= key <= hi} << 16)`` and the smallest and largest key in the bracket ([G, rows] each)."""
+    keys = _leaf_keys(values, magnitude)
+    size = int(keys[0].size)
+    rows = [k.reshape(-1, gather_row(size)) for k in keys]
+    info = jnp.iinfo(keys[0].dtype)
+    top, bottom = jnp.asarray(info.max, keys[0].dtype), jnp.asarray(info.min, keys[0].dtype)
+    ops, inits = [], []
+    for g, k in enumerate(rows):
+        lo, hi = bounds[g, 0].astype(k.dtype), bounds[g, 1].astype(k.dtype)
+        inside = (k >= lo) & (k <= hi)
+        ops += [(k > hi).astype(jnp.int32) + (inside.astype(jnp.int32) << 16), jnp.where(inside, k, top),
+                jnp.where(inside, k, bottom)]
+        inits += [jnp.int32(0), top, bottom]
+
+    def combine(a, b):
+        out = []
+        for i in range(0, len(a), 3):
+            out += [a[i] + b[i], jnp.minimum(a[i + 1], b[i + 1]), jnp.maximum(a[i + 2], b[i + 2])]
+        return tuple(out)
+
+    out = lax.reduce(tuple(ops), tuple(inits), combine, (1,))
+    return tuple(jnp.stack(out[a::3]) for a in range(3))
+
+
+def _leaf_extremes(values: Sequence[jax.Array], magnitude: bool) -> tuple[jax.Array, jax.Array]:
+    """The smallest and largest key of each of one leaf's G value arrays, [G] each, in one reduction."""
+    keys = _leaf_keys(values, magnitude)
+    info = jnp.iinfo(keys[0].dtype)
+    hi0, lo0 = jnp.asarray(info.max, keys[0].dtype), jnp.asarray(info.min, keys[0].dtype)
+    G = len(keys)
+
+    def combine(a, b):
+        return (*(jnp.minimum(x, y) for x, y in zip(a[:G], b[:G])), *(jnp.maximum(x, y) for x, y in zip(a[G:], b[G:])))
+
+    out = lax.reduce((*keys, *keys), (hi0,) * G + (lo0,) * G, combine, tuple(range(keys[0].ndim)))
+    return jnp.stack(out[:G]), jnp.stack(out[G:])
 
 
 def _stat_chunked(values_of, base, entries, cands, *, mode, magnitude, stride, rows):
@@ -230,7 +319,7 @@ def _stat_chunked(values_of, base, entries, cands, *, mode, magnitude, stride, r
         zero = jnp.zeros(cands.shape, jnp.int32)
 
         def count(acc, start, n):
-            hi, lo = _Counter([[v] for v in piece(start, n)], magnitude).counts(cands)
+            hi, lo = _leaf_counts(piece(start, n), cands, magnitude)
             return acc[0] + hi, acc[1] + lo
 
         return _fold_rows(count, (zero, zero), R, rows)
@@ -250,7 +339,7 @@ def _stat_chunked(values_of, base, entries, cands, *, mode, magnitude, stride, r
         buf = acc[0].at[:, jnp.where(ok, m, n_sample)].set(keys[:, jnp.clip(local, 0, n * width - 1)], mode="drop")
         if not extremes:
             return buf, acc[1], acc[2]
-        lo, hi = _Counter([[v] for v in values], magnitude).extremes()
+        lo, hi = _leaf_extremes(values, magnitude)
         return buf, jnp.minimum(acc[1], lo), jnp.maximum(acc[2], hi)
 
     buf, lo, hi = _fold_rows(sample, init, R, rows)
@@ -289,7 +378,14 @@ def _flat_stat_program(stage, base, entries, n_valid, cands, given, *, tv_mask, 
     return keys[:, stride // 2 :: stride], (lo, hi)
 
 
-def _final(stages, base, entries, index, key, words, scale, *, tv_mask, check, rows=0):
+def _final(stages, base, entries, index, key, words, scale, prior=None, *, tv_mask, check, rows=0, defer=-1):
+    """One leaf's merged output and its inputs' finiteness flags. ``defer`` >= 0: stage ``defer``'s statistic is
+    deferred (:func:`_deferred_leaf`, whole leaves only), which also returns its tally, the statistic it assumed and
+    ``prior`` plus the tally."""
+    if defer >= 0:
+        out, tally, used = _deferred_leaf(stages, base, entries, index, key, words, scale, prior, tv_mask, defer)
+        return out, _flags(base, entries, tv_mask, check), tally, used, prior + tally.astype(prior.dtype)
+
     def piece(b, es):
         (merged,) = _prefix(stages, b, es, index, key, tv_mask, len(stages), words)
         return _leaf_apply(b, merged, scale)
@@ -305,6 +401,40 @@ def _final(stages, base, entries, index, key, words, scale, *, tv_mask, check, r
     return out, _flags(base, entries, tv_mask, check)
 
 
+def _deferred_leaf(stages, base, entries, index, key, words, scale, prior, tv_mask, q: int):
+    """One leaf's output with stage q's statistic assumed to be ``stages[q].deferred_guess(prior)`` (``prior``: the
+    earlier leaves' tallies summed), the int32 tally of its ``deferred_codes`` (the count of each of its
+    ``deferred_kinds``) and the statistic assumed; the output and the codes in one read of the inputs."""
+    stage = stages[q]
+    used = stage.deferred_guess(prior)
+    xs = _prefix(stages, base, entries, index, key, tv_mask, q, words)
+    with leaf_index(index):
+        codes = stage.deferred_codes(xs)
+        (merged,) = _run((*stages[:q], Given(stage, used), *stages[q + 1 :]), xs, key, words, start=q)
+    out, codes = _side_output(_leaf_apply(base, merged, scale), codes)
+    codes = lax.optimization_barrier(codes)  # the counts read the int8 codes, not the inputs again
+    tally = jnp.stack(_sum_counts([codes == c for c in stage.deferred_kinds], tuple(range(codes.ndim))))
+    return out, tally, used
+
+
+def _side_output(out: jax.Array, side: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(out, side)``, two arrays of one shape computed in one loop over the inputs they share.
+
+    XLA:CPU fuses no sibling elementwise outputs (each would re-read and recompute the inputs), but it emits a
+    variadic reduction as one loop: so on CPU both come out of a reduction over a trailing axis of two, the second
+    slot the identity (-0.0 for floats, x + -0.0 = x exactly; 0 for integers). Elsewhere XLA fuses siblings itself.
+    """
+    if jax.default_backend() != "cpu":
+        return out, side
+
+    def pad(x):
+        ident = jnp.asarray(-0.0 if jnp.issubdtype(x.dtype, jnp.floating) else 0, x.dtype)
+        return jnp.stack([x, jnp.broadcast_to(ident, x.shape)], axis=-1), ident
+
+    (po, io), (ps, is_) = pad(out), pad(side)
+    return tuple(lax.reduce((po, ps), (io, is_), lambda a, b: (a[0] + b[0], a[1] + b[1]), (out.ndim,)))
+
+
 def _head(base, entries, *, tv_mask, check):
     dt = acc_dtype(base.dtype)
     out = (jnp.asarray(base, dt) + sum(_tau(e, base, t) for e, t in zip(entries, tv_mask))).astype(base.dtype)
@@ -317,8 +447,8 @@ def _flags(base, entries, tv_mask, check):
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in (base, *entries)])
 
 
-_final_jit = jax.jit(_final, static_argnames=("tv_mask", "check", "rows"))
-_final_donating = jax.jit(_final, static_argnames=("tv_mask", "check", "rows"), donate_argnames=("base",))
+_final_jit = jax.jit(_final, static_argnames=("tv_mask", "check", "rows", "defer"))
+_final_donating = jax.jit(_final, static_argnames=("tv_mask", "check", "rows", "defer"), donate_argnames=("base",))
 _head_jit = jax.jit(_head, static_argnames=("tv_mask", "check"))
 
 
@@ -342,11 +472,19 @@ class Runner:
         stages = p.stages_at(j, self.q + 1)
         if mode in ("count", "sample", "sample+extremes") and self._flat(j, stages[-1]):
             return self._flat_call(j, stages[-1], cands, name, mode, magnitude, stride, given)
-        rowwise = _chunkable(stages, stat=True)
         return _stat_program(stages, p.b_leaves[j], p.entries_at(j), np.int32(p.index[j]),
                              p.key_for(self.q), p.words_at(j, self.q), cands, given, tv_mask=p.tv_mask, q=self.q,
-                             name=name, mode=mode, magnitude=magnitude, stride=stride,
-                             rows=_chunk_rows(np.shape(p.b_leaves[j]), rowwise))
+                             name=name, mode=mode, magnitude=magnitude, stride=stride, rows=self._rows(j, stages))
+
+    def _rows(self, j: int, stages: tuple) -> int:
+        """The row chunks leaf j's statistics program runs in (0: the whole leaf at once)."""
+        return _chunk_rows(np.shape(self.plan.b_leaves[j]), _chunkable(stages, stat=True))
+
+    def _whole(self, j: int) -> bool:
+        """Whether leaf j's statistics run as one program on the whole leaf (neither flat nor in row chunks): the
+        programs a gathering pass has."""
+        stages = self.plan.stages_at(j, self.q + 1)
+        return not self._flat(j, stages[-1]) and not self._rows(j, stages)
 
     def _flat(self, j: int, stage: Any) -> bool:
         """Whether leaf j's statistic runs on its flat padded copy: the stage is the chain's first (its input is tau)
@@ -510,9 +648,31 @@ class Runner:
             total = sum((np.asarray(h, np.int64) << 16) + np.asarray(l, np.int64) for h, l in parts)
             return np.asarray(total >> 16, np.int32), np.asarray(total & 0xFFFF, np.int32)
 
-        keys, passes = kth_largest_scheduled(n, ks, key_dtype=key_dtype, sample=sample, counts=counts,
-                                             magnitude=magnitude)
+        def gather(lo, hi, now):
+            bounds = np.stack([lo, hi], axis=1)  # [G, 2]
+
+            def summaries(j, b):  # leaf by leaf, so that no per-row arrays of the whole model are ever held
+                rows = jax.device_get(self._call(j, b, name, "gather", magnitude, given=given))
+                return [gather_summary(*(a[g] for a in rows)) for g in range(len(b))]
+
+            if per_leaf:  # as in counts: only the leaves of the groups gathering now are read
+                out = []
+                for i, j in enumerate(positions):
+                    part = slice(i * G, (i + 1) * G)
+                    out += summaries(j, bounds[part]) if now[part].any() else [None] * G
+                return out
+            parts = [summaries(j, bounds) for j in positions]
+            return [merge_summaries([p[g] for p in parts]) for g in range(G)]
+
+        rows = [int(np.size(self.plan.b_leaves[j])) // gather_row(int(np.size(self.plan.b_leaves[j])))
+                for j in positions]
+        gather_rows = np.repeat(rows, G) if per_leaf else np.full((G,), sum(rows))
+        keys, passes, misses = kth_largest_scheduled(
+            n, ks, key_dtype=key_dtype, sample=sample, counts=counts, magnitude=magnitude,
+            gather=gather if all(self._whole(j) for j in positions) else None, gather_rows=gather_rows,
+            units=np.repeat(np.arange(len(positions)), G) if per_leaf else None)
         self.plan.passes = max(self.plan.passes, passes)
+        self.plan.gather_misses += misses
         return keys
 
 
@@ -542,6 +702,7 @@ class _Plan:
         self.given: dict[int, Any] = {}
         self.flat: dict[int, tuple] = {}  # flat padded copies of small leaves (base, entries), made once per merge
         self.passes = 0
+        self.gather_misses = 0
         self.weights = self._leaf_weights(weights, flags)
 
     def _leaf_weights(self, weights, flags) -> dict[int, Any]:
@@ -591,6 +752,38 @@ class _Plan:
         return tuple(e[j] for e in self.e_leaves)
 
 
+@dataclasses.dataclass
+class RunInfo:
+    """What one leaf-by-leaf merge did: ``passes``, the counting passes of its last global search;
+    ``deferred``, the chain position of the stage whose statistic was deferred (None: none was);
+    ``recomputed``, the leaves run a second time because that statistic differed from the one assumed;
+    ``gather_misses``, the searches whose gathering pass missed (they went on counting)."""
+
+    passes: int = 0
+    deferred: int | None = None
+    recomputed: int = 0
+    gather_misses: int = 0
+
+
+last_info = RunInfo()
+"""The :class:`RunInfo` of the latest :func:`merge_leaf_by_leaf` call (for benchmarks and tests)."""
+
+
+def _deferrable(stages: tuple, donate: bool) -> int | None:
+    """The position of the stage whose statistic the final pass may defer, or None.
+
+    A stage defers when it implements the deferred protocol (``deferred_codes``, ``deferred_kinds``,
+    ``deferred_guess``, ``deferred_resolve``; :func:`_deferred_leaf`) and is the chain's last one with global
+    statistics (no later statistic reads its output), no leaf of the chain runs in row chunks and the inputs are
+    not donated (a leaf may have to be recomputed from them)."""
+    stat_stages = [q for q, s in enumerate(stages) if not getattr(s, "leafwise", False)]
+    if donate or not stat_stages or any(getattr(_unwrap(s), "row_chunks", False) for s in stages):
+        return None
+    q = stat_stages[-1]
+    protocol = ("deferred_codes", "deferred_kinds", "deferred_guess", "deferred_resolve")
+    return q if all(hasattr(stages[q], a) for a in protocol) else None
+
+
 def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[Any], scale: jax.Array, weights: Any,
                        key: jax.Array | None, flags: Sequence[bool], *, check: bool, donate: bool = False
                        ) -> tuple[PyTree, list[bool] | None, int]:
@@ -611,12 +804,26 @@ def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[An
       (the merged tree, per leaf of base then of each entry the finiteness flag of every float leaf in the order of
       ``mergejax.merge._finite_names`` (None without ``check``), the counting passes of the last global search).
     """
+    global last_info
     plan = _Plan(stages, base, entries, flags, weights, key)
+    defer = _deferrable(plan.stages, donate)
     for q, s in enumerate(plan.stages):
-        if not getattr(s, "leafwise", False):
+        if not getattr(s, "leafwise", False) and q != defer:
             plan.given[q] = s.host_stats(Runner(plan, q))
     out = list(plan.b_leaves)
     finite: dict[int, Any] = {}
+    upto = len(plan.stages)
+    prior = None if defer is None else jnp.zeros((len(plan.stages[defer].deferred_kinds),), jnp.float32)
+    tallies: dict[int, tuple] = {}  # deferred: leaf -> (its tally, the statistic it assumed)
+
+    def run_final(j: int, final: Callable) -> Any:
+        stages = plan.stages_at(j, upto)
+        rows = _chunk_rows(np.shape(plan.b_leaves[j]), _chunkable(stages))
+        deferring = defer is not None and defer not in plan.given  # not yet resolved
+        return final(stages, plan.b_leaves[j], plan.entries_at(j), np.int32(plan.index[j]), plan.key_for(upto),
+                     plan.words_at(j, upto), scale, prior if deferring else None, tv_mask=plan.tv_mask,
+                     check=check, rows=rows, defer=defer if deferring else -1)
+
     for j, b in enumerate(plan.b_leaves):
         if not is_float(b):
             continue
@@ -625,17 +832,18 @@ def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[An
         final = _final_donating if donate and not aliased else _final_jit
         if flags[j]:
             out[j], finite[j] = _head_jit(b, ent, tv_mask=plan.tv_mask, check=check)
+        elif defer is None:
+            out[j], finite[j] = run_final(j, final)
         else:
-            upto = len(plan.stages)
-            stages = plan.stages_at(j, upto)
-            rows = _chunk_rows(np.shape(b), _chunkable(stages))
-            out[j], finite[j] = final(stages, b, ent, np.int32(plan.index[j]), plan.key_for(upto),
-                                      plan.words_at(j, upto), scale, tv_mask=plan.tv_mask, check=check, rows=rows)
+            out[j], finite[j], tally, used, prior = run_final(j, final)
+            tallies[j] = (tally, used)
         if donate:
             jax.block_until_ready(out[j])
             for x in (b, *ent):
                 if isinstance(x, jax.Array) and not x.is_deleted():
                     x.delete()
+    recomputed = _resolve_deferred(plan, defer, tallies, lambda j: run_final(j, _final_jit)[0], out)
+    last_info = RunInfo(plan.passes, defer, recomputed, plan.gather_misses)
     merged = jax.tree_util.tree_unflatten(plan.treedef, out)
     if not check:
         return merged, None, plan.passes
@@ -645,3 +853,21 @@ def merge_leaf_by_leaf(stages: Sequence[Any], base: PyTree, entries: Sequence[An
     for t in range(plan.n_tasks):
         order += [fl[j][1 + t] for j in fpos]
     return merged, [bool(v) for v in order], plan.passes
+
+
+def _resolve_deferred(plan: _Plan, defer: int | None, tallies: dict, rerun: Callable[[int], Any], out: list) -> int:
+    """After a deferred final pass: the true statistic from the exact (int64) sum of the leaves' tallies, set as
+    ``plan.given[defer]``, and every leaf that assumed another one and has coordinates it affects (its tally of the
+    last of ``deferred_kinds``) rerun with it into ``out``. Returns the number of leaves rerun."""
+    if defer is None or not tallies:
+        return 0
+    got = jax.device_get(tallies)
+    total = np.sum([np.asarray(t, np.int64) for t, _ in got.values()], axis=0)
+    true = plan.stages[defer].deferred_resolve(total)
+    plan.given[defer] = true
+    stale = [j for j, (t, used) in got.items() if int(t[-1]) > 0 and not np.array_equal(np.asarray(used),
+                                                                                      np.asarray(true))]
+    for j in stale:
+        out[j].delete()  # its stale output freed first: the rerun's takes its place, no more memory
+        out[j] = rerun(j)
+    return len(stale)

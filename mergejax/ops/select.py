@@ -28,6 +28,13 @@ Two searches share that counting pass:
   significant bit, counting the ``2**radix_bits - 1`` candidate prefixes per pass: exactly ``32 / radix_bits``
   passes for float32.
 
+Driven from the host leaf by leaf (:func:`kth_largest_scheduled`, an eager merge), the bracketing search may end with a
+**gathering pass** instead of its last two to four counting passes: once a bracket holds few entries
+(:func:`gather_ready`), one pass reads each leaf as rows of :data:`GATHER_ROW` entries and returns per row the counts
+above and inside the bracket and its smallest and largest key inside; where no row holds three or more bracket keys
+these are all of them, and the host picks the exact k-th largest (:func:`gathered_kth`); otherwise (a miss, reported)
+the counting passes go on.
+
 Same-(shape, dtype) leaves of all groups (up to :data:`STACK_MAX` entries each) are stacked inside each pass and
 counted by one batched reduction, so the program holds one copy of the counting code per leaf *shape*, not per leaf;
 larger leaves are counted one by one (no stacked copy of the big kernels). Counts are exact: int32 per leaf, summed as 16-bit
@@ -64,6 +71,13 @@ __all__ = [
     "kth_largest_per_row",
     "count_ge",
     "kth_largest_scheduled",
+    "GATHER_ROW",
+    "GATHER_MISS",
+    "gather_ready",
+    "gather_row",
+    "gathered_kth",
+    "gather_summary",
+    "merge_summaries",
 ]
 
 DEFAULT_RADIX_BITS = None
@@ -80,6 +94,21 @@ STACK_MAX = 1 << 16
 shape); larger ones are counted one by one, so no stacked copy of a model's big kernels is ever made."""
 
 _D = 16  # candidates counted per pass of the bracketing search
+
+GATHER_ROW = 128
+"""A gathering pass (:func:`kth_largest_scheduled`) reads a leaf as rows of this many entries (a divisor of its size
+of at least 16, else the whole leaf as one row): per row, the number of keys above the bracket and inside it, and
+the smallest and largest key inside."""
+
+GATHER_MISS = 0.01
+"""A group's gathering pass runs once its bracket holds so few entries (by the counts at its ends) that, were they
+spread at random over its rows, the expected number of rows holding three or more (whose middle keys the pass
+cannot see: a miss) is at most this: m**3 / (6 rows**2) <= GATHER_MISS (:func:`gather_ready`)."""
+
+
+def gather_ready(m: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Whether brackets of about ``m`` entries over ``rows`` rows are small enough to gather (:data:`GATHER_MISS`)."""
+    return np.asarray(m, np.float64) ** 3 <= 6 * GATHER_MISS * np.asarray(rows, np.float64) ** 2
 
 
 def default_radix_bits() -> int:
@@ -506,6 +535,50 @@ def _descending_np(keys: np.ndarray) -> np.ndarray:
     return np.sort(keys, axis=1)[:, ::-1]
 
 
+def gather_row(size: int) -> int:
+    """The row length a gathering pass reads a leaf of ``size`` entries in (:data:`GATHER_ROW`)."""
+    if size <= GATHER_ROW:
+        return max(size, 1)
+    g = math.gcd(size, GATHER_ROW)
+    return g if g >= 16 else size
+
+
+def gather_summary(packed: np.ndarray, low: np.ndarray, high: np.ndarray) -> tuple:
+    """One group's gathering-pass rows of one leaf reduced to what :func:`gathered_kth` needs (small: only the rows
+    holding bracket keys), so a caller keeps no per-row arrays of the whole model.
+
+    Args:
+      packed: per row, int32 ``#{key > hi} + (#{lo <= key <= hi} << 16)`` (rows of at most 2**16 - 1 entries).
+      low, high: per row, the smallest and largest key in [lo, hi] (anything where the row has none).
+
+    Returns:
+      (the count above the bracket (int), and of the rows holding bracket keys: their number of them, their
+      smallest and their largest key).
+    """
+    packed = np.asarray(packed)
+    n_in = packed >> 16
+    rows = np.flatnonzero(n_in)
+    return int(np.sum(packed & 0xFFFF, dtype=np.int64)), n_in[rows], np.asarray(low)[rows], np.asarray(high)[rows]
+
+
+def merge_summaries(parts: Sequence[tuple]) -> tuple:
+    """:func:`gather_summary` of one group over several leaves, from theirs."""
+    return (sum(p[0] for p in parts), *(np.concatenate([p[a] for p in parts]) for a in (1, 2, 3)))
+
+
+def gathered_kth(k: int, summary: tuple):
+    """The exact k-th largest key of a group from its gathering pass (:func:`gather_summary`), or None (a miss):
+    where some row holds three or more keys of the bracket (the middle ones unseen) or the rank is not inside it."""
+    above, n_in, low, high = summary
+    if np.any(n_in > 2):
+        return None
+    rank = k - above
+    keys = np.concatenate([high[n_in >= 1], low[n_in == 2]])
+    if not 1 <= rank <= keys.size:
+        return None
+    return np.sort(keys)[::-1][rank - 1]
+
+
 def kth_largest_scheduled(
     n: int,
     ks: Sequence[int],
@@ -514,7 +587,10 @@ def kth_largest_scheduled(
     sample: Callable[[int, bool], tuple[jax.Array, tuple[jax.Array, jax.Array] | None]],
     counts: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
     magnitude: bool = False,
-) -> tuple[jax.Array, int]:
+    gather: Callable[[np.ndarray, np.ndarray, np.ndarray], list] | None = None,
+    gather_rows: Sequence[int] | None = None,
+    units: Sequence[int] | None = None,
+) -> tuple[jax.Array, int, int]:
     """The bracketing search driven from the host, for data the caller visits piece by piece (leaf by leaf).
 
     The same search as :func:`kth_largest_groups` (strided-sample pass, then interpolation passes, each at least
@@ -532,9 +608,19 @@ def kth_largest_scheduled(
         ``#{key >= cand}`` as int32 (hi, lo) 16-bit halves, [G, D] each. Only the open groups' rows are read: a group
         whose bracket is closed (its answer known) may get any counts, so the caller can skip the data it alone needs.
       magnitude: the keys are of |x| (the search starts at +0.0).
+      gather: optional ``gather(lo, hi, now)`` with the [G] brackets and a numpy bool [G] -> per group, the
+        :func:`gather_summary` of all rows of the group's data where ``now``, else None (a pass that reads rows of
+        :func:`gather_row` entries). Once every open bracket of a unit is small
+        enough (:func:`gather_ready`) the unit's next pass is that one instead of the last two to four counting
+        passes. Where it misses (a row with three or more keys of the bracket; detected, never silent) the counting
+        passes go on from the same bracket.
+      gather_rows: [G] the number of such rows in each group's data (needed with ``gather``).
+      units: [G] which groups share their data (one pass reads it for all of them, and a unit's groups gather
+        together, while other units may still count); None: one unit.
 
     Returns:
-      ([G] keys of the k-th largest entries, as numpy, the number of counting passes).
+      ([G] keys of the k-th largest entries, as numpy, the number of passes over the data after the sampled one,
+      the number of groups the gathering pass missed).
     """
     _check_ranks([[jax.ShapeDtypeStruct((n,), jnp.float32)]] * len(ks), ks)
     key_t = np.dtype(key_dtype).type
@@ -545,7 +631,7 @@ def kth_largest_scheduled(
     ns = np.full((G,), float(n))
     if n <= SORT_MAX:
         desc = _descending_np(np.asarray(sample(1, False)[0]))
-        return np.take_along_axis(desc, (np.asarray(ks, np.int64) - 1)[:, None], axis=1)[:, 0], 0
+        return np.take_along_axis(desc, (np.asarray(ks, np.int64) - 1)[:, None], axis=1)[:, 0], 0, 0
     need_extremes = _needs_extremes(kn, ns, np.ones((G,), bool))
     keys, ext = sample(_next_prime(-(-n // SAMPLE_SIZE)), need_extremes)
     cpu = jax.default_backend() == "cpu"
@@ -563,15 +649,55 @@ def kth_largest_scheduled(
     layout = _LAYOUT_WIDE if not cpu else _layout()
     state = (np.int32(0), lo, hi, np.asarray(ns, float_t), np.zeros((G,), float_t))
     is_open = np.ones((G,), bool)
+    unit = np.zeros((G,), np.int64) if units is None else np.asarray(units, np.int64)
+    gathered = np.full((G,), gather is None)  # groups whose gathering pass has run (or that have none)
+    misses = 0
+    now = np.zeros((G,), bool)  # the groups gathering in this pass (the others count)
     while True:
-        c_hi, c_lo = (np.asarray(c) for c in counts(cands, is_open))
-        closed = ~is_open[:, None]  # a closed bracket's candidates all equal its answer: count >= k
-        c_hi, c_lo = np.where(closed, k_hi[:, None], c_hi), np.where(closed, k_lo[:, None], c_lo)
-        state = _update_bracket(state, cands, c_hi, c_lo, k_hi, k_lo, xp=np)
+        counted = is_open & ~now
+        if counted.any():
+            keep = ~counted[:, None]  # a group not counted keeps its bracket: its candidates lo, "count >= k" there
+            cands = np.where(keep, state[1][:, None], cands)
+            c_hi, c_lo = (np.asarray(c) for c in counts(cands, counted))
+            c_hi, c_lo = np.where(keep, k_hi[:, None], c_hi), np.where(keep, k_lo[:, None], c_lo)
+            state = _update_bracket(state, cands, c_hi, c_lo, k_hi, k_lo, xp=np)
+        else:
+            state = (state[0] + 1, *state[1:])
+        if now.any():
+            state, missed = _apply_gather(state, gather(state[1], state[2], now), ks, now)
+            misses += missed
+            gathered |= now
         if not _bracket_open(state, nbits, xp=np):
-            return state[1], int(state[0])
-        cands = _interp_candidates(*state[1:], k_f, float_t, layout, xp=np)
+            return state[1], int(state[0]), misses
         is_open = state[1] < state[2]
+        now = _gather_now(state, is_open, gathered, unit, gather_rows)
+        cands = _interp_candidates(*state[1:], k_f, float_t, layout, xp=np)
+
+
+def _gather_now(state: tuple, is_open: np.ndarray, gathered: np.ndarray, unit: np.ndarray, rows) -> np.ndarray:
+    """The open groups whose next pass is their gathering pass: those of every unit whose open groups have not
+    gathered yet and all hold small brackets (:func:`gather_ready`)."""
+    if gathered.all():
+        return np.zeros_like(is_open)
+    ready = ~is_open | (~gathered & gather_ready(np.maximum(state[3] - state[4], 0), rows))
+    unit_ready = np.ones((int(unit.max()) + 1,), bool)
+    np.logical_and.at(unit_ready, unit, ready)
+    return is_open & unit_ready[unit]
+
+
+def _apply_gather(state: tuple, rows: list, ks: Sequence[int], now: np.ndarray) -> tuple[tuple, int]:
+    """The bracket state after a gathering pass of the groups ``now``: each one it resolved closed on its answer;
+    and the number it missed (their brackets are kept)."""
+    it, lo, hi, c_lo, c_hi = state
+    lo, hi = lo.copy(), hi.copy()
+    misses = 0
+    for g in np.flatnonzero(now):
+        key = gathered_kth(int(ks[g]), rows[g])
+        if key is None:
+            misses += 1
+        else:
+            lo[g] = hi[g] = key
+    return (it, lo, hi, c_lo, c_hi), misses
 
 
 def _check_ranks(groups, ks) -> None:

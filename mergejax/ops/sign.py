@@ -153,8 +153,29 @@ class ElectSign(TakesWeights, Transform):
         Returns:
           int32 scalar in {-1, 0, +1}.
         """
-        c = run.total("signs")  # exact int64 totals
-        return jnp.asarray(int(np.sign(int(c[0]) - int(c[1]))), jnp.int32)
+        return self.deferred_resolve(run.total("signs"))  # exact int64 totals
+
+    # The majority deferred into the final pass (mergejax.ops.schedule): it only decides the coordinates whose raw
+    # elected sign is 0 while some entry is not +0.0 (there keep_agreeing keeps the entries of the majority's sign,
+    # -0.0 ones for a zero majority); everywhere else the output is the same whatever the majority.
+    deferred_kinds: ClassVar[tuple[int, ...]] = (1, -1, 2)
+
+    def deferred_codes(self, tvs: TaskVectors) -> jax.Array:
+        """At one leaf, int8 per coordinate: its raw elected sign (-1, 0, +1), or 2 where that is 0 and some entry is
+        not +0.0 (the coordinates whose output depends on the majority)."""
+        s = float_leaves(_raw_sign(tvs, self.method, self.weights))[0]
+        xs = [float_leaves(tv)[0] for tv in tvs]
+        live = sum(((x != 0) | jnp.signbit(x)).astype(jnp.int8) for x in xs) > 0
+        return jnp.where((s == 0) & live, 2, s).astype(jnp.int8)
+
+    def deferred_guess(self, prior: jax.Array) -> jax.Array:
+        """The majority assumed at a leaf, from the earlier leaves' tallies [#(+1), #(-1), #ambiguous] (float32):
+        +1 where #(+1) >= #(-1), else -1 (int32, traced)."""
+        return jnp.where(prior[0] >= prior[1], 1, -1).astype(jnp.int32)
+
+    def deferred_resolve(self, total: np.ndarray) -> jax.Array:
+        """The majority sign from exact totals [#(+1), #(-1), ...] (int64, on the host): int32 scalar in {-1, 0, 1}."""
+        return jnp.asarray(int(np.sign(int(total[0]) - int(total[1]))), jnp.int32)
 
     def stat_values(self, tvs: TaskVectors, name: str, given) -> jax.Array:
         """At one leaf: the counts [#(+1), #(-1)] of its raw elected signs (int32; a leaf has < 2**31 entries)."""
