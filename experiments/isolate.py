@@ -221,6 +221,11 @@ def compeft_merging(run: Run, expert: dict[str, float], density: float, scales: 
     return rows
 
 
+def _kept_mean_abs(x: jax.Array, m: jax.Array) -> jax.Array:
+    """mean |x| over the entries ``m`` keeps (float32; 0 when none is kept)."""
+    return jnp.sum(jnp.where(m, jnp.abs(x.astype(jnp.float32)), 0)) / jnp.maximum(jnp.sum(m), 1)
+
+
 def leaf_scaled_ternary(tv: Any, density: float) -> Any:
     """``m_l * sign(tau) * mask``: the global top-``density`` mask (as ComPEFT's) with one magnitude per leaf, the
     mean |tau| over that leaf's kept entries (a leaf with none kept is zero). Dense, for evaluation only."""
@@ -231,9 +236,7 @@ def leaf_scaled_ternary(tv: Any, density: float) -> Any:
     def leaf(x, m):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             return x
-        x32 = x.astype(jnp.float32)
-        mean_abs = jnp.sum(jnp.where(m, jnp.abs(x32), 0)) / jnp.maximum(jnp.sum(m), 1)
-        return jnp.where(m, jnp.sign(x32) * mean_abs, 0).astype(x.dtype)
+        return jnp.where(m, jnp.sign(x.astype(jnp.float32)) * _kept_mean_abs(x, m), 0).astype(x.dtype)
 
     return jax.tree.map(leaf, tv, mask)
 
@@ -250,7 +253,7 @@ def leaf_magnitude_spread(tv: Any, density: float) -> dict[str, float]:
         n = int(jnp.sum(m))
         if n and jnp.issubdtype(x.dtype, jnp.floating):
             counts.append(n)
-            means.append(float(jnp.sum(jnp.where(m, jnp.abs(x.astype(jnp.float32)), 0))) / n)
+            means.append(float(_kept_mean_abs(x, m)))
     w, mu = np.asarray(counts, float), np.asarray(means)
     avg = float(np.sum(w * mu) / np.sum(w))
     return {"cv": float(np.sqrt(np.sum(w * (mu - avg) ** 2) / np.sum(w)) / avg),
