@@ -108,7 +108,7 @@ QUICK = dict(
     tasks=("wn_pos", "sentiment", "fortune_lang"), seeds=(0,), n_train=512, n_val=48, n_test=96, max_len=32,
     resolution=32, methods=QUICK_METHODS, ada_steps=20, ada_batch=4, protocols=False,
     grids=Grids(ta_scales=(0.5, 1.0, 1.5), ties_densities=(0.2,), ties_scales=(0.7, 1.0, 1.5), dare_drops=(0.9,),
-                compeft_densities=(0.1,), compeft_alphas=(1.0, 2.0, 4.0, 8.0), iso_scales=(1.0, 1.5)),
+                compeft_densities=(0.1,), iso_scales=(1.0, 1.5)),
 )
 """The ``--quick`` configuration of ``make demo``: 3 text tasks, 1 seed, the reference fine-tuning (64 AdamW steps
 of 8), 10 rows, 1-3 point grids (each a rescaling of one merge), no protocols."""
@@ -204,6 +204,47 @@ CACHE_READERS: dict[str, frozenset[str]] = {
 
 PROTOCOL_CACHE = frozenset({"ties", "compeft", "compeft_alpha"})
 """Kinds that :func:`protocol_density` reuses at the densities of ``Config.sweep_densities``."""
+
+
+def _alpha_grid(cfg: Config) -> list[float]:
+    return [float(a) for a in cfg.grids.compeft_alphas]
+
+
+def stale_rows(log: dict[str, Any], cfg: Config) -> set[str]:
+    """The saved rows of ``log`` that another ``Grids.compeft_alphas`` computed, to recompute.
+
+    The alpha grid is left out of the resume key (:func:`_resume_key`): it changes only the ComPEFT rows. The
+    ``compeft_experts`` row records the grid it chose from (rows saved before the eighth sitting record none, and
+    used {1, 2, 4, 8}); when that differs from ``cfg``'s, it and the rows built on its chosen density
+    (:data:`CACHE_READERS` ``"compeft"``) are stale.
+    """
+    row = log.get("compeft_experts")
+    if row is None or row.get("alpha_grid") == _alpha_grid(cfg):
+        return set()
+    return set(CACHE_READERS["compeft"]) & set(log)
+
+
+def stale_protocols(protocols: dict[str, Any], cfg: Config) -> bool:
+    """Whether the density protocol's ComPEFT points were chosen on another alpha grid than ``cfg``'s."""
+    return "density" in protocols and protocols["density"].get("compeft_alpha_grid") != _alpha_grid(cfg)
+
+
+def points_from_protocols(protocols: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`PointStore` points that assembled ``protocols`` (the inverse of the three protocol functions), so
+    a finished ``protocols.json`` seeds a store when only some of its points must be recomputed."""
+    points: dict[str, Any] = {}
+    counts = protocols.get("num_tasks", {})
+    for i, n in enumerate(counts.get("n", [])):
+        points.update({f"num_tasks/{n}/{name}": v[i] for name, v in counts.items() if name != "n"})
+    for name, per_task in protocols.get("heldout", {}).get("probe", {}).items():
+        points.update({f"heldout/{name}/{t}": v for t, v in per_task.items()})
+    dens = protocols.get("density", {})
+    for i, d in enumerate(dens.get("density", [])):
+        points.update({f"density/{d:g}/{name}": dens[name][i] for name in ("ties", "dare_task_arithmetic")})
+        c = {"normalized": dens["compeft_experts"][i], "bits_per_param": dens["compeft_bits_per_param"][i]}
+        points[f"density/{d:g}/compeft_experts"] = c | ({"alpha_grid": dens["compeft_alpha_grid"]}
+                                                       if "compeft_alpha_grid" in dens else {})
+    return points
 
 
 def free_host_memory() -> None:
@@ -431,6 +472,7 @@ def run_method(run: Run, method: Method, log: dict[str, Any]) -> dict[str, float
                            test=test, seconds=time.perf_counter() - t0)
     if method.key == "compeft_experts":
         log[method.key]["alphas"] = run._cache.get(("compeft_alpha", best["density"]))
+        log[method.key]["alpha_grid"] = _alpha_grid(run.cfg)
     if method.key.startswith("adamerging") and run.last_coefficients is not None:
         lam = run.last_coefficients.reshape(len(run.last_coefficients), -1)  # learned; per task: mean, min, max
         log[method.key]["coefficients"] = {"mean": lam.mean(1).tolist(), "min": lam.min(1).tolist(),
@@ -457,6 +499,15 @@ class PointStore:
         """Seconds each point took to compute (in whichever run computed it)."""
         self.computed: list[str] = []
         """Names of the points computed (not reused) by this store, in order."""
+
+    def seed(self, points: dict[str, Any]) -> None:
+        """Adds ``points`` (e.g. :func:`points_from_protocols` of a finished run) where the store has none."""
+        self.values = points | self.values
+
+    def forget(self, name: str) -> None:
+        """Drops point ``name`` (stale), so that :meth:`point` computes it again."""
+        self.values.pop(name, None)
+        self.seconds.pop(name, None)
 
     def point(self, name: str, compute: typing.Callable[[], Any]) -> Any:
         """The stored value of point ``name``, else ``compute()`` (JSON-normalised), saved at once."""
@@ -556,20 +607,25 @@ def protocol_density(run: Run, expert_acc: dict[str, float], store: PointStore |
         accs = run.evaluate(model, "test")
         return float(np.mean([100 * accs[t] / expert_acc[t] for t in run.tasks]))
 
-    def compeft(d: float) -> dict[str, float]:
+    grid = _alpha_grid(run.cfg)
+
+    def compeft(d: float) -> dict[str, Any]:
         ttvs = run.compeft(d)
         return {"normalized": norm([run.with_heads(ternary.apply(run.backbone.base, t)) for t in ttvs]),
-                "bits_per_param": float(np.mean([ternary.stats(t).bits_per_param for t in ttvs]))}
+                "bits_per_param": float(np.mean([ternary.stats(t).bits_per_param for t in ttvs])), "alpha_grid": grid}
 
     out: dict[str, Any] = {"density": list(run.cfg.sweep_densities), "ties": [], "dare_task_arithmetic": [],
-                           "compeft_experts": [], "compeft_bits_per_param": []}
+                           "compeft_experts": [], "compeft_bits_per_param": [], "compeft_alpha_grid": grid}
     for d in tqdm(run.cfg.sweep_densities, desc="protocol: density", disable=not run.cfg.progress):
         drop = min(1.0 - d, 0.999)
         out["ties"].append(store.point(f"density/{d:g}/ties", lambda d=d: norm(_ties_model(run, d, ties_scale))))
         out["dare_task_arithmetic"].append(store.point(f"density/{d:g}/dare_task_arithmetic", lambda: norm(
             run.with_heads(mj.dare(run.backbone.base, run.stripped, key=run.key("dare-sweep"), drop_rate=drop,
                                    scale=ta_scale)))))
-        c = store.point(f"density/{d:g}/compeft_experts", lambda d=d: compeft(d))
+        name = f"density/{d:g}/compeft_experts"
+        if name in store.values and store.values[name].get("alpha_grid") != grid:  # another alpha grid chose it
+            store.forget(name)  # (points saved before the eighth sitting record none: {1, 2, 4, 8})
+        c = store.point(name, lambda d=d: compeft(d))
         out["compeft_experts"].append(c["normalized"])
         out["compeft_bits_per_param"].append(c["bits_per_param"])
         for kind in PROTOCOL_CACHE:  # each density is swept once: its cached merges have no later reader
@@ -738,6 +794,7 @@ def _resume_key(cfg: Config, rows: bool = False) -> str:
         d.pop(k)
     for k in ("compeft_ta_scales", "compeft_ties_scales"):  # added in the fourth sitting: the rows saved before
         d["grids"].pop(k)  # stay reusable; their two ComPEFT merge rows are recomputed with --rerun
+    d["grids"].pop("compeft_alphas")  # the rows and points it changes record it and are recomputed (stale_rows)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -788,6 +845,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rkey, row_key = _resume_key(cfg), _resume_key(cfg, rows=True)
     pkey = f"{rkey}-seed{cfg.seeds[0]}"  # the protocols run on the first seed
     logs, protocols, walls, done = [], {}, {}, []
+    stale_points: dict[str, Any] = {}  # a finished protocols.json with some stale points: the others, reused
     backbone_name = ""
     summary, written = {}, []
     proto_run: Run | None = None
@@ -796,11 +854,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         seed_file, proto_file = out / "per_seed" / f"seed_{seed}.json", out / "per_seed" / "protocols.json"
         cached = _load_done(seed_file, rkey) if cfg.resume else None
         reused_rows = None
-        if cached is not None and set(cfg.rerun) & set(cached["log"]):  # reuse the seed's other rows
-            reused_rows, cached = cached["log"], None
+        if cached is not None and (set(cfg.rerun) | stale_rows(cached["log"], cfg)) & set(cached["log"]):
+            reused_rows, cached = cached["log"], None  # reuse the seed's other rows
         want_protocols = cfg.protocols and seed == cfg.seeds[0]
         cached_protocols = _load_done(proto_file, pkey) if cfg.resume and want_protocols else None
-        if cached_protocols is not None:
+        if cached_protocols is not None and stale_protocols(cached_protocols["protocols"], cfg):
+            stale_points = points_from_protocols(cached_protocols["protocols"])  # the fresh points are recomputed
+        elif cached_protocols is not None:
             protocols, walls["protocols_s"] = cached_protocols["protocols"], cached_protocols["seconds"]
         if cached is not None:
             log, backbone_name = cached["log"], cached["backbone"]
@@ -812,7 +872,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             run.train_experts()
             partial_file = out / "per_seed" / f"seed_{seed}.partial.json"
             log = reused_rows or (_load_done(partial_file, row_key) if cfg.resume else None) or {}
-            log = {k: v for k, v in log.items() if k not in cfg.rerun}
+            if stale := stale_rows(log, cfg):
+                print(f"seed {seed}: recomputing {', '.join(sorted(stale))} (chosen on another ComPEFT alpha grid)")
+            log = {k: v for k, v in log.items() if k not in set(cfg.rerun) | stale}
             for j, m in enumerate(tqdm(methods, desc=f"methods (seed {seed})", disable=not cfg.progress)):
                 if m.key in log:  # finished by an interrupted run: reuse its row and its choice
                     run.chosen_hp[m.key] = log[m.key]["hyperparameters"]
@@ -840,6 +902,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             proto_run.chosen_hp = {k: v["hyperparameters"] for k, v in logs[0].items()}
         expert_acc = logs[0]["experts"]["test"]
         store = PointStore(out / "per_seed" / "protocols.partial.json", pkey, cfg.resume)
+        store.seed(stale_points)
         parts = {"num_tasks": lambda: protocol_num_tasks(proto_run, expert_acc, store),
                  "heldout": lambda: protocol_heldout(proto_run, store),
                  "density": lambda: protocol_density(proto_run, expert_acc, store)}

@@ -261,7 +261,10 @@ def leaf_magnitude_spread(tv: Any, density: float) -> dict[str, float]:
 
 
 FINE_ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
-"""The ``compeft_alone`` alpha grid (:func:`mergejax.ternary.choose_alpha`'s default); the benchmark's is {1, 2, 4, 8}."""
+"""The ``compeft_alone`` alpha grid: :data:`mergejax.ternary.ALPHA_GRID` (the benchmark's grid) and 1.5."""
+
+COARSE_ALPHAS = (1.0, 2.0, 4.0, 8.0)
+"""The benchmark's ComPEFT alpha grid up to the seventh sitting, which this isolation showed too coarse."""
 
 
 def _alpha_curve(run: Run, t: str, ttv: Any, alphas: Sequence[float]) -> dict[str, dict[float, float]]:
@@ -289,9 +292,9 @@ def compeft_alone(run: Run, expert: dict[str, float], densities: Sequence[float]
     For each task expert and density, test accuracy of (all under the same global top-k mask but the last):
 
     - ``pruned``: the kept dense values (sparsification alone);
-    - ``compeft``: ``alpha sigma sign`` (ComPEFT Eq. 2, global std), alpha chosen on validation within the benchmark
-      grid ``coarse``, within :data:`FINE_ALPHAS`, and the best alpha on the test split itself (an oracle, to bound
-      what alpha selection on a small validation split costs);
+    - ``compeft``: ``alpha sigma sign`` (ComPEFT Eq. 2, global std), alpha chosen on validation within the grid
+      ``coarse`` (:data:`COARSE_ALPHAS`), within :data:`FINE_ALPHAS`, and the best alpha on the test split itself
+      (an oracle, to bound what alpha selection on a small validation split costs);
     - ``stc``: ``mean(|tau| on the mask) sign`` (one global magnitude keeping the kept L1 mass);
     - ``leaf_scaled``: one magnitude per leaf, that leaf's kept mean |tau| (:func:`leaf_scaled_ternary`);
     - ``tensor_scope``: ComPEFT with a per-leaf mask and per-leaf std (``scope="tensor"``), alpha chosen as above;
@@ -408,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(compeft_markdown(out["compeft"]))
     if "compeft_alone" in only:
         out["compeft_alone"] = compeft_alone(run, expert, [float(x) for x in args.alone_densities.split(",")],
-                                             cfg.grids.compeft_alphas, save=save("compeft_alone"))
+                                             COARSE_ALPHAS, save=save("compeft_alone"))
         print(compeft_alone_markdown(out["compeft_alone"]))
     (path / "isolate.json").write_text(json.dumps(out, indent=1, default=_json_default))
     print(f"wrote {path / 'isolate.json'}")

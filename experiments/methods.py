@@ -40,7 +40,9 @@ class Grids:
     lines_betas: tuple[float, ...] = (0.5, 1.0)
     regmean_alphas: tuple[float, ...] = (0.5, 0.9)
     compeft_densities: tuple[float, ...] = (0.05, 0.1, 0.2)
-    compeft_alphas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    compeft_alphas: tuple[float, ...] = ternary.ALPHA_GRID
+    """Candidates for each ComPEFT expert's alpha (0.5-10). Until the eighth sitting {1, 2, 4, 8}, which missed the
+    best alpha 3 of every vision expert at k = 20% (experiments/results/isolate/compeft_alone_vision_seed2.md)."""
     sota_scales: tuple[float, ...] = (0.5, 1.0, 1.5)
     """TSV-M and DELLA's lambda (FusionBench: 1.0)."""
     iso_scales: tuple[float, ...] = (1.0, 1.5, 2.0)

@@ -227,6 +227,40 @@ def test_protocols_save_every_point_and_resume(pools, tmp_path, monkeypatch):
     assert protocols["density"]["ties"] == [points["density/0.1/ties"]]
     assert len(protocols["density"]["compeft_experts"]) == len(protocols["density"]["compeft_bits_per_param"]) == 1
     assert (per_seed / "protocols.json").exists()
+    final = json.loads((per_seed / "protocols.partial.json").read_text())["value"]["points"]
+    assert benchmark.points_from_protocols(protocols) == final  # protocols.json holds every point
+
+    # a protocols.json from before the alpha grid was recorded: only its ComPEFT point is recomputed
+    (per_seed / "protocols.partial.json").unlink()
+    blob = json.loads((per_seed / "protocols.json").read_text())
+    del blob["value"]["protocols"]["density"]["compeft_alpha_grid"]
+    (per_seed / "protocols.json").write_text(json.dumps(blob))
+    computed = []
+    inner = benchmark.Run.compeft
+    monkeypatch.setattr(benchmark.Run, "compeft", lambda run, d: computed.append(d) or inner(run, d))
+    benchmark.main(argv)
+    assert computed == [0.1] and set(json.loads((per_seed / "protocols.partial.json").read_text())["value"][
+        "points"]) == set(final)
+    again = json.loads((tmp_path / "p" / "details.json").read_text())["protocols"]
+    assert again["num_tasks"] == protocols["num_tasks"] and again["density"]["ties"] == protocols["density"]["ties"]
+    assert again["density"]["compeft_alpha_grid"] == list(Grids().compeft_alphas)
+
+
+def test_alpha_grid_staleness():
+    """The ComPEFT rows and protocol points chosen on another alpha grid are recomputed; the others are not."""
+    cfg = benchmark.parse_args(["--suite", "text"])
+    grid = list(cfg.grids.compeft_alphas)
+    log = {"ties": {}, "compeft_experts": {"alpha_grid": grid}, "compeft_task_arithmetic": {}}
+    assert benchmark.stale_rows(log, cfg) == set()
+    old = {"ties": {}, "compeft_experts": {}, "compeft_task_arithmetic": {}, "compeft_ties": {}}  # none recorded
+    assert benchmark.stale_rows(old, cfg) == {"compeft_experts", "compeft_task_arithmetic", "compeft_ties"}
+    assert benchmark.stale_rows({"compeft_ties": {}}, cfg) == set()  # its density is the grid's first, not chosen
+    coarse = benchmark.parse_args(["--suite", "text", "--grids-compeft-alphas", "1,2,4,8"])
+    assert benchmark.stale_rows(log, coarse) == {"compeft_experts", "compeft_task_arithmetic"}
+    assert benchmark._resume_key(cfg) == benchmark._resume_key(coarse)
+    assert not benchmark.stale_protocols({"heldout": {}}, cfg)
+    assert benchmark.stale_protocols({"density": {}}, cfg)
+    assert not benchmark.stale_protocols({"density": {"compeft_alpha_grid": grid}}, cfg)
 
 
 def test_grids_default_cover_paper_values():
@@ -433,6 +467,13 @@ def test_rerun_recomputes_only_the_named_rows(pools, tmp_path, monkeypatch):
     assert benchmark.main(argv) == json.loads(json.dumps(first)) and ran == []  # the finished seed is reused
     again = benchmark.main([*argv, "--rerun", "compeft_task_arithmetic"])
     assert ran == ["compeft_task_arithmetic"] and again == json.loads(json.dumps(first))
+    seed_file = tmp_path / "r" / "per_seed" / "seed_0.json"  # a seed saved before the alpha grid was recorded
+    blob = json.loads(seed_file.read_text())
+    del blob["value"]["log"]["compeft_experts"]["alpha_grid"]
+    seed_file.write_text(json.dumps(blob))
+    ran.clear()
+    assert benchmark.main(argv) == json.loads(json.dumps(first))
+    assert ran == ["compeft_experts", "compeft_task_arithmetic"]
     assert benchmark._resume_key(benchmark.parse_args(argv)) == benchmark._resume_key(
         benchmark.parse_args([*argv, "--rerun", "x", "--grids-compeft-ties-scales", "9"]))
 
